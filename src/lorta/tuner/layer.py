@@ -1,0 +1,133 @@
+"""The wrapped layer: one per adapted module, for every method of the family.
+
+It owns no trainable parameters. It holds, per adapter, the module's slots (its coordinates in the update
+tensor) and a reference to the tuner's factor bank, and each forward asks the adapter's factorisation for the
+two thin maps P and Q of its slots:
+
+    y = W x + b + scale * (dropout(x) @ P) @ Q
+
+so the training forward costs a rank-r LoRA and autograd keeps x @ P (N x r), never a dense update.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import Tensor, nn
+
+from ..layout import Slot, module_features
+from .shared_input import SharedInputCache
+
+
+class TensorAdapterLayer(BaseTunerLayer):
+    """PEFT tuner layer for the tensor adapters (LoRTA, TensLoRA, TLoRA)."""
+
+    # Per-adapter containers PEFT walks to find, activate and delete adapters. The dropout ModuleDict carries no
+    # weights: the factors live once on the tuner (see TensorAdapterModel.lorta_factors).
+    adapter_layer_names = ("lorta_dropout",)
+    other_param_names = ("lorta_slots", "lorta_scaling")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.lorta_dropout = nn.ModuleDict({})
+        self.lorta_slots: dict[str, list[Slot]] = {}
+        self.lorta_scaling: dict[str, float] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.in_features, self.out_features = module_features(self.get_base_layer())
+        self.fan_in_fan_out = type(self.get_base_layer()).__name__ == "Conv1D"
+        self.kwargs = kwargs
+
+    # The factor bank and shared-input cache are plain references (not submodules) so each factor is registered,
+    # saved and counted once, on the tuner.
+    def attach(self, bank: nn.ModuleDict, cache: SharedInputCache) -> None:
+        object.__setattr__(self, "_lorta_bank", bank)
+        object.__setattr__(self, "_lorta_cache", cache)
+
+    def update_layer(self, adapter_name: str, slots: list[Slot], scaling: float, dropout: float) -> None:
+        self.lorta_slots[adapter_name] = slots
+        self.lorta_scaling[adapter_name] = scaling
+        self.lorta_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.set_adapter(self.active_adapters)
+
+    def _active_here(self) -> list[str]:
+        return [a for a in self.active_adapters if a in self.lorta_slots]
+
+    def delta_weight(self, adapter_name: str) -> Tensor:
+        """The dense update in the base weight's layout (out x in for Linear, in x out for Conv1D), scaled."""
+        factors = self._lorta_bank[adapter_name]
+        delta = factors.delta_weight(self.lorta_slots[adapter_name]) * self.lorta_scaling[adapter_name]
+        return delta if self.fan_in_fan_out else delta.t()
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """W += scale * (P @ Q)^T for each adapter; with safe_merge the result is checked before it is written."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self.lorta_slots:
+                continue
+            weight = base.weight
+            delta = self.delta_weight(name).to(device=weight.device)
+            if safe_merge:
+                merged = weight.data.to(delta.dtype) + delta
+                if not torch.isfinite(merged).all():
+                    raise ValueError(
+                        f"NaN or Inf in the merged weight of adapter {name!r}; the adapter's factors are broken "
+                        "and the base weight was left unchanged"
+                    )
+                weight.data.copy_(merged.to(weight.dtype))
+            else:
+                weight.data.add_(delta.to(weight.dtype))
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        weight = self.get_base_layer().weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.lorta_slots:
+                weight.data.sub_(self.delta_weight(name).to(device=weight.device, dtype=weight.dtype))
+
+    def _adapter_output(self, x: Tensor, name: str) -> Tensor:
+        factors = self._lorta_bank[name]
+        P, Q, key = factors.combined_maps(self.lorta_slots[name])
+        u = self._lorta_cache.project(x, P, (name, key), self.lorta_dropout[name])
+        return (u @ Q) * self.lorta_scaling[name]
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            raise ValueError("per-row adapter_names (mixed-adapter batches) are not supported by lorta layers yet")
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self._active_here():  # P and Q are (in, out) oriented for Linear and Conv1D alike
+            result = result + self._adapter_output(x, name).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "lorta." + super().__repr__()
+
+
+class Linear(nn.Module, TensorAdapterLayer):
+    """A Linear or Conv1D with tensor adapters."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        super().__init__()
+        TensorAdapterLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+
+    # nn.Module comes first in the MRO (as in PEFT's own layers), so the adapter forward is bound explicitly.
+    forward = TensorAdapterLayer.forward
+    __repr__ = TensorAdapterLayer.__repr__
