@@ -87,7 +87,7 @@ class TensorAdapterLayer(BaseTunerLayer):
 
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         weight = self.get_base_layer().weight
         while self.merged_adapters:

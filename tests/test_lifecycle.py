@@ -1,0 +1,238 @@
+"""The PEFT life cycle, for every method of the family and every architecture shape (PEFT's common matrix)."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, CAUSAL, make_inputs, make_model, output_of
+from methods import METHODS
+from peft import PeftModel, get_peft_model
+from reference import adapted_modules
+
+import lorta
+from lorta.tuner import TensorAdapterLayer
+
+method_names = pytest.mark.parametrize("method", sorted(METHODS))
+all_archs = pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+some_archs = pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", "gemma3"])
+
+
+def adapted(arch: str, method: str, seed: int = 0, **kw):
+    return get_peft_model(make_model(arch, seed=seed), METHODS[method](**kw))
+
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def base_weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lorta_factors" not in n}
+
+
+@method_names
+@all_archs
+def test_starts_exactly_at_the_base_model(arch, method):
+    inputs = make_inputs(arch)
+    want = output_of(make_model(arch), inputs)
+    model = adapted(arch, method)
+    assert torch.equal(output_of(model, inputs), want)
+    assert not torch.equal(output_of(adapted(arch, method, init_weights=False), inputs), want)
+
+
+@method_names
+@all_archs
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True], ids=["eager", "low_cpu_mem"])
+def test_save_load_round_trip(arch, method, low_cpu_mem_usage, tmp_path):
+    model = adapted(arch, method, init_weights=False)
+    inputs = make_inputs(arch)
+    want = output_of(model, inputs)
+    model.save_pretrained(tmp_path)
+    n_params = model.base_model.num_adapter_parameters()
+    size = os.path.getsize(tmp_path / "adapter_model.safetensors")
+    assert n_params * 4 <= size <= n_params * 4 + 2048
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_type"] == model.peft_config["default"].peft_type
+    assert saved["r"] == 3 and saved["matrix_names"] and saved["target_modules"]
+    assert set(saved["model_shape"]) >= {"num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = PeftModel.from_pretrained(make_model(arch), tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
+    assert not [w for w in caught if "missing adapter keys" in str(w.message) or "unexpected" in str(w.message)]
+    torch.testing.assert_close(output_of(loaded, inputs), want, atol=1e-6, rtol=1e-6)
+    assert not any(p.requires_grad for p in loaded.parameters())  # inference mode by default
+    assert all(not p.is_meta for p in loaded.parameters())
+
+
+@method_names
+@all_archs
+def test_merge_unmerge_merge_and_unload(arch, method):
+    model = adapted(arch, method, init_weights=False)
+    inputs = make_inputs(arch)
+    base_before = base_weights(model)
+    unmerged = output_of(model, inputs)
+    model.base_model.merge_adapter()
+    torch.testing.assert_close(output_of(model, inputs), unmerged, atol=1e-5, rtol=1e-5)
+    merged_weights = base_weights(model)
+    with pytest.warns(UserWarning, match="[Aa]lready merged"):
+        model.base_model.merge_adapter()  # idempotent: the second merge does nothing
+    for n, w in base_weights(model).items():
+        assert torch.equal(w, merged_weights[n]), n
+    model.base_model.unmerge_adapter()
+    for n, w in base_weights(model).items():
+        torch.testing.assert_close(w, base_before[n], atol=1e-6, rtol=0)
+    torch.testing.assert_close(output_of(model, inputs), unmerged, atol=1e-5, rtol=1e-5)
+    plain = model.merge_and_unload()
+    assert not any(isinstance(m, TensorAdapterLayer) for m in plain.modules())
+    assert not any("lorta" in n for n, _ in plain.named_parameters())
+    torch.testing.assert_close(output_of(plain, inputs), unmerged, atol=1e-5, rtol=1e-5)
+
+
+@method_names
+@some_archs
+def test_unload_restores_base_and_disable_adapter(arch, method):
+    inputs = make_inputs(arch)
+    base_out = output_of(make_model(arch), inputs)
+    model = adapted(arch, method, init_weights=False)
+    adapted_out = output_of(model, inputs)
+    with model.disable_adapter():
+        assert torch.equal(output_of(model, inputs), base_out)
+    torch.testing.assert_close(output_of(model, inputs), adapted_out)
+    plain = model.unload()
+    assert torch.equal(output_of(plain, inputs), base_out)
+
+
+@method_names
+def test_safe_merge_refuses_nan_and_leaves_weights(method):
+    model = adapted("llama", method, init_weights=False)
+    before = base_weights(model)
+    factors = model.base_model.lorta_factors["default"]
+    with torch.no_grad():
+        next(p for p in factors.parameters() if p.requires_grad).view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        model.base_model.merge_adapter(safe_merge=True)
+    for n, w in base_weights(model).items():
+        assert torch.equal(w, before[n]) or torch.isnan(w).any() and "lorta" in n, n
+
+
+@method_names
+def test_several_named_adapters(method):
+    inputs = make_inputs("llama")
+    model = adapted("llama", method, init_weights=False)
+    first = output_of(model, inputs)
+    torch.manual_seed(123)
+    model.add_adapter("second", METHODS[method](init_weights=False))
+    assert set(model.base_model.lorta_factors) == {"default", "second"}
+    torch.testing.assert_close(output_of(model, inputs), first)  # adding does not activate
+    model.set_adapter("second")
+    second = output_of(model, inputs)
+    assert not torch.allclose(second, first)
+    grads = {n.split(".")[2] for n, p in model.named_parameters() if p.requires_grad}
+    assert grads == {"second"}
+    model.set_adapter("default")
+    torch.testing.assert_close(output_of(model, inputs), first)
+    model.delete_adapter("second")
+    assert set(model.base_model.lorta_factors) == {"default"}
+    assert all("second" not in m.lorta_slots for m in adapted_modules(model).values())
+    torch.testing.assert_close(output_of(model, inputs), first)
+
+
+def causal_loss(model, inputs):
+    return model(**inputs, labels=inputs["input_ids"]).loss
+
+
+@method_names
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+def test_training_changes_only_adapter_parameters(arch, method):
+    model = adapted(arch, method)
+    model.train()
+    inputs = make_inputs(arch, batch=4, length=12)
+    frozen, start = base_weights(model), trainable(model)
+    assert start and all("lorta_factors" in n for n in start)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = causal_loss(model, inputs)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for n, w in base_weights(model).items():
+        assert torch.equal(w, frozen[n]), n
+    assert all(not torch.equal(p, start[n]) for n, p in trainable(model).items())
+
+
+@method_names
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_gradient_checkpointing_gives_the_same_gradients(arch, method):
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model = adapted(arch, method, init_weights=False)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        out = model(**make_inputs(arch)).logits
+        out.pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys()
+    for n in plain:
+        torch.testing.assert_close(checkpointed[n], plain[n], atol=1e-6, rtol=1e-5)
+
+
+@method_names
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_base_and_autocast(method, dtype):
+    inputs = make_inputs("llama")
+    model = get_peft_model(make_model("llama", dtype=dtype), METHODS[method](init_weights=False))
+    factors = model.base_model.lorta_factors["default"]
+    assert all(p.dtype == torch.float32 for p in factors.parameters())  # adapters stay in float32
+    out = output_of(model, inputs)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    full = get_peft_model(make_model("llama"), METHODS[method](init_weights=False))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = output_of(full, inputs)
+    torch.testing.assert_close(auto.float(), output_of(full, inputs), atol=0.1, rtol=0.1)
+    loss = model(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in factors.parameters())
+    model.base_model.merge_adapter()
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.get_base_layer().weight.dtype == dtype
+
+
+@method_names
+@pytest.mark.parametrize("arch", sorted(CAUSAL))
+def test_generate_matches_merged_model(arch, method):
+    model = adapted(arch, method, init_weights=False)
+    ids = make_inputs(arch, batch=2, length=5)
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        unmerged = model.generate(**ids, **kwargs)
+        merged = model.merge_and_unload().generate(**ids, **kwargs)
+    assert unmerged.shape == (2, 11)
+    assert torch.equal(unmerged, merged)
+
+
+@pytest.mark.slow
+@method_names
+def test_torch_compile(method):
+    model = adapted("llama", method, init_weights=False)
+    inputs = make_inputs("llama")
+    want = output_of(model, inputs)
+    compiled = torch.compile(model)
+    torch.testing.assert_close(output_of(compiled, inputs), want, atol=1e-5, rtol=1e-5)
+    model.train()
+    loss = compiled(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_adapter_for_another_shape_is_refused(tmp_path):
+    adapted("llama", "lorta").save_pretrained(tmp_path)
+    other = make_model("mistral")  # different hidden size, heads and layers
+    with pytest.raises(lorta.LayoutError, match="another shape"):
+        PeftModel.from_pretrained(other, tmp_path)

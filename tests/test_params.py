@@ -1,0 +1,60 @@
+"""Trainable counts, on meta-device models (no weights): the paper's Table 1 and the closed forms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, RobertaConfig
+
+import lorta
+from lorta.methods import LORTA_MODES, lorta_num_params
+
+LLAMA2_7B = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                        num_key_value_heads=32, vocab_size=32000)
+ROBERTA_BASE = RobertaConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                             vocab_size=50265, max_position_embeddings=514)
+
+
+def meta_model(config, auto=AutoModelForCausalLM):
+    with torch.device("meta"):
+        return auto.from_config(config)
+
+
+def trainable_count(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("r,lorta_count,lora_count", [(4, 17_160, 2_097_152), (64, 274_560, 33_554_432)])
+def test_llama2_7b_table1(r, lorta_count, lora_count):
+    model = get_peft_model(meta_model(LLAMA2_7B), lorta.LortaConfig(r=r, target_modules=["q_proj", "v_proj"]))
+    assert trainable_count(model) == lorta_count
+    lora = get_peft_model(meta_model(LLAMA2_7B), LoraConfig(r=r, target_modules=["q_proj", "v_proj"]))
+    assert trainable_count(lora) == lora_count
+
+
+@pytest.mark.parametrize("r", [1, 4, 8, 16])
+def test_roberta_base_qkvo_is_860_r(r):
+    model = get_peft_model(meta_model(ROBERTA_BASE, AutoModelForSequenceClassification), lorta.LortaConfig(r=r))
+    assert model.peft_config["default"].matrix_names == ["q", "k", "v", "o"]
+    factors = model.base_model.lorta_factors["default"]
+    assert factors.num_trainable() == 860 * r
+
+
+@pytest.mark.parametrize("modes", [[], ["heads"], ["heads", "matrices"], list(LORTA_MODES), ["layers"]])
+def test_mode_ablation_counts_match_closed_form(modes):
+    """Paper Table 4: heads; heads + matrices; heads + matrices + layers; plain per-matrix factorisation."""
+    r = 8
+    model = get_peft_model(meta_model(LLAMA2_7B), lorta.LortaConfig(r=r, modes=modes))
+    want = lorta_num_params(4096, 128, 32, 32, 4, r, tuple(modes))
+    assert model.base_model.lorta_factors["default"].num_trainable() == want
+    if not modes:  # no shared mode: one rank-r matrix factorisation per matrix, i.e. exactly LoRA's count
+        assert want == 2 * 4 * 32 * 4096 * r
+    if modes == ["heads"]:
+        assert want == 4 * 32 * (4096 + 128 + 32) * r
+
+
+def test_print_trainable_parameters_counts_shared_factors_once(capsys):
+    model = get_peft_model(meta_model(LLAMA2_7B), lorta.LortaConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.print_trainable_parameters()
+    assert "trainable params: 17,160" in capsys.readouterr().out
