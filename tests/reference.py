@@ -102,3 +102,67 @@ def _extra_is_input(peft_model, adapter, kind) -> bool:
         if n.endswith(kind):
             return m.in_features == d
     raise KeyError(kind)
+
+
+def reference_tenslora(peft_model, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """The whole Tucker (or CP) tensor G ×_1 U_in ×_2 U_out ×_3 U_att ... built densely, then sliced per matrix."""
+    cfg = peft_model.peft_config[adapter]
+    f = peft_model.base_model.lorta_factors[adapter]
+    P = {n: p.detach().double() for n, p in f.named_parameters()}
+    stacked = cfg.construction.split("_")
+    modes = ["in", "out", *(m for m in ("att", "qkv", "depth") if m in stacked)]
+    shape = cfg.model_shape
+    H, dh, d = shape["num_heads"], shape["head_dim"], shape["hidden_size"]
+    letters = {"in": "i", "out": "o", "att": "h", "qkv": "m", "depth": "t"}
+    ranks = {"in": "a", "out": "b", "att": "c", "qkv": "f", "depth": "g"}
+
+    def full_tensor(gl: int, gm: int) -> torch.Tensor:
+        factors = [P[f"U_{m}"][gl, gm] for m in modes]
+        if cfg.decomposition == "tucker":
+            core = P["core"][gl, gm]
+        else:
+            r = cfg.ranks["in"]
+            core = torch.zeros((r,) * len(modes), dtype=torch.float64)
+            core[(torch.arange(r),) * len(modes)] = 1.0
+        spec = "".join(ranks[m] for m in modes) + "," + ",".join(letters[m] + ranks[m] for m in modes)
+        return torch.einsum(spec + "->" + "".join(letters[m] for m in modes), core, *factors)
+
+    def head_tensor(l: int, m: int, kind: str) -> torch.Tensor:
+        gl = 0 if "depth" in stacked else l
+        gm = 0 if "qkv" in stacked else m
+        T = full_tensor(gl, gm)
+        if "depth" in stacked:
+            T = T[..., l]
+        if "qkv" in stacked:
+            T = T[..., m]
+        if "att" in stacked:
+            return T  # d x d_h x H
+        return T.reshape(d, H, dh).permute(0, 2, 1)
+
+    return {
+        n: _place(n, m, cfg, head_tensor) * _scale(cfg) for n, m in adapted_modules(peft_model, adapter).items()
+    }
+
+
+def reference_tlora(peft_model, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """dW_{l,m} = s_{l,m} · A_{l,m} · C_{l,m} · B_{l,m} (in x out), per matrix; no tensor structure."""
+    cfg = peft_model.peft_config[adapter]
+    f = peft_model.base_model.lorta_factors[adapter]
+    T = {n: t.detach().double() for n, t in [*f.named_parameters(), *f.named_buffers()]}
+    index = {n: i for i, n in enumerate(cfg.matrix_names)}
+    out = {}
+    for name, module in adapted_modules(peft_model, adapter).items():
+        layer = int(re.search(r"\.(\d+)\.", name).group(1))
+        parts = name.split(".")
+        role = _ROLE.get(parts[-1]) or _ROLE.get(".".join(parts[-2:])) or _ROLE.get(".".join(parts[-3:]), "extra")
+
+        def update(m: int, layer: int = layer) -> torch.Tensor:  # in x out
+            return T["s"][layer, m] * T[f"A{m}"][layer] @ T["C"][layer, m] @ T[f"B{m}"][layer]
+
+        if role == "qkv":
+            delta = torch.cat([update(index[k]) for k in ("q", "k", "v")], dim=1)
+        else:
+            delta = update(index[role])
+        conv = type(module.get_base_layer()).__name__ == "Conv1D"
+        out[name] = (delta if conv else delta.t()) * _scale(cfg)
+    return out

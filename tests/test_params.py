@@ -58,3 +58,35 @@ def test_print_trainable_parameters_counts_shared_factors_once(capsys):
     model = get_peft_model(meta_model(LLAMA2_7B), lorta.LortaConfig(r=4, target_modules=["q_proj", "v_proj"]))
     model.print_trainable_parameters()
     assert "trainable params: 17,160" in capsys.readouterr().out
+
+
+ROBERTA_LARGE = RobertaConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                              vocab_size=50265, max_position_embeddings=514)
+
+
+def test_tlora_roberta_large_qv_r32_is_49200():
+    model = get_peft_model(meta_model(ROBERTA_LARGE, AutoModelForSequenceClassification),
+                           lorta.TLoraConfig(r=32, target_modules=["query", "value"]))
+    assert model.base_model.lorta_factors["default"].num_trainable() == 49_200
+    assert lorta.methods.tlora_num_params(L=24, M=2, r=32) == 49_200
+
+
+@pytest.mark.parametrize("construction", lorta.methods.CONSTRUCTIONS)
+@pytest.mark.parametrize("decomposition,ranks", [("tucker", [8, 6, 4, 3, 5]), ("tucker", 4), ("cp", 8)])
+def test_tenslora_count_matches_published_formula(construction, decomposition, ranks):
+    modes = lorta.methods.tensor_modes(construction)
+    ranks = dict(zip(modes, ranks, strict=False)) if isinstance(ranks, list) else ranks
+    config = lorta.TensLoraConfig(construction=construction, decomposition=decomposition, ranks=ranks)
+    model = get_peft_model(meta_model(LLAMA2_7B), config)
+    assert model.peft_config["default"].matrix_names == ["q", "k", "v"]  # TensLoRA's default targets
+    want = lorta.methods.tenslora_num_params(construction, decomposition, config.ranks, 4096, 128, 32, 32, 3)
+    assert model.base_model.lorta_factors["default"].num_trainable() == want
+
+
+def test_tenslora_att_qkv_depth_tucker_by_hand():
+    """Σ rank·size + Π ranks for one tensor: in 4096, out 128, att 32, qkv 3, depth 32."""
+    ranks = {"in": 8, "out": 8, "att": 4, "qkv": 2, "depth": 4}
+    config = lorta.TensLoraConfig(ranks=ranks)
+    model = get_peft_model(meta_model(LLAMA2_7B), config)
+    want = 8 * 4096 + 8 * 128 + 4 * 32 + 2 * 3 + 4 * 32 + 8 * 8 * 4 * 2 * 4
+    assert model.base_model.lorta_factors["default"].num_trainable() == want

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import ARCHITECTURES, make_inputs, make_model, output_of
 from peft import get_peft_model
-from reference import adapted_modules, reference_lorta
+from reference import adapted_modules, reference_lorta, reference_tenslora, reference_tlora
 
 import lorta
 
@@ -51,3 +51,21 @@ def test_lorta_matches_dense_reference(arch, modes):
 def test_lorta_extra_matrices_match_reference(arch, targets, modes):
     config = lorta.LortaConfig(r=2, target_modules=targets, modes=modes, init_weights=False, use_rslora=True)
     assert_matches_reference(arch, config, reference_lorta)
+
+
+@pytest.mark.parametrize("construction", lorta.methods.CONSTRUCTIONS)
+@pytest.mark.parametrize("decomposition", ["tucker", "cp"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2", "bert"])
+def test_tenslora_matches_dense_reference(arch, construction, decomposition):
+    modes = lorta.methods.tensor_modes(construction)
+    ranks = {m: 2 + i % 2 for i, m in enumerate(modes)} if decomposition == "tucker" else 3
+    targets = None if arch != "llama" else ["q_proj", "k_proj", "v_proj", "o_proj"]  # o is optional
+    config = lorta.TensLoraConfig(construction=construction, decomposition=decomposition, ranks=ranks,
+                                  target_modules=targets, init_weights=False)
+    assert_matches_reference(arch, config, reference_tenslora)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_tlora_matches_dense_reference(arch):
+    config = lorta.TLoraConfig(r=3, init_weights=False)
+    assert_matches_reference(arch, config, reference_tlora)

@@ -5,11 +5,17 @@
 
 from .layout import LayoutError, ModelShape
 from .methods.lorta import LortaConfig, LortaFactors
+from .methods.tenslora import TensLoraConfig, TensLoraFactors
+from .methods.tlora import TLORA_DEFAULT_TARGETS, TLoraConfig, TLoraFactors
 from .registry import register
 from .tuner import TensorAdapterConfig, TensorAdapterModel, make_tuner
 
 LortaModel = make_tuner("LortaModel", LortaFactors)
+TensLoraModel = make_tuner("TensLoraModel", TensLoraFactors, default_kinds={"q", "k", "v"})
+TLoraModel = make_tuner("TLoraModel", TLoraFactors, default_kinds=TLORA_DEFAULT_TARGETS)
 register("LORTA", LortaConfig, LortaModel)
+register("TENSLORA", TensLoraConfig, TensLoraModel)
+register("TLORA", TLoraConfig, TLoraModel)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -19,4 +25,8 @@ __all__ = [
     "ModelShape",
     "TensorAdapterConfig",
     "TensorAdapterModel",
+    "TensLoraConfig",
+    "TensLoraModel",
+    "TLoraConfig",
+    "TLoraModel",
 ]

@@ -38,6 +38,16 @@ class Factorization(nn.Module):
     def reset(self, init_weights: bool) -> None:
         raise NotImplementedError
 
+    @torch.no_grad()
+    def move_off_meta(self, device: torch.device) -> None:
+        """low_cpu_mem_usage loading assigns the saved tensors; give any others real storage, then rebuild them."""
+        missing = [n for n, p in self.named_parameters() if p.is_meta]
+        if missing:
+            raise ValueError(f"the adapter file has no values for factors {missing}; it is incomplete or corrupted")
+        for name, buffer in list(self.named_buffers()):
+            if buffer.is_meta:  # not in the file by design (e.g. TLoRA's seed-only projections): rebuilt on use
+                setattr(self, name, torch.empty_like(buffer, device=device))
+
     def combined_maps(self, slots: list[Slot]) -> tuple[Tensor, Tensor, Hashable | None]:
         """(P, Q, key) of a module holding one or several matrices (a fused q|k|v projection)."""
         if len(slots) == 1:

@@ -53,6 +53,12 @@ class TensorAdapterLayer(BaseTunerLayer):
         self.lorta_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.set_adapter(self.active_adapters)
 
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+        factors = self._lorta_bank[adapter_name] if adapter_name in self._lorta_bank else None
+        if factors is not None:
+            factors.move_off_meta(device or self.get_base_layer().weight.device)
+
     def _active_here(self) -> list[str]:
         return [a for a in self.active_adapters if a in self.lorta_slots]
 

@@ -17,7 +17,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from ..factorization import Factorization
-from ..layout import DEFAULT_TARGETS, OUT_HEADS, LayoutError, ModelShape, TensorLayout, build_layout
+from ..layout import DEFAULT_TARGETS, OUT_HEADS, LayoutError, ModelShape, TensorLayout, build_layout, matrix_kind
 from .config import TensorAdapterConfig
 from .layer import Linear, TensorAdapterLayer
 from .shared_input import SharedInputCache
@@ -190,6 +190,15 @@ def _model_shape(model: nn.Module, recorded: dict[str, Any] | None) -> ModelShap
     return actual
 
 
-def make_tuner(name: str, factorization_cls: type[Factorization]) -> type[TensorAdapterModel]:
-    """A PEFT tuner class for one method of the family."""
-    return type(name, (TensorAdapterModel,), {"factorization_cls": factorization_cls, "__doc__": __doc__})
+def make_tuner(
+    name: str, factorization_cls: type[Factorization], default_kinds: set[str] | None = None
+) -> type[TensorAdapterModel]:
+    """A PEFT tuner class for one method of the family; `default_kinds` narrows the default targets (e.g. q, v)."""
+    targets = DEFAULT_TARGETS
+    if default_kinds is not None:
+        targets = {
+            model_type: [t for t in names if matrix_kind(t)[0] in default_kinds | {"qkv"}]
+            for model_type, names in DEFAULT_TARGETS.items()
+        }
+    attrs = {"factorization_cls": factorization_cls, "target_module_mapping": targets, "__doc__": __doc__}
+    return type(name, (TensorAdapterModel,), attrs)

@@ -1,0 +1,192 @@
+"""TensLoRA (seed 001): stack the updates along chosen modes and factor with Tucker (a rank per mode) or CP.
+
+Modes of the update tensor: in (model dim d), out (head dim d_h if heads are stacked, else the whole output),
+and the stacked ones, att (heads H), qkv (matrices M), depth (layers L). A construction names the stacked
+modes; a mode that is not stacked splits the update into separate tensors ('qkv': one tensor per layer,
+'depth': one per matrix, 'att': one per layer and matrix).
+
+Tucker, per tensor:  dW = G ×_in U_in ×_out U_out ×_att U_att ×_qkv U_qkv ×_depth U_depth
+    #params = Σ_mode rank_mode · size_mode + Π_mode rank_mode         (times the number of tensors)
+CP, per tensor: the same with a superdiagonal core of ones, #params = r · Σ_mode size_mode.
+
+For one matrix (layer l, matrix m) the engine needs, per head h, the small core
+K[h] = G ×_att U_att[h] ×_qkv U_qkv[m] ×_depth U_depth[l]  (rank_in × rank_out), then P = U_in and
+Q[:, h·d_h:(h+1)·d_h] = K[h] · U_outᵀ (heads on the output side; transposed roles for o). The dense update is
+never built. GQA: k and v read the head slice j·g of U_att (or of the output rows when heads are not stacked).
+
+Initialisation: U_in ~ U(-1/√d, 1/√d) (PEFT LoRA's A); the other factors have orthonormal columns scaled to
+unit-norm rows on average; the Tucker core (or, for CP, U_out) is zero, so the update starts at zero.
+Scale α / rank_in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..factorization import Factorization, head_maps
+from ..layout import EXTRA_IN, EXTRA_OUT, OUT_HEADS, Slot, TensorLayout
+from ..tuner.config import TensorAdapterConfig, _check_positive_int
+
+CONSTRUCTIONS = ("att", "qkv", "depth", "att_qkv", "att_depth", "qkv_depth", "att_qkv_depth")
+DECOMPOSITIONS = ("tucker", "cp")
+_STACKED = ("att", "qkv", "depth")
+
+
+def tensor_modes(construction: str) -> tuple[str, ...]:
+    """The modes of one update tensor, in storage order: in, out, then the stacked ones."""
+    stacked = construction.split("_")
+    return ("in", "out", *(m for m in _STACKED if m in stacked))
+
+
+@dataclass
+class TensLoraConfig(TensorAdapterConfig):
+    """TensLoRA: a construction (which of att / qkv / depth are stacked) and Tucker or CP with a rank per mode.
+
+    Example: ``TensLoraConfig(construction="att_qkv_depth", decomposition="tucker", ranks={"in": 8, "out": 8,
+    "att": 4, "qkv": 3, "depth": 4})``; ``ranks=8`` means 8 for every mode.
+    """
+
+    construction: str = field(default="att_qkv_depth", metadata={"help": f"One of {CONSTRUCTIONS}."})
+    decomposition: str = field(default="tucker", metadata={"help": "tucker (a rank per mode) or cp (one rank)."})
+    ranks: int | dict[str, int] | list[int] = field(
+        default=8, metadata={"help": "An int for every mode, or a rank per mode: in, out, att, qkv, depth."}
+    )
+
+    def __post_init__(self) -> None:
+        self.peft_type = "TENSLORA"
+        if self.construction not in CONSTRUCTIONS:
+            raise ValueError(f"unknown construction {self.construction!r}; expected one of {list(CONSTRUCTIONS)}")
+        if self.decomposition not in DECOMPOSITIONS:
+            raise ValueError(f"unknown decomposition {self.decomposition!r}; expected one of {list(DECOMPOSITIONS)}")
+        self.ranks = self._normalised_ranks()
+        self.r = self.ranks["in"]
+        super().__post_init__()
+
+    def _normalised_ranks(self) -> dict[str, int]:
+        modes = tensor_modes(self.construction)
+        ranks = self.ranks
+        if isinstance(ranks, int) and not isinstance(ranks, bool):
+            ranks = dict.fromkeys(modes, ranks)
+        elif isinstance(ranks, (list, tuple)):
+            if len(ranks) != len(modes):
+                raise ValueError(f"ranks {list(ranks)} must give one rank per mode {list(modes)}")
+            ranks = dict(zip(modes, ranks, strict=True))
+        elif isinstance(ranks, dict):
+            unknown = sorted(set(ranks) - set(modes))
+            missing = [m for m in modes if m not in ranks]
+            if unknown or missing:
+                raise ValueError(
+                    f"ranks for construction {self.construction!r} must name exactly the modes {list(modes)}; "
+                    f"unknown {unknown}, missing {missing}"
+                )
+            ranks = {m: ranks[m] for m in modes}
+        else:
+            raise TypeError(f"ranks must be an int, a list or a dict of ints, got {ranks!r}")
+        for mode, rank in ranks.items():
+            _check_positive_int(f"ranks[{mode!r}]", rank)
+        if self.decomposition == "cp" and len(set(ranks.values())) != 1:
+            raise ValueError(f"a CP decomposition has one rank for every mode, got {ranks}")
+        return ranks
+
+
+class TensLoraFactors(Factorization):
+    """Tucker or CP factors of every update tensor of one TensLoRA adapter (leading group axes as in LoRTA)."""
+
+    def __init__(self, config: TensLoraConfig, layout: TensorLayout) -> None:
+        super().__init__(config, layout)
+        if layout.extra_sizes:
+            raise ValueError(
+                f"TensLoRA stacks attention matrices only; targets {sorted(layout.extra_sizes)} are not q, k, v or o"
+            )
+        shape = layout.shape
+        self.modes = tensor_modes(config.construction)
+        self.ranks = dict(config.ranks)
+        self.tucker = config.decomposition == "tucker"
+        self.stack_heads = "att" in self.modes
+        self.stack_matrices = "qkv" in self.modes
+        self.stack_layers = "depth" in self.modes
+        gl = 1 if self.stack_layers else shape.num_layers
+        gm = 1 if self.stack_matrices else layout.num_matrices
+        sizes = {
+            "in": shape.hidden_size,
+            "out": shape.head_dim if self.stack_heads else shape.num_heads * shape.head_dim,
+            "att": shape.num_heads, "qkv": layout.num_matrices, "depth": shape.num_layers,
+        }
+        self.sizes = {m: sizes[m] for m in self.modes}
+        for mode in self.modes:
+            self.register_parameter(f"U_{mode}", nn.Parameter(torch.empty(gl, gm, sizes[mode], self.ranks[mode])))
+        if self.tucker:
+            self.core = nn.Parameter(torch.empty(gl, gm, *(self.ranks[m] for m in self.modes)))
+        self.reset(config.init_weights)
+
+    @torch.no_grad()
+    def reset(self, init_weights: bool) -> None:
+        if self.U_in.is_meta:
+            return
+        bound = 1.0 / math.sqrt(self.layout.shape.hidden_size)
+        nn.init.uniform_(self.U_in, -bound, bound)
+        for mode in self.modes[1:]:
+            factor = getattr(self, f"U_{mode}")
+            for block in factor.view(-1, *factor.shape[2:]):
+                nn.init.orthogonal_(block)
+                block.mul_(math.sqrt(block.shape[0] / block.shape[1]))
+        zero = self.core if self.tucker else self.U_out
+        nn.init.zeros_(zero) if init_weights else nn.init.normal_(zero, 0.0, 0.5)
+
+    def _groups(self, slot: Slot) -> tuple[int, int]:
+        return (0 if self.stack_layers else slot.layer, 0 if self.stack_matrices else slot.matrix)
+
+    def _head_core(self, slot: Slot, gl: int, gm: int) -> Tensor:
+        """K[h] for the slot's heads: (n_heads, r_in, r_out) for Tucker, (n_heads, r) for CP's diagonal."""
+        n_heads = slot.n_heads
+        if self.tucker:
+            core = self.core[gl, gm]  # (r_in, r_out, [r_att], [r_qkv], [r_depth])
+            if self.stack_layers:
+                core = core @ self.U_depth[gl, gm, slot.layer]
+            if self.stack_matrices:
+                core = core @ self.U_qkv[gl, gm, slot.matrix]
+            if self.stack_heads:
+                return torch.einsum("ija,ha->hij", core, self.U_att[gl, gm, slot.head_slice])
+            return core.expand(n_heads, -1, -1)
+        weights = torch.ones_like(self.U_in[gl, gm, 0])
+        if self.stack_layers:
+            weights = weights * self.U_depth[gl, gm, slot.layer]
+        if self.stack_matrices:
+            weights = weights * self.U_qkv[gl, gm, slot.matrix]
+        if self.stack_heads:
+            return self.U_att[gl, gm, slot.head_slice] * weights
+        return weights.expand(n_heads, -1)
+
+    def maps(self, slot: Slot) -> tuple[Tensor, Tensor]:
+        if slot.role in (EXTRA_IN, EXTRA_OUT):
+            raise ValueError(f"TensLoRA cannot adapt extra matrix {slot.name!r}")
+        gl, gm = self._groups(slot)
+        core = self._head_core(slot, gl, gm)
+        out = self.U_out[gl, gm]
+        if self.stack_heads:
+            basis = out.expand(slot.n_heads, -1, -1)
+        else:
+            shape = self.layout.shape
+            basis = out.view(shape.num_heads, shape.head_dim, out.shape[-1])[slot.head_slice]
+        return head_maps(slot.role, self.U_in[gl, gm], basis, core)
+
+    def input_key(self, slot: Slot) -> Hashable | None:
+        return ("U_in", *self._groups(slot)) if slot.role == OUT_HEADS else None
+
+
+def tenslora_num_params(
+    construction: str, decomposition: str, ranks: dict[str, int], d: int, d_h: int, H: int, L: int, M: int
+) -> int:
+    """TensLoRA's published count: Σ rank·size + Π ranks (Tucker core) per tensor, times the number of tensors."""
+    modes = tensor_modes(construction)
+    sizes = {"in": d, "out": d_h if "att" in modes else H * d_h, "att": H, "qkv": M, "depth": L}
+    per_tensor = sum(ranks[m] * sizes[m] for m in modes)
+    if decomposition == "tucker":
+        per_tensor += math.prod(ranks[m] for m in modes)
+    tensors = (1 if "qkv" in modes else M) * (1 if "depth" in modes else L)
+    return per_tensor * tensors

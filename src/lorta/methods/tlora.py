@@ -1,0 +1,107 @@
+"""TLoRA (seed 002): frozen random A and B, a trainable r × r core and a learnable scale per adapted matrix.
+
+    dW_{l,m} = s_{l,m} · A_{l,m} · C_{l,m} · B_{l,m}        A: d_in × r, B: r × d_out frozen; C: r × r, s: scalar
+    #params = M · L · (r² + 1)
+
+In engine terms P = A and Q = s · C · B, so the forward is a rank-r LoRA with one extra r × r product.
+A and B are drawn from `projection_seed` with torch's CPU generator, in a fixed order (matrix by matrix, layer by
+layer), so they can be saved as tensors (`save_projection=True`, the default) or rebuilt from the seed.
+Initialisation: C = 0 (the update starts at zero), s = 1; A ~ U(-1/√d_in, 1/√d_in), B ~ U(-1/√r, 1/√r)
+(PEFT VeRA's kaiming-uniform draws).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..factorization import Factorization
+from ..layout import Slot, TensorLayout
+from ..tuner.config import TensorAdapterConfig
+
+TLORA_DEFAULT_TARGETS = {"q", "v"}  # the paper's GLUE setting
+
+
+@dataclass
+class TLoraConfig(TensorAdapterConfig):
+    """TLoRA: A, B frozen random (from a seed), trainable r × r core C and scale s per adapted matrix.
+
+    Example: ``TLoraConfig(r=32, target_modules=["query", "value"])`` on RoBERTa-large: 49,200 parameters.
+    """
+
+    projection_seed: int = field(default=0, metadata={"help": "Seed of the frozen random A and B."})
+    save_projection: bool = field(
+        default=True, metadata={"help": "Save A and B in the adapter file (True) or only the seed (False)."}
+    )
+
+    def __post_init__(self) -> None:
+        self.peft_type = "TLORA"
+        super().__post_init__()
+        if not self.save_projection:
+            warnings.warn(
+                "save_projection=False stores only the seed of TLoRA's frozen A and B; loading regenerates them "
+                "with torch's CPU generator, which is not guaranteed to give the same numbers on every platform "
+                "or torch version. Keep save_projection=True for adapters you share.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+class TLoraFactors(Factorization):
+    """Per matrix kind m: frozen A_m (L, d_in, r) and B_m (L, r, d_out); trainable C (L, M, r, r), s (L, M)."""
+
+    def __init__(self, config: TLoraConfig, layout: TensorLayout) -> None:
+        super().__init__(config, layout)
+        r, L, M = config.r, layout.shape.num_layers, layout.num_matrices
+        self.rank = r
+        self.seed = config.projection_seed
+        self.sizes: dict[int, tuple[int, int]] = {}
+        for slots in layout.slots.values():
+            for slot in slots:
+                self.sizes[slot.matrix] = (slot.in_features, slot.out_features)
+        for m in range(M):
+            d_in, d_out = self.sizes[m]
+            self.register_buffer(f"A{m}", torch.empty(L, d_in, r), persistent=config.save_projection)
+            self.register_buffer(f"B{m}", torch.empty(L, r, d_out), persistent=config.save_projection)
+        self.C = nn.Parameter(torch.empty(L, M, r, r))
+        self.s = nn.Parameter(torch.empty(L, M))
+        # Created on the meta device (low_cpu_mem_usage) with projections that are not in the file: they are
+        # rebuilt from the seed on first use, whenever the buffers have left the meta device.
+        self._draw_pending = self.C.is_meta and not config.save_projection
+        self.reset(config.init_weights)
+
+    @torch.no_grad()
+    def reset(self, init_weights: bool) -> None:
+        if self.C.is_meta:
+            return
+        self.draw_projections()
+        self._draw_pending = False
+        nn.init.ones_(self.s)
+        nn.init.zeros_(self.C) if init_weights else nn.init.normal_(self.C, 0.0, 0.5)
+
+    @torch.no_grad()
+    def draw_projections(self) -> None:
+        """Regenerate the frozen A and B from the seed (CPU generator, fixed order)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        for m, (d_in, _) in sorted(self.sizes.items()):
+            A, B = getattr(self, f"A{m}"), getattr(self, f"B{m}")
+            a = (torch.rand(A.shape, generator=generator, dtype=torch.float64) * 2 - 1) / math.sqrt(d_in)
+            b = (torch.rand(B.shape, generator=generator, dtype=torch.float64) * 2 - 1) / math.sqrt(self.rank)
+            A.copy_(a)
+            B.copy_(b)
+
+    def maps(self, slot: Slot) -> tuple[Tensor, Tensor]:
+        if self._draw_pending and not self.A0.is_meta:
+            self._draw_pending = False
+            self.draw_projections()
+        l, m = slot.layer, slot.matrix
+        A, B = getattr(self, f"A{m}")[l], getattr(self, f"B{m}")[l]
+        return A, (self.s[l, m] * self.C[l, m]) @ B
+
+
+def tlora_num_params(L: int, M: int, r: int) -> int:
+    return M * L * (r * r + 1)
