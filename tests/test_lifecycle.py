@@ -239,3 +239,25 @@ def test_adapter_for_another_shape_is_refused(tmp_path):
     other = make_model("mistral")  # different hidden size, heads and layers
     with pytest.raises(lorta.LayoutError, match="another shape"):
         PeftModel.from_pretrained(other, tmp_path)
+
+
+@method_names
+def test_inference_map_cache_follows_factor_updates(method):
+    """Without autograd the P/Q maps are cached; any change to a factor must invalidate them."""
+    model = adapted("llama", method, init_weights=False)
+    inputs = make_inputs("llama")
+    first = output_of(model, inputs)
+    torch.testing.assert_close(output_of(model, inputs), first, atol=0, rtol=0)  # served from the cache
+    factors = model.base_model.lorta_factors["default"]
+    with torch.no_grad():
+        for p in factors.parameters():
+            p.mul_(1.5)  # an in-place update, as an optimizer step makes
+    cached = output_of(model, inputs)
+    with torch.enable_grad():
+        fresh = model(**inputs).logits.detach()
+    assert not torch.allclose(cached, first)
+    torch.testing.assert_close(cached, fresh, atol=1e-6, rtol=1e-6)
+    factors.load_state_dict({k: v * 0 for k, v in factors.state_dict().items()}, strict=False)
+    with torch.enable_grad():
+        fresh = model(**inputs).logits.detach()
+    torch.testing.assert_close(output_of(model, inputs), fresh, atol=1e-6, rtol=1e-6)

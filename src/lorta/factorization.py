@@ -49,7 +49,33 @@ class Factorization(nn.Module):
                 setattr(self, name, torch.empty_like(buffer, device=device))
 
     def combined_maps(self, slots: list[Slot]) -> tuple[Tensor, Tensor, Hashable | None]:
-        """(P, Q, key) of a module holding one or several matrices (a fused q|k|v projection)."""
+        """(P, Q, key) of a module holding one or several matrices (a fused q|k|v projection).
+
+        Without autograd (evaluation, generation) the maps are cached until a factor changes (in-place updates
+        bump a tensor's version, loading replaces it), so a decode step costs exactly LoRA's two thin products.
+        """
+        if torch.is_grad_enabled():
+            return self._build_maps(slots)
+        stamp = self._stamp()
+        cache = self.__dict__.setdefault("_maps_cache", {})
+        hit = cache.get(id(slots))
+        if hit is not None and hit[0] == stamp and hit[1] is slots:
+            return hit[2]
+        maps = self._build_maps(slots)
+        cache[id(slots)] = (stamp, slots, maps)
+        return maps
+
+    def _stamp(self) -> tuple:
+        """Changes whenever any factor's values can have changed, or autocast would build the maps differently."""
+        tensors = self._tensors()
+        kind = tensors[0].device.type
+        autocast = torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind)
+        return (autocast, *((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors))
+
+    def _tensors(self) -> list[Tensor]:
+        return [t for t in (*self._parameters.values(), *self._buffers.values()) if t is not None]
+
+    def _build_maps(self, slots: list[Slot]) -> tuple[Tensor, Tensor, Hashable | None]:
         if len(slots) == 1:
             P, Q = self.maps(slots[0])
             return P, Q, self.input_key(slots[0])

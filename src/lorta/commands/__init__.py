@@ -1,0 +1,1 @@
+"""Subcommands of the `lorta` CLI (see lorta.cli)."""
