@@ -97,6 +97,11 @@ class LortaFactors(Factorization):
     def _groups(self, slot: Slot) -> tuple[int, int]:
         return (0 if self.share_layers else slot.layer, 0 if self.share_matrices else slot.matrix)
 
+    @staticmethod
+    def _in_group(factor: Tensor, gl: int, gm: int) -> Tensor:
+        """factor[gl, gm]; a view when both group axes have size 1 (a select's backward zero-fills a copy)."""
+        return factor.view(factor.shape[2:]) if factor.shape[0] == factor.shape[1] == 1 else factor[gl, gm]
+
     def _layer_matrix_weights(self, slot: Slot, gl: int, gm: int) -> Tensor | None:
         """C_L[l] ∘ C_M[m] (each only if that mode is shared); None if neither is."""
         c = self.C_L[gm, slot.layer] if self.C_L is not None else None
@@ -106,16 +111,16 @@ class LortaFactors(Factorization):
 
     def maps(self, slot: Slot) -> tuple[Tensor, Tensor]:
         gl, gm = self._groups(slot)
-        A = self.A[gl, gm]
+        A = self._in_group(self.A, gl, gm)
         c = self._layer_matrix_weights(slot, gl, gm)
         if slot.role in (EXTRA_IN, EXTRA_OUT):
             basis = getattr(self, self.extra_names[slot.matrix])[gl][None]
             core = c[None] if c is not None else torch.ones_like(basis[:, 0])
             return head_maps(slot.role, A, basis, core)
         if self.share_heads:
-            core = self.C_H[gl, gm, slot.head_slice]
+            core = self._in_group(self.C_H, gl, gm)[slot.head_slice]
             core = core * c if c is not None else core
-            basis = self.B[gl, gm].expand(slot.n_heads, -1, -1)
+            basis = self._in_group(self.B, gl, gm).expand(slot.n_heads, -1, -1)
         else:
             shape = self.layout.shape
             basis = self.B[gl, gm].view(shape.num_heads, shape.head_dim, self.rank)[slot.head_slice]

@@ -89,8 +89,10 @@ class TLoraFactors(Factorization):
         generator = torch.Generator().manual_seed(self.seed)
         for m, (d_in, _) in sorted(self.sizes.items()):
             A, B = getattr(self, f"A{m}"), getattr(self, f"B{m}")
-            a = (torch.rand(A.shape, generator=generator, dtype=torch.float64) * 2 - 1) / math.sqrt(d_in)
-            b = (torch.rand(B.shape, generator=generator, dtype=torch.float64) * 2 - 1) / math.sqrt(self.rank)
+            # drawn on the CPU whatever the target device, so the same seed gives the same projections everywhere
+            a = (torch.rand(A.shape, generator=generator, dtype=torch.float64, device="cpu") * 2 - 1) / math.sqrt(d_in)
+            b = (torch.rand(B.shape, generator=generator, dtype=torch.float64, device="cpu") * 2 - 1)
+            b = b / math.sqrt(self.rank)
             A.copy_(a)
             B.copy_(b)
 

@@ -19,6 +19,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import Tensor, nn
 
 from ..layout import Slot, module_features
+from .mixed import mixed_forward
 from .shared_input import SharedInputCache
 
 
@@ -101,11 +102,16 @@ class TensorAdapterLayer(BaseTunerLayer):
             if name in self.lorta_slots:
                 weight.data.sub_(self.delta_weight(name).to(device=weight.device, dtype=weight.dtype))
 
-    def _adapter_output(self, x: Tensor, name: str) -> Tensor:
+    def _add_adapter_output(self, result: Tensor, x: Tensor, name: str) -> Tensor:
+        """result + scale * (dropout(x) @ P) @ Q; one fused addmm when the dtypes agree (no extra mul/add)."""
         factors = self._lorta_bank[name]
         P, Q, key = factors.combined_maps(self.lorta_slots[name])
         u = self._lorta_cache.project(x, P, (name, key), self.lorta_dropout[name])
-        return (u @ Q) * self.lorta_scaling[name]
+        scale = self.lorta_scaling[name]
+        if u.dtype == result.dtype == Q.dtype:
+            flat = torch.addmm(result.reshape(-1, result.shape[-1]), u.reshape(-1, u.shape[-1]), Q, alpha=scale)
+            return flat.view(result.shape)
+        return result + ((u @ Q) * scale).to(result.dtype)  # adapters in float32 over a half-precision base
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
@@ -113,13 +119,13 @@ class TensorAdapterLayer(BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        if adapter_names is not None:
-            raise ValueError("per-row adapter_names (mixed-adapter batches) are not supported by lorta layers yet")
+        if adapter_names is not None:  # one adapter per row, vectorised over the adapters (tuner/mixed.py)
+            return mixed_forward(self, x, adapter_names, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         for name in self._active_here():  # P and Q are (in, out) oriented for Linear and Conv1D alike
-            result = result + self._adapter_output(x, name).to(result.dtype)
+            result = self._add_adapter_output(result, x, name)
         return result
 
     def __repr__(self) -> str:

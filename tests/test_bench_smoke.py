@@ -1,0 +1,75 @@
+"""Smoke test of benchmarks/bench.py: the tiny run completes, writes its outputs and its guard passes.
+
+No timing assertions: only that the figures exist and are finite and positive. main() runs in this process
+(no second interpreter start-up, which alone takes half a minute on a loaded 2-core box), on one thread.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks" / "bench.py"
+
+
+def _load_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("lorta_bench_script", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+def _positive(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_bench_smoke(tmp_path: Path) -> None:
+    bench = _load_bench()
+    threads = torch.get_num_threads()
+    try:
+        rc = bench.main(["--smoke", "--methods", "lora,lorta", "--threads", "1", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+        sys.modules.pop("lorta_bench_script", None)
+    assert rc == 0, "a correctness guard failed"
+    md = (tmp_path / "results.md").read_text()
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert "Training step" in md and "| lora |" in md and "| lorta |" in md
+    assert "Correctness guard" in md and "FAILED" not in md
+
+    models = [m for m in result["models"] if "train" in m]
+    assert {m["name"] for m in models} == {"llama-tiny", "gpt2-tiny"}
+    for m in models:
+        guard = m["guard"]
+        assert guard, f"{m['name']}: the correctness guard did not run"
+        for key, g in guard.items():
+            assert g["passed"], (m["name"], key, g)
+            assert g["rel_err"] <= 1e-8 and g["merged_rel_err"] <= 1e-8 and g["effect"] > 1e-6
+        train = m["train"]
+        assert _positive(train["floor"]["step_s"]["median"])
+        for method in ("lora", "lorta"):
+            row = train[f"{method}/r4"]
+            assert row["method"] == method
+            assert _positive(row["step_s"]["median"]) and _positive(row["params"])
+            assert math.isfinite(row["overhead_s"]["median"])
+            assert _positive(row["memory"]["saved_bytes"])
+            assert _positive(m["infer"][f"{method}/r4"]["prefill_s"]["median"])
+            assert math.isfinite(m["infer"][f"{method}/r4"]["decode_per_token_s"]["median"])
+            assert _positive(m["merged"][f"{method}/r4"]["prefill_s"]["median"])
+            io = m["io"][f"{method}/r4"]
+            assert _positive(io["file_bytes"]) and _positive(io["save_s"]["median"])
+            assert _positive(io["load_s"]["median"])
+            assert io["roundtrip_max_abs_diff"] <= 1e-5
+        assert math.isfinite(train["lorta/r4"]["step_ratio_vs_lora"]["median"])
+        # LoRTA's parameter count is far below LoRA's at the same rank
+        assert train["lorta/r4"]["params"] < train["lora/r4"]["params"]
