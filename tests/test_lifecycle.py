@@ -261,3 +261,23 @@ def test_inference_map_cache_follows_factor_updates(method):
     with torch.enable_grad():
         fresh = model(**inputs).logits.detach()
     torch.testing.assert_close(output_of(model, inputs), fresh, atol=1e-6, rtol=1e-6)
+
+
+def test_inference_cache_is_dropped_by_a_training_step_with_fused_adamw():
+    """Fused AdamW updates parameters in place without bumping their version counter."""
+    model = adapted("llama", "lorta")
+    inputs = make_inputs("llama")
+    model.eval()
+    before = output_of(model, inputs)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    versions = [p._version for p in model.parameters() if p.requires_grad]
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    opt.step()
+    model.eval()
+    after = output_of(model, inputs)
+    assert not torch.allclose(after, before)
+    with torch.enable_grad():
+        fresh = model(**inputs).logits.detach()
+    torch.testing.assert_close(after, fresh, atol=1e-6, rtol=1e-6)
+    assert versions  # (whatever the counters did)

@@ -51,10 +51,13 @@ class Factorization(nn.Module):
     def combined_maps(self, slots: list[Slot]) -> tuple[Tensor, Tensor, Hashable | None]:
         """(P, Q, key) of a module holding one or several matrices (a fused q|k|v projection).
 
-        Without autograd (evaluation, generation) the maps are cached until a factor changes (in-place updates
-        bump a tensor's version, loading replaces it), so a decode step costs exactly LoRA's two thin products.
+        Without autograd (evaluation, generation) the maps are cached, so a decode step costs exactly LoRA's two
+        thin products. The cache is dropped by any forward with autograd (a training step may follow: fused
+        optimizers update in place without bumping a tensor's version) and by train()/eval(); a factor replaced
+        or updated in place through the version counter (load_state_dict, copy_) also invalidates it.
         """
         if torch.is_grad_enabled():
+            self.__dict__.pop("_maps_cache", None)
             return self._build_maps(slots)
         stamp = self._stamp()
         cache = self.__dict__.setdefault("_maps_cache", {})
@@ -64,6 +67,10 @@ class Factorization(nn.Module):
         maps = self._build_maps(slots)
         cache[id(slots)] = (stamp, slots, maps)
         return maps
+
+    def train(self, mode: bool = True) -> Factorization:
+        self.__dict__.pop("_maps_cache", None)
+        return super().train(mode)
 
     def _stamp(self) -> tuple:
         """Changes whenever any factor's values can have changed, or autocast would build the maps differently."""
