@@ -10,6 +10,8 @@ once (state-dict key `base_model.lorta_factors.A`). Each wrapped layer keeps a p
 
 from __future__ import annotations
 
+import os
+import weakref
 from typing import Any
 
 import torch
@@ -18,11 +20,16 @@ from torch import nn
 
 from ..factorization import Factorization
 from ..layout import DEFAULT_TARGETS, OUT_HEADS, LayoutError, ModelShape, TensorLayout, build_layout, matrix_kind
-from .config import TensorAdapterConfig
+from .config import AdapterFileError, TensorAdapterConfig
 from .layer import Linear, TensorAdapterLayer
 from .shared_input import SharedInputCache
 
 _SHAPE_KEYS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim")
+_FACTOR_PREFIX = "base_model.lorta_factors."
+
+
+class DistributedSetupError(RuntimeError):
+    """A distributed wrapper would train the shared factors with unsynchronised (silently wrong) gradients."""
 
 
 class TensorAdapterModel(BaseTuner):
@@ -47,8 +54,12 @@ class TensorAdapterModel(BaseTuner):
             object.__setattr__(self, "_lorta_cache", SharedInputCache())
             object.__setattr__(self, "_lorta_hooks", {})
         config: TensorAdapterConfig = self.peft_config[adapter_name]
+        source = config.__dict__.pop("_lorta_source", None)  # set by TensorAdapterConfig.from_pretrained
         config = self._prepare_adapter_config(config, self.get_model_config(model))
-        shape = _model_shape(model, config.model_shape)
+        try:
+            shape = _model_shape(model, config.model_shape)
+        except LayoutError as exc:
+            raise LayoutError(f"{exc} (adapter at {source})" if source else str(exc)) from exc
         layout = build_layout(shape, self._find_targets(model, config), config.matrix_names)
 
         reference = next(iter(_base(m) for m in _targets_in(model, layout))).weight
@@ -59,6 +70,10 @@ class TensorAdapterModel(BaseTuner):
         with torch.device(device):
             factors = self.factorization_cls(config, layout)
         factors.to(dtype=dtype)
+        if source is not None:  # validate the saved weights against this model before anything is modified
+            _check_adapter_file(source, factors, config.peft_type)
+        for param in factors.parameters():
+            param._lorta_unmanaged = True  # see _check_runtime: FSDP replaces the parameters it manages
         self.lorta_factors[adapter_name] = factors
         object.__setattr__(self, "_pending_layout", layout)
         try:
@@ -74,6 +89,11 @@ class TensorAdapterModel(BaseTuner):
         config.model_shape = shape.to_dict()
         config.matrix_names = list(layout.matrix_names)
         self._hook_shared_inputs(model, layout)
+        probe = next((m for m in model.modules() if isinstance(m, TensorAdapterLayer)), None)
+        object.__setattr__(self, "_lorta_probe", weakref.ref(probe) if probe is not None else None)
+        if "" not in self._lorta_hooks:  # PeftModel.forward calls the transformers model directly, not the tuner
+            tuner = weakref.ref(self)
+            self._lorta_hooks[""] = [model.register_forward_pre_hook(lambda *_: _run_check(tuner))]
 
     def _find_targets(self, model: nn.Module, config: TensorAdapterConfig) -> dict[str, nn.Module]:
         targets = {}
@@ -145,7 +165,120 @@ class TensorAdapterModel(BaseTuner):
         super().delete_adapter(adapter_name)
         del self.lorta_factors[adapter_name]
 
+    # ------------------------------------------------------------------------------------ validation guards
+    def _check_runtime(self) -> None:
+        """Refuse setups that would silently compute wrong results: a cheap check of one layer and each bank."""
+        probe = getattr(self, "_lorta_probe", None)
+        layer = probe() if probe is not None else None
+        if layer is None or "lorta_factors" not in self._modules:
+            return
+        weight = layer.get_base_layer().weight
+        sharded_layers = _is_dtensor(weight)
+        for name in self.active_adapters:
+            bank = self.lorta_factors[name] if name in self.lorta_factors else None
+            param = next(bank.parameters(), None) if bank is not None else None
+            if param is None:
+                continue
+            if _is_dtensor(param):
+                raise DistributedSetupError(
+                    f"the factors of adapter {name!r} are sharded (DTensor) but were not gathered before the forward:"
+                    " call fully_shard on the root module (the PeftModel) after its layers, not on "
+                    "base_model.lorta_factors alone; or train with DistributedDataParallel"
+                )
+            if not sharded_layers and not getattr(param, "_lorta_unmanaged", False):
+                for unsharded in bank.parameters():  # e.g. loaded with low_cpu_mem_usage (assigned parameters)
+                    unsharded._lorta_unmanaged = True
+            elif sharded_layers and getattr(param, "_lorta_unmanaged", False):
+                raise DistributedSetupError(
+                    f"the adapted layers' weights are sharded (DTensor) but the factors of adapter {name!r} "
+                    "(base_model.lorta_factors, shared by every layer) are outside every FSDP unit, so their "
+                    "gradients would not be averaged across ranks. With FSDP2, call fully_shard(peft_model) on the "
+                    "root after sharding the layers (Accelerate does this), or use DistributedDataParallel; "
+                    "tensor-parallel base weights are not supported"
+                )
+            if not sharded_layers and not weight.is_meta and param.device != weight.device:
+                raise LayoutError(
+                    f"the factors of adapter {name!r} are on {param.device} but the adapted layers' base weights are"
+                    f" on {weight.device}: the factors live on the tuner (base_model.lorta_factors), outside the "
+                    "transformers model, so move the whole PeftModel (peft_model.to(device)), not only its base model"
+                )
+        if torch.is_grad_enabled():
+            self._check_ddp_checkpointing()
+
+    def _check_ddp_checkpointing(self) -> None:
+        """DDP (without static_graph) + reentrant checkpointing reduces the shared factors' gradient too early."""
+        try:
+            from torch.nn.parallel import DistributedDataParallel
+        except ImportError:  # pragma: no cover
+            return
+        ddp = DistributedDataParallel._get_active_ddp_module()
+        if ddp is None or getattr(ddp, "static_graph", False) or getattr(self, "_lorta_ddp_checked", None) == id(ddp):
+            return
+        for module in self.model.modules():
+            func = getattr(module, "_gradient_checkpointing_func", None)
+            if getattr(module, "gradient_checkpointing", False) and getattr(func, "keywords", {}).get("use_reentrant"):
+                raise DistributedSetupError(
+                    "DistributedDataParallel with reentrant gradient checkpointing (use_reentrant=True) would "
+                    "all-reduce the shared lorta factors' gradient after the first recomputed layer and drop the "
+                    "rest. Use gradient_checkpointing_kwargs={'use_reentrant': False} (the transformers default), "
+                    "or DistributedDataParallel(..., static_graph=True) (Trainer: ddp_static_graph=True)"
+                )
+        object.__setattr__(self, "_lorta_ddp_checked", id(ddp))
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        if safe_merge:
+            self._check_merge_is_finite(adapter_names)
+        super().merge_adapter(adapter_names, safe_merge=safe_merge)
+
+    def _check_merge_is_finite(self, adapter_names: list[str] | None) -> None:
+        """safe_merge is all or nothing: check every factor, then every merged weight, before writing any."""
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        for name in names:
+            bank = self.lorta_factors[name] if name in self.lorta_factors else None
+            for key, tensor in (bank.state_dict() if bank is not None else {}).items():
+                bad = int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
+                if bad:
+                    raise ValueError(
+                        f"safe_merge refused: factor {key!r} of adapter {name!r} holds {bad} NaN or Inf value(s); "
+                        "nothing was merged and the base weights are unchanged"
+                    )
+        with torch.no_grad():
+            for key, module in self.model.named_modules():
+                if not isinstance(module, TensorAdapterLayer):
+                    continue
+                todo = [a for a in names if a in module.lorta_slots and a not in module.merged_adapters]
+                if not todo:
+                    continue
+                weight = module.get_base_layer().weight
+                merged = weight.detach().float() if weight.dtype != torch.float64 else weight.detach().clone()
+                for name in todo:
+                    merged = merged + module.delta_weight(name).to(device=merged.device, dtype=merged.dtype)
+                if not torch.isfinite(merged.to(weight.dtype)).all():
+                    raise ValueError(
+                        f"safe_merge refused: merging {todo} into {key} gives NaN or Inf in its {weight.dtype} "
+                        "weight; nothing was merged and the base weights are unchanged"
+                    )
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: Any, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Check the loaded factors' names and shapes before PEFT's load_state_dict writes any of them."""
+        tuner = model.base_model if isinstance(getattr(model, "base_model", None), TensorAdapterModel) else model
+        banks = tuner._modules.get("lorta_factors") if isinstance(tuner, TensorAdapterModel) else None
+        if banks is not None and adapter_name in banks:
+            shapes = {k: (tuple(v.shape), v.dtype) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+            where = f"the weights loaded for adapter {adapter_name!r}"
+            _check_factor_entries(shapes, banks[adapter_name], config.peft_type, where)
+        return super()._remap_adapter_state_dict_for_load(
+            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
+        )
+
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
+        merge = kwargs.get("merge", args[0] if args else True)
+        safe_merge = kwargs.get("safe_merge", args[2] if len(args) > 2 else False)
+        if merge and safe_merge:
+            self._check_merge_is_finite(kwargs.get("adapter_names", args[3] if len(args) > 3 else None))
         model = super()._unload_and_optionally_merge(*args, **kwargs)
         self._remove_hooks()
         return model
@@ -160,6 +293,13 @@ class TensorAdapterModel(BaseTuner):
     def num_adapter_parameters(self, adapter_name: str = "default") -> int:
         """Trainable parameters of one adapter: each shared factor counted once."""
         return self.lorta_factors[adapter_name].num_trainable()
+
+    # ------------------------------------------------------------------------------- mixed-adapter batches
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        """PeftModel's forward/generate context: routes per-row `adapter_names` to the layers (tuner/mixed.py)."""
+        from .mixed import mixed_batch_hooks
+
+        return mixed_batch_hooks(self, kwargs)
 
 
 def _base(module: nn.Module) -> nn.Module:
@@ -188,6 +328,98 @@ def _model_shape(model: nn.Module, recorded: dict[str, Any] | None) -> ModelShap
                 "it was trained on"
             )
     return actual
+
+
+def _run_check(tuner: weakref.ref) -> None:
+    """Forward pre-hook of the adapted transformers model (holds the tuner weakly)."""
+    instance = tuner()
+    if instance is not None:
+        instance._check_runtime()
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def _check_adapter_file(directory: str, factors: nn.Module, peft_type: str) -> None:
+    """The saved weights exist, are readable, and hold exactly this adapter's factors with this model's shapes."""
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+
+    safetensors_file = os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)
+    bin_file = os.path.join(directory, WEIGHTS_NAME)
+    if os.path.isfile(safetensors_file):
+        path = safetensors_file
+        try:
+            from safetensors import safe_open
+
+            with safe_open(safetensors_file, framework="pt") as handle:
+                entries = {}
+                for key in handle.keys():
+                    part = handle.get_slice(key)
+                    entries[key] = (tuple(part.get_shape()), part.get_dtype())
+        except Exception as exc:  # safetensors raises its own error types for every kind of damage
+            raise AdapterFileError(
+                f"{safetensors_file} is not a readable safetensors file ({exc}): it is truncated or corrupted. "
+                "Save the adapter again or copy it from its source; nothing was loaded or changed"
+            ) from exc
+    elif os.path.isfile(bin_file):
+        path = bin_file
+        try:
+            tensors = torch.load(bin_file, map_location="meta", weights_only=True)
+            entries = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+        except Exception as exc:
+            raise AdapterFileError(
+                f"{bin_file} is not a readable torch file ({exc}): it is truncated or corrupted; nothing was loaded"
+            ) from exc
+    else:
+        present = sorted(os.listdir(directory))[:12] if os.path.isdir(directory) else []
+        raise AdapterFileError(
+            f"no adapter weights in {directory}: expected {SAFETENSORS_WEIGHTS_NAME} (or {WEIGHTS_NAME}) next to "
+            f"adapter_config.json, found {present}. Copy the weights file there or save the adapter again"
+        )
+    _check_factor_entries(entries, factors, peft_type, f"the weights in {path}")
+
+
+def _check_factor_entries(
+    entries: dict[str, tuple[tuple[int, ...], Any]], factors: nn.Module, peft_type: str, where: str
+) -> None:
+    """`entries` ({key: (shape, dtype)}) hold every factor of `factors` once, with its shape, and no other."""
+    expected = {_FACTOR_PREFIX + k: tuple(v.shape) for k, v in factors.state_dict().items()}
+    found = {k: v for k, v in entries.items() if k.startswith(_FACTOR_PREFIX)}
+    problems = []
+    missing = sorted(k.removeprefix(_FACTOR_PREFIX) for k in set(expected) - set(found))
+    unexpected = sorted(k.removeprefix(_FACTOR_PREFIX) for k in set(found) - set(expected))
+    if not found:
+        sample = sorted(entries)[:3]
+        problems.append(f"it holds no lorta factors (keys {_FACTOR_PREFIX}*), its keys look like {sample}")
+    else:
+        if missing:
+            problems.append(f"factors {missing} are missing")
+        if unexpected:
+            problems.append(f"factors {unexpected} are not part of this adapter")
+    for key in sorted(set(expected) & set(found)):
+        shape, dtype = found[key]
+        name = key.removeprefix(_FACTOR_PREFIX)
+        if tuple(shape) != expected[key]:
+            problems.append(f"{name} has shape {list(shape)} there but {list(expected[key])} on this model")
+        if not _is_float_dtype(dtype):
+            problems.append(f"{name} has dtype {dtype}, expected a floating-point dtype")
+    if problems:
+        raise AdapterFileError(
+            f"{where} do not fit this {peft_type} adapter on this base model: " + "; ".join(problems)
+            + ". The weights belong to another adapter (method, rank, modes or targets) or are damaged; nothing "
+            "was loaded or changed"
+        )
+
+
+def _is_float_dtype(dtype: Any) -> bool:
+    if isinstance(dtype, torch.dtype):
+        return dtype.is_floating_point
+    return str(dtype).upper() in {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 
 
 def make_tuner(

@@ -1,0 +1,218 @@
+"""Crash-safe `save_pretrained` for PeftModels that hold lorta adapters.
+
+PEFT's `PeftModel.save_pretrained` writes README.md, adapter_config.json and adapter_model.safetensors straight
+into the target directory (and into `<target>/<name>/` for every adapter not called "default"). A crash or an
+error half-way leaves a directory whose config and weights disagree or whose weights file is truncated: the
+adapter that was there before is lost and the new one is unreadable.
+
+For models whose adapters are all lorta types (LORTA, TENSLORA, TLORA) the call is redirected here:
+
+1. a temporary directory is created next to the target (same file system), holding a copy of what the target
+   already holds (hard links where possible; the files PEFT rewrites are real copies, so an existing README.md
+   is updated the same way and other adapters' subfolders are kept, as PEFT does in place);
+2. PEFT's own `save_pretrained` writes into it, unchanged (selected_adapters, subfolders, model card, safetensors
+   or torch format, every other argument);
+3. the files are flushed to disk, then the new directory takes the target's name: with one atomic exchange
+   (Linux renameat2 RENAME_EXCHANGE) where available, otherwise by renaming the old directory away and the new
+   one in; the old one is deleted afterwards.
+
+Any exception before step 3 deletes the temporary directory and leaves the target exactly as it was. When the
+target is (or contains) the process's working directory it cannot be renamed away, so the files are moved in one
+by one instead, each with an atomic os.replace (adapter_config.json last). Models
+with other adapter types, non-main processes (`is_main_process=False`) and a `save_directory` that is a file
+go straight to PEFT. Installed once by `import lorta`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import inspect
+import os
+import shutil
+import uuid
+from typing import Any
+
+from peft import PeftModel
+
+LORTA_PEFT_TYPES = frozenset({"LORTA", "TENSLORA", "TLORA"})
+# Files PEFT (re)writes: never hard-linked into the new directory, so writing them cannot touch the old one.
+_PEFT_FILES = frozenset({"README.md", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"})
+_MARK = "__lorta_atomic__"
+
+
+def is_lorta_model(model: Any) -> bool:
+    """True when every adapter config of `model` is a lorta type."""
+    configs = getattr(model, "peft_config", None)
+    return bool(configs) and all(str(getattr(c, "peft_type", "")) in LORTA_PEFT_TYPES for c in configs.values())
+
+
+def atomic_save(save: Any, model: Any, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+    """Run `save(model, <tmp dir>, **kwargs)` (PEFT's save_pretrained) and move the result onto `save_directory`."""
+    target = os.path.realpath(os.fspath(save_directory))  # a symlinked target keeps its link; the real dir is swapped
+    parent, base = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = _unique_name(parent, base, "tmp")
+    os.mkdir(tmp)  # the process umask applies, as for a directory PEFT creates
+    try:
+        if os.path.isdir(target):
+            shutil.copymode(target, tmp)
+            _copy_tree(target, tmp)
+        save(model, tmp, **kwargs)
+        _fsync_tree(tmp)
+        if _holds_cwd(target):  # renaming the process's working directory away would strand it
+            _replace_files(tmp, target)
+        else:
+            _swap_into_place(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _unique_name(parent: str, base: str, kind: str) -> str:
+    return os.path.join(parent, f".{base}.{kind}-{uuid.uuid4().hex[:12]}")
+
+
+def _holds_cwd(target: str) -> bool:
+    try:
+        cwd = os.path.realpath(os.getcwd())
+    except OSError:
+        return False
+    return cwd == target or cwd.startswith(target + os.sep)
+
+
+def _copy_tree(src: str, dst: str) -> None:
+    """Copy `src` into the existing `dst`: links stay links, PEFT's files are copied, the rest hard-linked."""
+    for root, dirs, files in os.walk(src):
+        rel = os.path.relpath(root, src)
+        out = dst if rel == "." else os.path.join(dst, rel)
+        for name in list(dirs):
+            if os.path.islink(os.path.join(root, name)):
+                os.symlink(os.readlink(os.path.join(root, name)), os.path.join(out, name))
+                dirs.remove(name)
+            else:
+                os.mkdir(os.path.join(out, name))
+                shutil.copymode(os.path.join(root, name), os.path.join(out, name))
+        for name in files:
+            source, dest = os.path.join(root, name), os.path.join(out, name)
+            if os.path.islink(source):
+                os.symlink(os.readlink(source), dest)
+                continue
+            if name not in _PEFT_FILES:
+                try:
+                    os.link(source, dest)
+                    continue
+                except OSError:
+                    pass
+            shutil.copy2(source, dest)
+
+
+def _replace_files(new: str, target: str) -> None:
+    """Fallback when the target cannot be renamed: move each file in with an atomic os.replace."""
+    for root, _dirs, files in os.walk(new):
+        rel = os.path.relpath(root, new)
+        out = target if rel == "." else os.path.join(target, rel)
+        os.makedirs(out, exist_ok=True)
+        for name in sorted(files, key=lambda n: n == "adapter_config.json"):  # the config last
+            os.replace(os.path.join(root, name), os.path.join(out, name))
+        _fsync_dir(out)
+
+
+def _fsync_tree(path: str) -> None:
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            file = os.path.join(root, name)
+            if os.path.islink(file):
+                continue
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(root)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _swap_into_place(new: str, target: str) -> None:
+    parent, base = os.path.split(target)
+    if not os.path.lexists(target):
+        os.rename(new, target)
+        _fsync_dir(parent)
+        return
+    if not os.path.isdir(target) or os.path.islink(target):
+        raise NotADirectoryError(f"cannot save an adapter over {target}: it exists and is not a directory")
+    if _exchange(new, target):  # `new` now holds the old content; the caller deletes it
+        _fsync_dir(parent)
+        return
+    old = _unique_name(parent, base, "old")
+    os.rename(target, old)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    _fsync_dir(parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@functools.cache
+def _renameat2() -> Any:
+    try:
+        func = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically exchange two paths (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    func = _renameat2()
+    if func is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if func(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, f"renameat2(RENAME_EXCHANGE) of {a} and {b} failed: {os.strerror(err)}")
+
+
+def install() -> None:
+    """Wrap PeftModel.save_pretrained once; non-lorta models and non-main processes go straight to PEFT."""
+    original = PeftModel.save_pretrained
+    if getattr(original, _MARK, False):
+        return
+    positional = [
+        p.name for p in list(inspect.signature(original).parameters.values())[2:]
+        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    ]
+
+    @functools.wraps(original)
+    def save_pretrained(self: PeftModel, save_directory: str, *args: Any, **kwargs: Any) -> None:
+        if len(args) > len(positional) or not is_lorta_model(self):
+            return original(self, save_directory, *args, **kwargs)
+        kwargs.update(zip(positional, args, strict=False))
+        if not kwargs.get("is_main_process", True) or os.path.isfile(os.fspath(save_directory)):
+            return original(self, save_directory, **kwargs)
+        return atomic_save(original, self, save_directory, **kwargs)
+
+    setattr(save_pretrained, _MARK, True)
+    PeftModel.save_pretrained = save_pretrained
+
+
+install()
