@@ -3,6 +3,8 @@
 ``import lorta`` registers the methods with PEFT; then ``get_peft_model(model, lorta.LortaConfig(r=8))``.
 """
 
+from . import saving  # noqa: F401
+from .bank import AdapterBank, load_adapters  # noqa: F401  (mixed-adapter serving; see lorta.bank)
 from .layout import LayoutError, ModelShape
 from .methods.lorta import LortaConfig, LortaFactors
 from .methods.tenslora import TensLoraConfig, TensLoraFactors
