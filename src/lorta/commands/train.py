@@ -1,0 +1,325 @@
+"""``lorta train`` (fine-tune one model with one method) and ``lorta compare`` (a grid of methods × ranks).
+
+A thin layer: argument parsing and printing here; the jobs themselves are in :mod:`lorta.tasks`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..methods.tenslora import CONSTRUCTIONS, DECOMPOSITIONS
+from ..tasks import DEFAULT_MODES
+
+EXIT_USAGE = 2
+DEFAULT_COMPARE_METHODS = "lorta,lora,tenslora,tlora,head-only"
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show "(default: X)" only where X says something (not None / False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or "(default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``train`` and ``compare`` subcommands."""
+    from ..tasks import METHODS
+
+    train = subparsers.add_parser(
+        "train",
+        help="fine-tune a model with a (tensor) adapter, offline",
+        description="Fine-tune a model on a text task offline and report trainable parameters, held-out accuracy "
+        "and wall time. Default: LoRTA on all-MiniLM-L6-v2, Rotten Tomatoes sentiment (a few minutes on a CPU).",
+        formatter_class=_DefaultsFormatter,
+    )
+    train.add_argument("--method", choices=METHODS, default="lorta", help="adapter (full, head-only: none)")
+    train.add_argument("--rank", type=int, default=None, help="rank (TensLoRA: every mode's) (default: per method)")
+    _shared_arguments(train)
+    train.add_argument("--out", default=None, help="output folder (default runs/<method>-<model>-<task>-r<R>-seed<S>)")
+    train.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --out")
+    train.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps (default: 100)")
+    train.set_defaults(func=run_train)
+
+    compare = subparsers.add_parser(
+        "compare",
+        help="run a grid of methods x ranks and tabulate parameters vs accuracy",
+        description="Train every method at every rank on the same task with the same steps; write a markdown table "
+        "and a plot of accuracy against trainable parameters (log x).",
+        formatter_class=_DefaultsFormatter,
+    )
+    compare.add_argument("--methods", default=DEFAULT_COMPARE_METHODS, help=f"comma-separated: {','.join(METHODS)}")
+    compare.add_argument("--ranks", default=None, help="comma-separated ranks (default: each method's default rank)")
+    _shared_arguments(compare)
+    compare.add_argument("--out", default=None, help="output folder (default runs/compare-<model>-<task>-seed<seed>)")
+    compare.set_defaults(func=run_compare)
+
+
+def _shared_arguments(p: argparse.ArgumentParser) -> None:
+    from ..tasks import TASKS
+
+    def add(flag: str, text: str, **kwargs: Any) -> None:
+        p.add_argument(flag, help=text, **kwargs)
+
+    add("--model", "catalogue name (minilm, smollm2), a local HF folder or a .gguf file "
+        "(default: minilm; smollm2 for --task dpo)")
+    add("--task", "sentiment classification or DPO", choices=TASKS, default="sentiment")
+    add("--data", "a CSV/JSONL table instead of Rotten Tomatoes (split by its group/movie column, else by text)")
+    add("--text-column", "text column of --data", default="text")
+    add("--label-column", "label column of --data", default="label")
+    add("--steps", "optimizer steps (default: 400; prompt 60; dpo 40)", type=int)
+    add("--batch-size", "examples per step and device (default: 32; prompt 8; dpo 4)", type=int)
+    add("--grad-accum", "gradient accumulation steps", type=int, default=1)
+    add("--lr", "adapter learning rate (default: per method)", type=float)
+    add("--head-lr", "classification head learning rate (default: per method)", type=float)
+    add("--alpha", "scale = alpha / rank (default: per method)", type=float)
+    add("--dropout", "adapter input dropout", type=float, default=0.0)
+    add("--max-train", "class-balanced subset of the training split (DPO: pairs; default: all)", type=int)
+    add("--max-test", "class-balanced subset of the held-out split (DPO: pairs; default: all)", type=int)
+    add("--max-length", "max tokens per example (default: 64; prompt 96; dpo 128)", type=int)
+    add("--modes", "LoRTA: shared tensor modes, a comma-separated subset of heads,layers,matrices", type=_modes,
+        default=",".join(DEFAULT_MODES))
+    add("--construction", "TensLoRA: stacked modes", choices=CONSTRUCTIONS, default="att_qkv_depth")
+    add("--decomposition", "TensLoRA: tucker or cp", choices=DECOMPOSITIONS, default="tucker")
+    add("--seed", "seed of the split, subsets, data order and initialisation", type=int, default=0)
+    add("--quiet", "no progress bars", action="store_true")
+
+
+def _modes(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def options_from(args: argparse.Namespace, **overrides: Any) -> Any:
+    """TrainOptions from parsed arguments (unknown attributes ignored)."""
+    import dataclasses
+
+    from ..tasks import TrainOptions
+
+    names = {f.name for f in dataclasses.fields(TrainOptions)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values.update(overrides)
+    return TrainOptions(**values)
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from ..data import DataError
+    from ..layout import LayoutError
+    from ..models import ModelNotFoundError
+    from ..tasks import UsageError
+
+    return (DataError, ModelNotFoundError, UsageError, LayoutError)
+
+
+def _quiet_environment() -> None:
+    """Offline and without transformers' advisory warnings; the user's own settings win."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(peft|transformers|trl|torch)\b")
+
+
+def _process_start() -> float | None:
+    """When the ``lorta`` process started, so the reported wall time includes Python's imports; None (time from
+    the run's start) when called in-process from other code, or if unknown."""
+    if Path(sys.argv[0]).name not in ("lorta", "cli.py"):
+        return None
+    try:
+        import psutil
+
+        return float(psutil.Process().create_time())
+    except Exception:  # psutil missing or /proc unreadable
+        return None
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """``lorta train``: one run; prints the summary; exit 2 with the message on bad data or options."""
+    _quiet_environment()
+    from ..tasks import run_job
+
+    try:
+        metrics = run_job(options_from(args), started=_process_start())
+    except _expected_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(summary(metrics))
+    return 0
+
+
+def _fmt_time(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m {secs:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def _ratio(adapter: int, reference: int) -> str:
+    if adapter == 0:
+        return "no adapter"
+    if adapter <= reference:
+        return f"{reference / adapter:.1f}x fewer"
+    return f"{adapter / reference:.1f}x more"
+
+
+def method_label(m: dict[str, Any]) -> str:
+    """The method, with LoRTA's modes when they are not the default ones (e.g. ``lorta[layers+matrices]``)."""
+    modes = m.get("modes")
+    if m["method"] == "lorta" and modes is not None and tuple(modes) != DEFAULT_MODES:
+        return f"lorta[{'+'.join(modes) or 'no modes'}]"
+    return m["method"]
+
+
+def summary(m: dict[str, Any]) -> str:
+    """The block printed at the end of ``lorta train``."""
+    rank = f" r={m['rank']}" if m.get("rank") is not None else ""
+    what = "held-out reward accuracy" if m["job"] == "dpo" else "held-out accuracy"
+    examples = f"{m['test_pairs']:,} preference pairs" if m["job"] == "dpo" else f"{m['n_test']:,} examples"
+    baseline = "" if m["job"] == "dpo" else f", majority class {m['majority_baseline']:.1%}"
+    saved = Path(m["saved"])
+    kind = "adapter" if saved.name == "adapter" else ("model" if saved.name == "model" else "head")
+    out = Path(m["out"])
+    lines = [
+        "-" * 78,
+        f"{method_label(m)}{rank} on {m['model']} · {m['task']} ({m['job']}) · {m['data']} · "
+        f"{m['steps']} steps x {m['batch_size'] * m['grad_accum']} · seed {m['seed']}",
+        f"trainable parameters  {m['adapter_params']:,} adapter + {m['head_params']:,} head"
+        f"   (LoRA r=8 on q,k,v,o: {m['lora_r8_params']:,}; {_ratio(m['adapter_params'], m['lora_r8_params'])})",
+        f"{what:<21} {m['accuracy']:.2%}  on {examples} never seen in training{baseline}",
+        f"wall time             {_fmt_time(m['wall_time_s'])}  (training {_fmt_time(m['train_time_s'])}, "
+        f"evaluation {_fmt_time(m['eval_time_s'])})",
+        f"{kind:<21} {saved}",
+        f"metrics               {out / 'metrics.json'}",
+        f"loss curve            {out / 'loss.png'}",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# compare
+# --------------------------------------------------------------------------------------------------
+
+
+def _parse_list(text: str, flag: str, cast: type = str) -> list[Any]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"{flag} is empty")
+    try:
+        return [cast(t) for t in items]
+    except ValueError as exc:
+        raise ValueError(f"{flag}: {exc}") from exc
+
+
+def grid(methods: Sequence[str], ranks: Sequence[int] | None) -> list[tuple[str, int | None]]:
+    """(method, rank) pairs; methods without an adapter run once; None rank = the method's default."""
+    from ..tasks import ADAPTER_METHODS
+
+    cells: list[tuple[str, int | None]] = []
+    for method in methods:
+        cells.extend((method, rank) for rank in ((ranks or [None]) if method in ADAPTER_METHODS else [None]))
+    return cells
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """``lorta compare``: train every (method, rank), then write compare.md, compare.png and compare.json."""
+    _quiet_environment()
+    from ..tasks import METHODS, model_label, run_job
+
+    try:
+        methods = _parse_list(args.methods, "--methods")
+        ranks = _parse_list(args.ranks, "--ranks", int) if args.ranks else None
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        print(f"error: unknown method(s) {unknown}; choose from {', '.join(METHODS)}", file=sys.stderr)
+        return EXIT_USAGE
+    model = args.model or ("smollm2" if args.task == "dpo" else "minilm")
+    root = Path(args.out or Path("runs") / f"compare-{model_label(model)}-{args.task}-seed{args.seed}")
+    rows = []
+    start = time.perf_counter()
+    command = "lorta compare " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["compare"] else "lorta compare"
+    cells = grid(methods, ranks)
+    try:
+        for i, (method, rank) in enumerate(cells, start=1):
+            label = f"{method}-r{rank}" if rank is not None else method
+            print(f"== [{i}/{len(cells)}] {label}", flush=True)
+            options = options_from(args, method=method, rank=rank, out=str(root / label), resume=False)
+            metrics = run_job(options)
+            print(summary(metrics), flush=True)
+            rows.append({k: v for k, v in metrics.items() if k != "loss_curve"})
+            write_compare(rows, root, command, time.perf_counter() - start)  # the table so far, after every run
+    except _expected_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"\n{(root / 'compare.md').read_text(encoding='utf-8')}")
+    print(f"wrote {root / 'compare.md'}, {root / 'compare.png'}, {root / 'compare.json'}")
+    return 0
+
+
+def compare_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table: method, rank, trainable params (adapter + head), ratio vs LoRA r=8, accuracy, wall time."""
+    header = ("| method | rank | adapter params | head params | vs LoRA r=8 (adapter) | accuracy | wall time |\n"
+              "|---|---:|---:|---:|---:|---:|---:|")
+    lines = [header]
+    for r in rows:
+        rank = "" if r["rank"] is None else str(r["rank"])
+        lines.append(
+            f"| {method_label(r)} | {rank} | {r['adapter_params']:,} | {r['head_params']:,} | "
+            f"{_ratio(r['adapter_params'], r['lora_r8_params'])} | {r['accuracy']:.2%} | "
+            f"{_fmt_time(r['wall_time_s'])} |"
+        )
+    return "\n".join(lines)
+
+
+def write_compare(rows: Sequence[dict[str, Any]], root: Path, command: str, total_s: float) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    first = rows[0]
+    what = "held-out reward accuracy" if first["job"] == "dpo" else "held-out accuracy"
+    text = (
+        f"# lorta compare: {first['model']} · {first['task']} · {first['data']}\n\n"
+        f"`{command}`  \n{first['steps']} steps x {first['batch_size'] * first['grad_accum']} per method, "
+        f"seed {first['seed']}, {first['n_train']:,} train / {first['n_test']:,} test examples; accuracy = {what}; "
+        f"LoRA r=8 on q,k,v,o = {first['lora_r8_params']:,} parameters; total {_fmt_time(total_s)}.\n\n"
+        f"{compare_table(rows)}\n"
+    )
+    (root / "compare.md").write_text(text, encoding="utf-8")
+    (root / "compare.json").write_text(json.dumps({"command": command, "rows": list(rows)}, indent=2) + "\n",
+                                       encoding="utf-8")
+    plot_compare(rows, root / "compare.png", what)
+
+
+def plot_compare(rows: Sequence[dict[str, Any]], path: Path, ylabel: str) -> None:
+    """Accuracy against trainable parameters (adapter + head, log x), one series per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for method in dict.fromkeys(method_label(r) for r in rows):
+        pts = sorted((r["trainable_params"], r["accuracy"], r["rank"]) for r in rows if method_label(r) == method)
+        xs, ys, ranks = zip(*pts, strict=True)
+        ax.plot(xs, ys, marker="o", label=method)
+        for x, y, rank in pts:
+            if rank is not None:
+                ax.annotate(f"r={rank}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (adapter + head, log scale)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{rows[0]['model']} · {rows[0]['task']} · {rows[0]['steps']} steps", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

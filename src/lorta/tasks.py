@@ -1,0 +1,811 @@
+"""The fine-tuning jobs behind ``lorta train`` and ``lorta compare``: data, model, Trainer, evaluation, outputs.
+
+Three jobs, picked from the model and ``--task``:
+
+- ``classify`` (an encoder such as MiniLM, ``--task sentiment``): a sequence classifier with a fresh head; the
+  adapter and the head are trained with cross-entropy; accuracy is the argmax on the held-out split.
+- ``prompt`` (a causal LM such as SmolLM2, ``--task sentiment``): the prompt asks for the sentiment and the
+  loss is on the answer tokens only; accuracy compares the log-likelihoods of the label words
+  (" positive" vs " negative") given the prompt.
+- ``dpo`` (a causal LM, ``--task dpo``): TRL's DPOTrainer on preference pairs; the reference model is the base
+  model (TRL's reference for a PeftModel passed with ``ref_model=None``); reports held-out reward accuracy.
+
+Every job uses a ``transformers.Trainer`` (progress bar, checkpoints, gradient accumulation, torchrun) with a
+seeded, precomputed data order, so the same command gives the same metrics and a resumed run the same factors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import DataError, TextDataset, TextSplit, load_rotten_tomatoes, load_table, make_preference_pairs
+from .models import PACKAGED_MODELS, load_for_causal_lm, load_for_classification, resolve_model
+
+__all__ = [
+    "ADAPTER_METHODS",
+    "JOBS",
+    "METHODS",
+    "TASKS",
+    "TrainOptions",
+    "UsageError",
+    "count_parameters",
+    "job_kind",
+    "lora_reference_parameters",
+    "resolve_options",
+    "run_job",
+]
+
+METHODS = ("lorta", "lora", "tenslora", "tlora", "full", "head-only")
+ADAPTER_METHODS = ("lorta", "lora", "tenslora", "tlora")
+TASKS = ("sentiment", "dpo")
+JOBS = ("classify", "prompt", "dpo")
+HEAD_MODULES = ("classifier", "score")  # what PEFT's SEQ_CLS task puts in modules_to_save
+REFERENCE_LORA_RANK = 8
+PROMPT = "Review: {text}\nIs this review positive or negative?\nAnswer:"
+
+Echo = Callable[[str], None]
+
+
+class UsageError(ValueError):
+    """A combination of options that cannot run; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Per-method defaults: rank, alpha (scale = alpha / rank), adapter learning rate, head learning rate."""
+
+    rank: int | None
+    alpha: float | None
+    lr: float
+    head_lr: float
+
+
+# Swept on the default job (MiniLM, Rotten Tomatoes, 400 steps x 32; 100+ runs, see the module docstring of
+# lorta.commands.train). LoRTA with q, k, v and o sharing one tensor (heads mode) collapses to the majority class
+# early in training at lr >= 2e-3 (its q and k updates share A and B, so their product adds the same attention
+# pattern to every head); 1e-3 is the largest lr that never did. The head learns faster at 1e-2.
+CLASSIFY_RECIPES: dict[str, Recipe] = {
+    "lorta": Recipe(16, 16.0, 1e-3, 1e-2),
+    "lora": Recipe(8, 16.0, 1e-3, 2e-3),
+    "tenslora": Recipe(8, 16.0, 2e-3, 1e-2),
+    "tlora": Recipe(16, 16.0, 1e-2, 2e-3),
+    "full": Recipe(None, None, 1e-4, 2e-3),
+    "head-only": Recipe(None, None, 1e-2, 1e-2),
+}
+LM_RECIPES: dict[str, Recipe] = {
+    "lorta": Recipe(16, 16.0, 1e-3, 0.0),
+    "lora": Recipe(8, 16.0, 5e-4, 0.0),
+    "tenslora": Recipe(8, 16.0, 1e-3, 0.0),
+    "tlora": Recipe(16, 16.0, 2e-3, 0.0),
+    "full": Recipe(None, None, 1e-5, 0.0),
+}
+DEFAULT_MODES = ("heads", "layers", "matrices")
+
+
+@dataclass(frozen=True)
+class JobDefaults:
+    steps: int
+    batch_size: int
+    max_train: int | None
+    max_test: int | None
+    max_length: int
+
+
+JOB_DEFAULTS: dict[str, JobDefaults] = {
+    "classify": JobDefaults(steps=400, batch_size=32, max_train=None, max_test=None, max_length=64),
+    "prompt": JobDefaults(steps=60, batch_size=8, max_train=480, max_test=200, max_length=96),
+    "dpo": JobDefaults(steps=40, batch_size=4, max_train=320, max_test=64, max_length=128),
+}
+
+
+@dataclass
+class TrainOptions:
+    """Everything ``lorta train`` takes; ``None`` means the job's or the method's default."""
+
+    method: str = "lorta"
+    model: str | None = None
+    task: str = "sentiment"
+    data: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    rank: int | None = None
+    alpha: float | None = None
+    lr: float | None = None
+    head_lr: float | None = None
+    dropout: float = 0.0
+    steps: int | None = None
+    batch_size: int | None = None
+    grad_accum: int = 1
+    max_train: int | None = None
+    max_test: int | None = None
+    max_length: int | None = None
+    seed: int = 0
+    out: str | None = None
+    resume: bool = False
+    save_steps: int | None = None
+    construction: str = "att_qkv_depth"
+    decomposition: str = "tucker"
+    beta: float = 0.1
+    modes: tuple[str, ...] = DEFAULT_MODES
+    quiet: bool = False
+
+
+# --------------------------------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_causal_lm(path: Path) -> bool:
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    names = config.get("architectures") or []
+    return any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names)
+
+
+def job_kind(options: TrainOptions, model_path: Path) -> str:
+    """classify, prompt or dpo, from the task and whether the model is a causal LM."""
+    causal = _is_causal_lm(model_path)
+    if options.task == "dpo":
+        if not causal:
+            raise UsageError(f"--task dpo needs a causal language model (e.g. --model smollm2); {options.model} is not")
+        return "dpo"
+    return "prompt" if causal else "classify"
+
+
+def model_label(name: str) -> str:
+    """A short name for output folders: the catalogue name, or the file/folder name of a path."""
+    if name.lower() in PACKAGED_MODELS:
+        return name.lower()
+    return Path(name).expanduser().resolve().stem or "model"
+
+
+def resolve_options(options: TrainOptions) -> tuple[TrainOptions, str, Path]:
+    """Fill every default; return (options, job kind, local model folder)."""
+    if options.method not in METHODS:
+        raise UsageError(f"unknown method {options.method!r}; choose one of {', '.join(METHODS)}")
+    if options.task not in TASKS:
+        raise UsageError(f"unknown task {options.task!r}; choose one of {', '.join(TASKS)}")
+    model = options.model or ("smollm2" if options.task == "dpo" else "minilm")
+    path = resolve_model(model)
+    options = dataclasses.replace(options, model=model)
+    kind = job_kind(options, path)
+    recipes = CLASSIFY_RECIPES if kind == "classify" else LM_RECIPES
+    if options.method not in recipes:
+        raise UsageError(
+            f"--method {options.method} needs a classification head, which the {kind} job on a causal LM does not "
+            f"have; choose one of {', '.join(recipes)}"
+        )
+    if kind == "dpo" and options.method == "full":
+        raise UsageError("--task dpo trains adapters (the reference model is the base model with the adapter off); "
+                         f"choose one of {', '.join(ADAPTER_METHODS)}")
+    unknown = sorted(set(options.modes) - set(DEFAULT_MODES))
+    if unknown:
+        raise UsageError(f"unknown LoRTA mode(s) {unknown}; --modes takes a subset of {','.join(DEFAULT_MODES)}")
+    filled = _with_defaults(options, recipes[options.method], JOB_DEFAULTS[kind])
+    _check_numbers(filled)
+    if filled.out is None:
+        rank = f"-r{filled.rank}" if filled.rank is not None else ""
+        modes = f"-{'+'.join(filled.modes) or 'nomodes'}" if _custom_modes(filled) else ""
+        name = f"{filled.method}{modes}-{model_label(model)}-{filled.task}{rank}-seed{filled.seed}"
+        filled = dataclasses.replace(filled, out=str(Path("runs") / name))
+    return filled, kind, path
+
+
+def _with_defaults(o: TrainOptions, recipe: Recipe, job: JobDefaults) -> TrainOptions:
+    """Options with every None replaced by the method's recipe or the job's default."""
+
+    def pick(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
+    adapter = o.method in ADAPTER_METHODS
+    return dataclasses.replace(
+        o,
+        rank=pick(o.rank, recipe.rank) if adapter else None,
+        alpha=pick(o.alpha, recipe.alpha) if adapter else None,
+        lr=pick(o.lr, recipe.lr),
+        head_lr=pick(o.head_lr, recipe.head_lr),
+        steps=pick(o.steps, job.steps),
+        batch_size=pick(o.batch_size, job.batch_size),
+        max_train=pick(o.max_train, job.max_train),
+        max_test=pick(o.max_test, job.max_test),
+        max_length=pick(o.max_length, job.max_length),
+        modes=tuple(m for m in DEFAULT_MODES if m in o.modes),
+    )
+
+
+def _custom_modes(o: TrainOptions) -> bool:
+    return o.method == "lorta" and tuple(o.modes) != DEFAULT_MODES
+
+
+def _check_numbers(o: TrainOptions) -> None:
+    checks = [
+        ("--steps", o.steps, 1), ("--batch-size", o.batch_size, 1), ("--grad-accum", o.grad_accum, 1),
+        ("--max-length", o.max_length, 8), ("--rank", o.rank, 1), ("--save-steps", o.save_steps, 1),
+        ("--max-train", o.max_train, 1), ("--max-test", o.max_test, 1),
+    ]
+    for flag, value, low in checks:
+        if value is not None and value < low:
+            raise UsageError(f"{flag} must be >= {low}, got {value}")
+    if not 0.0 <= o.dropout < 1.0:
+        raise UsageError(f"--dropout must be in [0, 1), got {o.dropout}")
+    for flag, value in (("--lr", o.lr), ("--head-lr", o.head_lr), ("--alpha", o.alpha)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"{flag} must be a non-negative number, got {value}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+
+def load_data(o: TrainOptions, subset: bool = True) -> TextDataset:
+    """Rotten Tomatoes (default) or the user's CSV/JSONL table, split by group; with ``subset``, --max-train and
+    --max-test take seeded class-balanced subsets (DPO applies them to the pairs instead)."""
+    limits = {"max_train": o.max_train, "max_test": o.max_test} if subset else {}
+    if o.data is None:
+        return load_rotten_tomatoes(seed=o.seed, **limits)
+    return load_table(o.data, text_column=o.text_column, label_column=o.label_column, seed=o.seed, **limits)
+
+
+def describe_data(o: TrainOptions) -> str:
+    return "Rotten Tomatoes snippets (fresh/rotten)" if o.data is None else str(o.data)
+
+
+def grouped_order(lengths: Sequence[int], batch_size: int, total: int, seed: int) -> list[int]:
+    """A seeded order of ``total`` example indices (epochs concatenated) whose consecutive ``batch_size`` blocks
+    hold examples of similar length, so dynamic padding wastes little; batch order is shuffled.
+
+    Each epoch is a seeded permutation cut into chunks of 64 batches, each chunk sorted by length, cut into
+    batches, and the batches shuffled. Fixed here (not drawn by the Trainer) so runs and resumed runs agree.
+    """
+    order: list[int] = []
+    epoch = 0
+    while len(order) < total:
+        rng = random.Random(f"lorta-order:{seed}:{epoch}")
+        perm = list(range(len(lengths)))
+        rng.shuffle(perm)
+        chunk = 64 * batch_size
+        batches = []
+        for start in range(0, len(perm), chunk):
+            part = sorted(perm[start:start + chunk], key=lambda i: lengths[i])
+            batches.extend(part[i:i + batch_size] for i in range(0, len(part), batch_size))
+        rng.shuffle(batches)
+        order.extend(i for b in batches for i in b)
+        epoch += 1
+    return order[:total]
+
+
+class ListDataset(torch.utils.data.Dataset):
+    """Feature dicts in a fixed order (``indices`` into ``features``)."""
+
+    def __init__(self, features: Sequence[dict[str, Any]], indices: Sequence[int] | None = None) -> None:
+        self.features = features
+        self.indices = list(range(len(features))) if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.features[self.indices[i]]
+
+
+def ordered_train_set(features: Sequence[dict[str, Any]], o: TrainOptions) -> ListDataset:
+    """Exactly steps × batch × grad-accum × world-size examples, in the seeded length-grouped order."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = o.batch_size * o.grad_accum * world
+    lengths = [len(f["input_ids"]) for f in features]
+    return ListDataset(features, grouped_order(lengths, o.batch_size * world, o.steps * per_step, o.seed))
+
+
+# --------------------------------------------------------------------------------------------------
+# Models and adapters
+# --------------------------------------------------------------------------------------------------
+
+
+def default_targets(model_type: str) -> list[str] | None:
+    """LoRTA's default targets for a model type (q, k, v, o), reused for LoRA so both adapt the same matrices."""
+    from .layout import DEFAULT_TARGETS
+
+    return DEFAULT_TARGETS.get(model_type)
+
+
+def peft_config(o: TrainOptions, task_type: str, model_type: str) -> Any:
+    """The PEFT config of an adapter method."""
+    import peft
+
+    import lorta
+
+    common: dict[str, Any] = {"lora_alpha": o.alpha, "lora_dropout": o.dropout, "task_type": task_type}
+    if o.method == "lorta":
+        return lorta.LortaConfig(r=o.rank, modes=list(o.modes), **common)
+    if o.method == "tlora":
+        return lorta.TLoraConfig(r=o.rank, projection_seed=o.seed, **common)
+    if o.method == "tenslora":
+        return lorta.TensLoraConfig(
+            construction=o.construction, decomposition=o.decomposition, ranks=o.rank, **common
+        )
+    return peft.LoraConfig(r=o.rank, target_modules=default_targets(model_type), **common)
+
+
+def is_head(name: str) -> bool:
+    return any(part in HEAD_MODULES for part in name.split("."))
+
+
+def prepare_model(model: nn.Module, o: TrainOptions, task_type: str) -> nn.Module:
+    """Wrap an adapter method with PEFT, or set requires_grad for full / head-only training."""
+    if o.method in ADAPTER_METHODS:
+        import peft
+
+        import lorta  # noqa: F401  (registers the lorta methods with PEFT)
+
+        return peft.get_peft_model(model, peft_config(o, task_type, model.config.model_type))
+    for name, param in model.named_parameters():
+        param.requires_grad_(o.method == "full" or is_head(name))
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(adapter, head) trainable parameters; each shared tensor counted once. Full training counts every weight
+    outside the head as 'adapter'."""
+    adapter = head = 0
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            if is_head(name):
+                head += param.numel()
+            else:
+                adapter += param.numel()
+    return adapter, head
+
+
+def lora_reference_parameters(model_path: Path, rank: int = REFERENCE_LORA_RANK) -> int:
+    """Trainable parameters of PEFT LoRA at ``rank`` on LoRTA's default targets (q, k, v, o), counted exactly on a
+    meta-device copy of the model (no weights are read)."""
+    import peft
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(model_path, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModel.from_config(config)
+    targets = default_targets(config.model_type)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=rank, target_modules=targets))
+    return sum(p.numel() for n, p in wrapped.named_parameters() if p.requires_grad and "lora_" in n)
+
+
+def save_trained(model: nn.Module, tokenizer: Any, out: Path, o: TrainOptions) -> Path:
+    """Adapters: ``out/adapter`` (for PeftModel.from_pretrained); full: ``out/model``; head-only:
+    ``out/head.safetensors``."""
+    if o.method in ADAPTER_METHODS:
+        path = out / "adapter"
+        model.save_pretrained(path, selected_adapters=["default"])
+        return path
+    if o.method == "full":
+        path = out / "model"
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        return path
+    from safetensors.torch import save_file
+
+    path = out / "head.safetensors"
+    save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}, str(path))
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Trainer plumbing
+# --------------------------------------------------------------------------------------------------
+
+
+def _trainer_classes() -> tuple[type, type]:
+    """A Trainer with a separate head learning rate, and a compact progress callback (imported lazily)."""
+    from transformers import Trainer
+    from transformers.trainer_callback import ProgressCallback
+
+    class HeadLrTrainer(Trainer):
+        """AdamW with two groups: the adapter (args.learning_rate) and the classification head (head_lr)."""
+
+        head_lr: float | None = None
+
+        def _lr_of(self, name: str) -> float:
+            if is_head(name) and self.head_lr is not None:
+                return self.head_lr
+            return self.args.learning_rate
+
+        def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+            if self.optimizer is None:
+                opt_model = self.model if model is None else model
+                optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+                groups: dict[float, list[nn.Parameter]] = {self.args.learning_rate: []}  # logged lr = adapter's
+                for name, param in opt_model.named_parameters():
+                    if param.requires_grad:
+                        groups.setdefault(self._lr_of(name), []).append(param)
+                groups = {lr: ps for lr, ps in groups.items() if ps}
+                decay = self.args.weight_decay
+                param_groups = [{"params": ps, "lr": lr, "weight_decay": decay} for lr, ps in groups.items()]
+                self.optimizer = optimizer_cls(param_groups, **kwargs)
+            return self.optimizer
+
+    class CompactProgress(ProgressCallback):
+        """The Trainer's progress bar, with one short line per logging step instead of a dict."""
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+            if not (state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs):
+                return
+            line = f"step {state.global_step:>5}/{state.max_steps}  loss {logs['loss']:.4f}"
+            if "rewards/accuracies" in logs:
+                line += f"  reward acc {logs['rewards/accuracies']:.2f}"
+            if "learning_rate" in logs:
+                line += f"  lr {logs['learning_rate']:.2e}"
+            self.training_bar.write(line)
+
+    return HeadLrTrainer, CompactProgress
+
+
+def training_arguments(o: TrainOptions, output_dir: Path, cls: type | None = None, **extra: Any) -> Any:
+    """TrainingArguments shared by all jobs: CPU unless CUDA, no reporting, seeded, linear schedule, checkpoints."""
+    from transformers import TrainingArguments
+
+    cls = cls or TrainingArguments
+    save_steps = o.save_steps or min(100, o.steps)
+    return cls(
+        output_dir=str(output_dir),
+        max_steps=o.steps,
+        per_device_train_batch_size=o.batch_size,
+        per_device_eval_batch_size=o.batch_size * 2,
+        gradient_accumulation_steps=o.grad_accum,
+        learning_rate=o.lr,
+        weight_decay=0.0,
+        lr_scheduler_type="linear",
+        warmup_steps=0.06,
+        logging_steps=max(1, o.steps // 20),
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=2,
+        seed=o.seed,
+        data_seed=o.seed,
+        use_cpu=not torch.cuda.is_available(),
+        report_to=[],
+        disable_tqdm=o.quiet,
+        dataloader_num_workers=0,
+        **extra,
+    )
+
+
+def install_progress(trainer: Any, quiet: bool) -> None:
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    _, compact = _trainer_classes()
+    trainer.pop_callback(ProgressCallback)
+    trainer.pop_callback(PrinterCallback)
+    if not quiet:
+        trainer.add_callback(compact)
+
+
+def checkpoint_to_resume(o: TrainOptions, ckpt_dir: Path, echo: Echo) -> str | None:
+    """The last checkpoint when --resume (None, with a note, when there is none); without --resume, old checkpoints
+    of this output folder are removed so they cannot mix with the new run's."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not o.resume:
+        if ckpt_dir.exists():
+            shutil.rmtree(ckpt_dir)
+        return None
+    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    if last is None:
+        echo(f"--resume: no checkpoint in {ckpt_dir}; starting from scratch")
+    else:
+        echo(f"resuming from {last}")
+    return last
+
+
+def loss_curve(trainer: Any) -> list[list[float]]:
+    return [[entry["step"], entry["loss"]] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def plot_loss(curve: Sequence[Sequence[float]], path: Path, title: str) -> None:
+    """A PNG of the training loss against the step (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    if curve:
+        steps, losses = zip(*curve, strict=True)
+        ax.plot(steps, losses, marker="o", markersize=3, linewidth=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Jobs
+# --------------------------------------------------------------------------------------------------
+
+
+def _classify_features(tokenizer: Any, split: TextSplit, max_length: int) -> list[dict[str, Any]]:
+    enc = tokenizer(split.texts, truncation=True, max_length=max_length)
+    keys = list(enc.keys())
+    return [{**{k: enc[k][i] for k in keys}, "labels": split.labels[i]} for i in range(len(split))]
+
+
+@torch.no_grad()
+def evaluate_classifier(
+    model: nn.Module, tokenizer: Any, split: TextSplit, max_length: int, batch_size: int = 128, quiet: bool = False
+) -> dict[str, float]:
+    """Accuracy and mean cross-entropy on a split (examples sorted by length, so batches need little padding)."""
+    from tqdm.auto import tqdm
+    from transformers import DataCollatorWithPadding
+
+    model.eval()
+    device = next(model.parameters()).device
+    features = _classify_features(tokenizer, split, max_length)
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    collate = DataCollatorWithPadding(tokenizer)
+    correct, loss = 0, 0.0
+    for start in tqdm(range(0, len(order), batch_size), desc="evaluating", disable=quiet, leave=False):
+        batch = collate([features[i] for i in order[start:start + batch_size]])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        correct += int((logits.argmax(-1) == labels).sum())
+    n = max(1, len(features))
+    return {"accuracy": correct / n, "eval_loss": loss / n}
+
+
+def _answer_ids(tokenizer: Any, label_names: Sequence[str]) -> list[list[int]]:
+    ids = [tokenizer(" " + name, add_special_tokens=False)["input_ids"] for name in label_names]
+    if len({tuple(i) for i in ids}) != len(ids) or any(not i for i in ids):
+        raise DataError(f"label names {list(label_names)} do not tokenize to distinct answers for the prompt task")
+    return ids
+
+
+def _prompt_ids(tokenizer: Any, text: str, max_text_tokens: int) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) > max_text_tokens:
+        text = tokenizer.decode(ids[:max_text_tokens])
+    return tokenizer(PROMPT.format(text=text))["input_ids"]
+
+
+def _prompt_features(
+    tokenizer: Any, split: TextSplit, answers: list[list[int]], max_length: int
+) -> list[dict[str, Any]]:
+    """Prompt + answer tokens; labels are -100 on the prompt so the loss is on the answer only."""
+    max_text = max(8, max_length - 24 - max(len(a) for a in answers))
+    feats = []
+    for text, label in zip(split.texts, split.labels, strict=True):
+        prompt = _prompt_ids(tokenizer, text, max_text)
+        answer = answers[label]
+        feats.append({
+            "input_ids": prompt + answer,
+            "attention_mask": [1] * (len(prompt) + len(answer)),
+            "labels": [-100] * len(prompt) + answer,
+            "prompt_len": len(prompt),
+        })
+    return feats
+
+
+def _pad_right(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Collate causal-LM features: right padding; labels padded with -100."""
+    width = max(len(f["input_ids"]) for f in features)
+    out: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
+    for f in features:
+        gap = width - len(f["input_ids"])
+        out["input_ids"].append(f["input_ids"] + [pad_id] * gap)
+        out["attention_mask"].append(f["attention_mask"] + [0] * gap)
+        out["labels"].append(f["labels"] + [-100] * gap)
+    return {k: torch.tensor(v) for k, v in out.items()}
+
+
+@torch.no_grad()
+def score_answers(
+    model: nn.Module, prompts: Sequence[list[int]], answers: Sequence[list[int]], pad_id: int,
+    batch_size: int = 16, quiet: bool = False,
+) -> torch.Tensor:
+    """Log-probability of each answer given each prompt: a tensor (len(prompts), len(answers)).
+
+    Sequences are left-padded (with explicit position ids) so every answer ends at the last position and only
+    the last few positions' logits are computed. Single-token answers need one forward pass per prompt.
+    """
+    from tqdm.auto import tqdm
+
+    model.eval()
+    device = next(model.parameters()).device
+    single = all(len(a) == 1 for a in answers)
+    items = [(p, None) for p in prompts] if single else [(p + a, a) for p in prompts for a in answers]
+    order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
+    scores = torch.empty(len(items), len(answers) if single else 1)
+    for start in tqdm(range(0, len(order), batch_size), desc="evaluating", disable=quiet, leave=False):
+        idx = order[start:start + batch_size]
+        width = max(len(items[i][0]) for i in idx)
+        ids = torch.tensor([[pad_id] * (width - len(items[i][0])) + items[i][0] for i in idx], device=device)
+        mask = torch.tensor([[0] * (width - len(items[i][0])) + [1] * len(items[i][0]) for i in idx], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        keep = 1 if single else 1 + max(len(items[i][1]) for i in idx)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        for row, i in enumerate(idx):
+            if single:
+                scores[i] = logp[row, -1, [a[0] for a in answers]].cpu()
+            else:
+                ans = items[i][1]
+                picked = logp[row, keep - 1 - len(ans):keep - 1].gather(-1, torch.tensor(ans, device=device)[:, None])
+                scores[i, 0] = picked.sum().cpu()
+    return scores if single else scores.view(len(prompts), len(answers))
+
+
+def evaluate_prompt(
+    model: nn.Module, tokenizer: Any, split: TextSplit, answers: list[list[int]], max_length: int, quiet: bool
+) -> dict[str, float]:
+    """Accuracy of the most likely label word, and the mean negative log-likelihood of the true answer."""
+    feats = _prompt_features(tokenizer, split, answers, max_length)
+    prompts = [f["input_ids"][: f["prompt_len"]] for f in feats]
+    scores = score_answers(model, prompts, answers, tokenizer.pad_token_id, quiet=quiet)
+    labels = torch.tensor(split.labels)
+    accuracy = (scores.argmax(-1) == labels).float().mean().item()
+    nll = -scores.gather(-1, labels[:, None]).mean().item()
+    return {"accuracy": accuracy, "eval_loss": nll}
+
+
+def _train(trainer: Any, o: TrainOptions, ckpt_dir: Path, echo: Echo) -> float:
+    """Run the Trainer (resuming if asked); return the training wall time in seconds."""
+    install_progress(trainer, o.quiet)
+    resume = checkpoint_to_resume(o, ckpt_dir, echo)
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    return time.perf_counter() - start
+
+
+def _classify(o: TrainOptions, path: Path, ds: TextDataset, echo: Echo) -> dict[str, Any]:
+    from transformers import DataCollatorWithPadding
+
+    trainer_cls, _ = _trainer_classes()
+    model, tokenizer = load_for_classification(path, ds.num_labels, label_names=ds.label_names)
+    model = prepare_model(model, o, "SEQ_CLS")
+    train = ordered_train_set(_classify_features(tokenizer, ds.train, o.max_length), o)
+    ckpt = Path(o.out) / "checkpoints"
+    args = training_arguments(o, ckpt, train_sampling_strategy="sequential")
+    trainer = trainer_cls(
+        model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
+    )
+    trainer.head_lr = o.head_lr
+    train_s = _train(trainer, o, ckpt, echo)
+    start = time.perf_counter()
+    result = evaluate_classifier(model, tokenizer, ds.test, o.max_length, quiet=o.quiet)
+    result.update(train_time_s=train_s, eval_time_s=time.perf_counter() - start)
+    return {**result, "trainer": trainer, "model": model, "tokenizer": tokenizer}
+
+
+def _prompt(o: TrainOptions, path: Path, ds: TextDataset, echo: Echo) -> dict[str, Any]:
+    trainer_cls, _ = _trainer_classes()
+    model, tokenizer = load_for_causal_lm(path)
+    answers = _answer_ids(tokenizer, ds.label_names)
+    model = prepare_model(model, o, "CAUSAL_LM")
+    train = ordered_train_set(_prompt_features(tokenizer, ds.train, answers, o.max_length), o)
+    ckpt = Path(o.out) / "checkpoints"
+    args = training_arguments(o, ckpt, train_sampling_strategy="sequential", remove_unused_columns=False)
+    pad_id = tokenizer.pad_token_id
+    trainer = trainer_cls(
+        model=model, args=args, train_dataset=train, data_collator=lambda f: _pad_right(f, pad_id),
+        processing_class=tokenizer,
+    )
+    train_s = _train(trainer, o, ckpt, echo)
+    start = time.perf_counter()
+    result = evaluate_prompt(model, tokenizer, ds.test, answers, o.max_length, o.quiet)
+    result.update(train_time_s=train_s, eval_time_s=time.perf_counter() - start, label_words=[
+        tokenizer.decode(a) for a in answers])
+    return {**result, "trainer": trainer, "model": model, "tokenizer": tokenizer}
+
+
+def _dpo(o: TrainOptions, path: Path, ds: TextDataset, echo: Echo) -> dict[str, Any]:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    train_pairs = make_preference_pairs(ds, "train", seed=o.seed, max_pairs=o.max_train)
+    test_pairs = make_preference_pairs(ds, "test", seed=o.seed, max_pairs=o.max_test)
+    model, tokenizer = load_for_causal_lm(path)
+    model = prepare_model(model, o, "CAUSAL_LM")
+    ckpt = Path(o.out) / "checkpoints"
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()  # TRL's default bf16 crawls on most CPUs
+    args = training_arguments(
+        o, ckpt, cls=DPOConfig, beta=o.beta, max_length=o.max_length, bf16=bf16, gradient_checkpointing=False
+    )
+    trainer = DPOTrainer(
+        model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(train_pairs),
+        eval_dataset=Dataset.from_list(test_pairs), processing_class=tokenizer,
+    )
+    train_s = _train(trainer, o, ckpt, echo)
+    start = time.perf_counter()
+    metrics = trainer.evaluate()
+    return {
+        "accuracy": metrics["eval_rewards/accuracies"],
+        "eval_loss": metrics["eval_loss"],
+        "reward_margin": metrics.get("eval_rewards/margins"),
+        "train_pairs": len(train_pairs),
+        "test_pairs": len(test_pairs),
+        "train_time_s": train_s,
+        "eval_time_s": time.perf_counter() - start,
+        "trainer": trainer, "model": model, "tokenizer": tokenizer,
+    }
+
+
+JOB_RUNNERS: dict[str, Callable[[TrainOptions, Path, TextDataset, Echo], dict[str, Any]]] = {
+    "classify": _classify, "prompt": _prompt, "dpo": _dpo,
+}
+
+
+def run_job(options: TrainOptions, echo: Echo = print, started: float | None = None) -> dict[str, Any]:
+    """Train, evaluate and write the outputs of one run; return its metrics (also in ``<out>/metrics.json``).
+
+    ``started`` (a ``time.time()`` stamp, e.g. the process start) is where the reported wall time begins; default:
+    now."""
+    from transformers import set_seed
+
+    start = time.time() if started is None else started
+    o, kind, path = resolve_options(options)
+    set_seed(o.seed)
+    ds = load_data(o, subset=kind != "dpo")
+    out = Path(o.out)
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(o.seed)
+    run = JOB_RUNNERS[kind](o, path, ds, echo)
+    trainer, model = run.pop("trainer"), run.pop("model")
+    tokenizer = run.pop("tokenizer")
+    adapter, head = count_parameters(model)
+    if kind == "dpo":  # TRL adds a frozen "ref" copy of the adapter; count and save the trained one only
+        adapter = _adapter_only(model)
+    curve = loss_curve(trainer)
+    metrics: dict[str, Any] = {
+        "method": o.method, "model": o.model, "task": o.task, "job": kind, "data": describe_data(o),
+        "rank": o.rank, "seed": o.seed, "steps": o.steps, "batch_size": o.batch_size, "grad_accum": o.grad_accum,
+        "lr": o.lr, "head_lr": o.head_lr if kind == "classify" else None, "alpha": o.alpha,
+        "adapter_params": adapter, "head_params": head, "trainable_params": adapter + head,
+        "lora_r8_params": lora_reference_parameters(path),
+        "n_train": len(ds.train), "n_test": len(ds.test), "label_names": ds.label_names,
+        "majority_baseline": max(ds.test.label_counts(ds.num_labels)) / max(1, len(ds.test)),
+        **{k: v for k, v in run.items()},
+        "train_loss": curve[-1][1] if curve else None, "loss_curve": curve,
+    }
+    if o.method == "tenslora":
+        metrics.update(construction=o.construction, decomposition=o.decomposition)
+    if o.method == "lorta":
+        metrics.update(modes=list(o.modes))
+    if trainer.is_world_process_zero():
+        metrics["saved"] = str(save_trained(model, tokenizer, out, o))
+        plot_loss(curve, out / "loss.png", f"{o.method} r={o.rank} · {o.model} · {o.task} · acc {run['accuracy']:.3f}")
+        metrics["wall_time_s"] = time.time() - start
+        metrics["out"] = str(out)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    else:
+        metrics["wall_time_s"] = time.time() - start
+    return metrics
+
+
+def _adapter_only(model: nn.Module) -> int:
+    """Trainable parameters of the 'default' adapter of a PeftModel (excluding TRL's frozen reference copy)."""
+    tuner = getattr(model, "base_model", None)
+    if hasattr(tuner, "num_adapter_parameters"):
+        return int(tuner.num_adapter_parameters("default"))
+    return sum(p.numel() for n, p in model.named_parameters() if ".default." in n and p.requires_grad)
+
+
+def stderr(message: str) -> None:
+    print(message, file=sys.stderr)

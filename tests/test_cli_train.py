@@ -1,0 +1,393 @@
+"""``lorta train`` / ``lorta compare`` end to end, with tiny settings (a few steps on small subsets of the data).
+
+The real jobs (the default 400-step run, SmolLM2 prompt classification and DPO) are marked slow.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lorta import cli
+
+TINY = ["--max-train", "48", "--max-test", "32", "--steps", "3", "--batch-size", "8", "--max-length", "32", "--quiet"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+LORA_R8_MINILM = 6 * 4 * 8 * (384 + 384)  # layers x (q, k, v, o) x r x (d_in + d_out) = 147,456
+LORTA_R16_MINILM = (384 + 32 + 12 + 6 + 4) * 16  # (d + d_h + H + L + M) * r = 7,008
+HEAD_MINILM = 384 * 2 + 2
+
+
+@pytest.fixture(autouse=True)
+def _only_train_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process runs build the parser from this command only (other subcommands are tested elsewhere)."""
+    monkeypatch.setattr(cli, "COMMANDS", ("train",))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+def lorta(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run ``lorta ARGV`` in-process; return (exit code, stdout, stderr)."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:  # argparse errors
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def metrics_of(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One tiny default-method run shared by the output tests: (output folder, printed summary)."""
+    out = tmp_path_factory.mktemp("tiny") / "lorta"
+    mp = pytest.MonkeyPatch()
+    mp.setattr(cli, "COMMANDS", ("train",))
+    try:
+        from contextlib import redirect_stdout
+        from io import StringIO
+
+        buffer = StringIO()
+        with redirect_stdout(buffer):
+            assert cli.main(["train", *TINY, "--out", str(out)]) == 0
+    finally:
+        mp.undo()
+    return out, buffer.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------
+# The default method: outputs, summary, reproducibility, resumption
+# --------------------------------------------------------------------------------------------------
+
+
+def test_summary_reports_params_accuracy_time_and_paths(tiny_run: tuple[Path, str]) -> None:
+    out, printed = tiny_run
+    assert f"{LORTA_R16_MINILM:,} adapter + {HEAD_MINILM:,} head" in printed
+    assert f"LoRA r=8 on q,k,v,o: {LORA_R8_MINILM:,}" in printed and "21.0x fewer" in printed
+    assert "held-out accuracy" in printed and "wall time" in printed
+    for name in ("adapter", "metrics.json", "loss.png"):
+        assert str(out / name) in printed
+
+
+def test_outputs_metrics_png_and_loadable_adapter(tiny_run: tuple[Path, str]) -> None:
+    from peft import PeftModel
+
+    from lorta.data import load_rotten_tomatoes
+    from lorta.models import load_for_classification
+    from lorta.tasks import evaluate_classifier
+
+    out, _ = tiny_run
+    m = metrics_of(out)
+    for key in ("method", "model", "rank", "adapter_params", "head_params", "lora_r8_params", "accuracy",
+                "eval_loss", "train_loss", "loss_curve", "wall_time_s", "train_time_s", "n_train", "n_test", "saved"):
+        assert key in m, key
+    assert (m["method"], m["model"], m["task"], m["rank"]) == ("lorta", "minilm", "sentiment", 16)
+    assert (m["adapter_params"], m["head_params"], m["lora_r8_params"]) == (LORTA_R16_MINILM, HEAD_MINILM,
+                                                                             LORA_R8_MINILM)
+    assert (m["n_train"], m["n_test"], m["steps"]) == (48, 32, 3)
+    assert len(m["loss_curve"]) == 3 and 0.0 <= m["accuracy"] <= 1.0
+    png = (out / "loss.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 2000
+
+    # The saved adapter (factors + classification head) reproduces the reported accuracy.
+    ds = load_rotten_tomatoes(max_train=48, max_test=32)
+    base, tokenizer = load_for_classification("minilm", 2, label_names=ds.label_names)
+    model = PeftModel.from_pretrained(base, out / "adapter")
+    assert model.base_model.num_adapter_parameters() == LORTA_R16_MINILM
+    again = evaluate_classifier(model, tokenizer, ds.test, max_length=32, quiet=True)
+    assert again["accuracy"] == pytest.approx(m["accuracy"])
+    assert again["eval_loss"] == pytest.approx(m["eval_loss"], rel=1e-5)
+
+
+def test_same_command_twice_gives_same_metrics(
+    tiny_run: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, _ = tiny_run
+    code, _, err = lorta(["train", *TINY, "--out", str(tmp_path / "again")], capsys)
+    assert code == 0, err
+    a, b = metrics_of(first), metrics_of(tmp_path / "again")
+    for key in ("accuracy", "eval_loss", "train_loss", "loss_curve"):
+        assert a[key] == b[key], key
+
+
+def test_resume_reaches_the_same_factors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import load_file
+
+    args = ["train", *TINY, "--steps", "4", "--save-steps", "2"]
+    code, _, err = lorta([*args, "--out", str(tmp_path / "full")], capsys)
+    assert code == 0, err
+    # An "interrupted" copy: only the step-2 checkpoint survives.
+    checkpoint = Path("checkpoints") / "checkpoint-2"
+    shutil.copytree(tmp_path / "full" / checkpoint, tmp_path / "cut" / checkpoint)
+    code, out, err = lorta([*args, "--out", str(tmp_path / "cut"), "--resume"], capsys)
+    assert code == 0, err
+    assert "resuming from" in out
+    a = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "cut" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert bool((a[key] == b[key]).all()), key
+    assert metrics_of(tmp_path / "full")["accuracy"] == metrics_of(tmp_path / "cut")["accuracy"]
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = lorta(["train", *TINY, "--steps", "1", "--out", str(tmp_path / "r"), "--resume"], capsys)
+    assert code == 0, err
+    assert "no checkpoint" in out
+
+
+# --------------------------------------------------------------------------------------------------
+# Every method
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "extra", "adapter", "saved"),
+    [
+        ("lora", [], LORA_R8_MINILM, "adapter"),
+        ("tenslora", ["--rank", "4", "--decomposition", "cp", "--construction", "att_qkv_depth"],
+         4 * (384 + 32 + 12 + 3 + 6), "adapter"),
+        ("tenslora", ["--rank", "2"], 2 * (384 + 32 + 12 + 3 + 6) + 2**5, "adapter"),
+        ("tlora", ["--rank", "4"], 2 * 6 * (4 * 4 + 1), "adapter"),
+        ("full", [], None, "model"),
+        ("head-only", [], 0, "head.safetensors"),
+    ],
+)
+def test_every_method_runs(
+    method: str, extra: list[str], adapter: int | None, saved: str, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = ["train", "--method", method, *extra, *TINY, "--steps", "1", "--out", str(tmp_path / method)]
+    code, out, err = lorta(args, capsys)
+    assert code == 0, err
+    m = metrics_of(tmp_path / method)
+    assert m["method"] == method and m["head_params"] == HEAD_MINILM
+    if adapter is not None:
+        assert m["adapter_params"] == adapter
+    else:  # full: every weight outside the head
+        assert m["adapter_params"] > 20_000_000
+    assert Path(m["saved"]).name == saved and Path(m["saved"]).exists()
+    assert "held-out accuracy" in out
+
+
+def test_lorta_modes_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["train", "--modes", "layers,matrices", "--rank", "4", *TINY, "--steps", "1", "--out", str(tmp_path / "m")]
+    code, out, err = lorta(args, capsys)
+    assert code == 0, err
+    m = metrics_of(tmp_path / "m")
+    assert m["modes"] == ["layers", "matrices"]
+    assert m["adapter_params"] == (384 + 384 + 6 + 4) * 4  # no heads mode: the head side is one 384-wide factor
+    assert "lorta[layers+matrices] r=4" in out
+
+
+def test_data_order_is_seeded_grouped_and_exact() -> None:
+    from lorta.tasks import grouped_order
+
+    lengths = [(i * 37) % 50 + 1 for i in range(1000)]
+    order = grouped_order(lengths, batch_size=8, total=2500, seed=0)
+    assert order == grouped_order(lengths, batch_size=8, total=2500, seed=0)
+    assert order != grouped_order(lengths, batch_size=8, total=2500, seed=1)
+    assert len(order) == 2500 and sorted(order[:1000]) == list(range(1000))  # each epoch is a permutation
+    spread = [max(lengths[i] for i in order[k:k + 8]) - min(lengths[i] for i in order[k:k + 8])
+              for k in range(0, 1000, 8)]
+    assert sum(spread) / len(spread) < 3  # batches hold examples of similar length
+
+
+def test_lora_reference_count_is_exact() -> None:
+    from lorta.models import resolve_model
+    from lorta.tasks import lora_reference_parameters
+
+    assert lora_reference_parameters(resolve_model("minilm")) == LORA_R8_MINILM
+    assert lora_reference_parameters(resolve_model("minilm"), rank=4) == LORA_R8_MINILM // 2
+
+
+def test_default_output_folder_name(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, _, err = lorta(["train", *TINY, "--steps", "1", "--method", "lora"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "runs" / "lora-minilm-sentiment-r8-seed0" / "metrics.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# User data
+# --------------------------------------------------------------------------------------------------
+
+
+def _rows(n: int = 60) -> list[dict]:
+    good = ["a wonderful, moving film", "brilliant and funny", "a joy from start to finish", "superb acting"]
+    bad = ["a dull, lifeless mess", "tedious and far too long", "a waste of a fine cast", "painfully unfunny"]
+    return [
+        {"review": f"{(good if i % 2 else bad)[i % 4]} (take {i})", "stars": "pos" if i % 2 else "neg",
+         "group": f"film{i % 12}"}
+        for i in range(n)
+    ]
+
+
+def test_csv_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "reviews.csv"
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["review", "stars", "group"])
+        writer.writeheader()
+        writer.writerows(_rows())
+    args = ["train", "--data", str(path), "--text-column", "review", "--label-column", "stars", *TINY,
+            "--out", str(tmp_path / "o")]
+    code, out, err = lorta(args, capsys)
+    assert code == 0, err
+    m = metrics_of(tmp_path / "o")
+    assert m["label_names"] == ["neg", "pos"] and m["data"] == str(path)
+    assert m["n_train"] + m["n_test"] == 60
+
+
+def test_jsonl_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "reviews.jsonl"
+    path.write_text("".join(json.dumps({"text": r["review"], "label": int(r["stars"] == "pos"), "movie": r["group"]})
+                            + "\n" for r in _rows()), encoding="utf-8")
+    code, _, err = lorta(["train", "--data", str(path), *TINY, "--out", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    assert metrics_of(tmp_path / "o")["label_names"] == ["0", "1"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors: a message and exit code 2, never a traceback
+# --------------------------------------------------------------------------------------------------
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: d / "missing.csv", "Data file not found"),
+        (lambda d: _write(d / "cols.csv", "sentence,label\nnice,1\nbad,0\n"), "lacks required column"),
+        (lambda d: _write(d / "empty.csv", "text,label\n"), "holds no examples"),
+        (lambda d: _write(d / "bad.jsonl", '{"text": "fine", "label": 1}\n{"text": "meh", "label": -3}\n'),
+         "labels outside the expected set"),
+        (lambda d: _write(d / "one.csv", "text,label\nnice,1\ngreat,1\n"), "only one class"),
+        (lambda d: _write(d / "notes.txt", "text,label\n"), "Unsupported file extension"),
+    ],
+)
+def test_bad_data_exits_2_with_message(
+    make, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = lorta(["train", "--data", str(make(tmp_path)), *TINY, "--out", str(tmp_path / "o")], capsys)
+    assert code == 2
+    assert message in err and err.startswith("error: ")
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "dora"], "invalid choice: 'dora'"),
+        (["--model", "/no/such/model"], "neither a packaged model"),
+        (["--task", "dpo", "--model", "minilm"], "needs a causal language model"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--rank", "-1"], "--rank must be >= 1"),
+        (["--decomposition", "svd"], "invalid choice: 'svd'"),
+    ],
+)
+def test_bad_options_exit_2_with_message(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = lorta(["train", *TINY, *args, "--out", str(tmp_path / "o")], capsys)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+
+
+def test_entry_point_subprocess(tmp_path: Path) -> None:
+    """The installed ``lorta`` script: --help lists the flags; a bad data path is a one-line error, exit 2."""
+    exe = shutil.which("lorta") or str(Path(sys.executable).with_name("lorta"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    helped = subprocess.run([exe, "train", "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert helped.returncode == 0, helped.stderr
+    for flag in ("--method", "--rank", "--model", "--data", "--out", "--resume", "--save-steps", "--construction"):
+        assert flag in helped.stdout
+    bad = subprocess.run([exe, "train", "--data", str(tmp_path / "nope.csv")], capture_output=True, text=True,
+                         env=env, timeout=300, cwd=tmp_path)
+    assert bad.returncode == 2
+    assert "Data file not found" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# compare
+# --------------------------------------------------------------------------------------------------
+
+
+def test_compare_writes_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["compare", "--methods", "lorta,head-only", "--ranks", "2,4", *TINY, "--steps", "1",
+            "--out", str(tmp_path / "cmp")]
+    code, out, err = lorta(args, capsys)
+    assert code == 0, err
+    table = (tmp_path / "cmp" / "compare.md").read_text(encoding="utf-8")
+    assert "| method | rank |" in table and "vs LoRA r=8" in table
+    assert "| lorta | 2 | 876 |" in table and "| lorta | 4 | 1,752 |" in table and "| head-only |" in table
+    png = (tmp_path / "cmp" / "compare.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 2000
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]
+    assert [(r["method"], r["rank"]) for r in rows] == [("lorta", 2), ("lorta", 4), ("head-only", None)]
+    assert "compare.md" in out
+
+
+def test_compare_rejects_unknown_method(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = lorta(["compare", "--methods", "lorta,nope", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "unknown method" in err
+
+
+# --------------------------------------------------------------------------------------------------
+# Real models and the real default job (slow)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_prompt_sentiment_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["train", "--model", "smollm2", "--max-train", "16", "--max-test", "8", "--steps", "2",
+            "--batch-size", "4", "--quiet", "--out", str(tmp_path / "p")]
+    code, out, err = lorta(args, capsys)
+    assert code == 0, err
+    m = metrics_of(tmp_path / "p")
+    assert m["job"] == "prompt" and m["label_words"] == [" negative", " positive"]
+    assert m["adapter_params"] == (576 + 64 + 9 + 30 + 4) * 16 and m["head_params"] == 0
+    assert 0.0 <= m["accuracy"] <= 1.0 and m["eval_loss"] > 0
+    assert (tmp_path / "p" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_smollm2_dpo_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["train", "--task", "dpo", "--max-train", "8", "--max-test", "4", "--steps", "2", "--batch-size", "2",
+            "--max-length", "64", "--quiet", "--out", str(tmp_path / "d")]
+    code, out, err = lorta(args, capsys)
+    assert code == 0, err
+    m = metrics_of(tmp_path / "d")
+    assert m["job"] == "dpo" and (m["train_pairs"], m["test_pairs"]) == (8, 4)
+    assert m["adapter_params"] == (576 + 64 + 9 + 30 + 4) * 16  # TRL's frozen reference copy is not counted
+    assert 0.0 <= m["accuracy"] <= 1.0
+    assert "held-out reward accuracy" in out
+    saved = tmp_path / "d" / "adapter"
+    assert (saved / "adapter_model.safetensors").is_file() and not (saved / "ref").exists()
+
+
+@pytest.mark.slow
+def test_default_train_job(tmp_path: Path) -> None:
+    """``lorta train`` with no arguments: the main job, for real, under 10 minutes with > 70% accuracy."""
+    exe = shutil.which("lorta") or str(Path(sys.executable).with_name("lorta"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([exe, "train", "--quiet"], capture_output=True, text=True, env=env, timeout=900,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = metrics_of(tmp_path / "runs" / "lorta-minilm-sentiment-r16-seed0")
+    assert m["accuracy"] > 0.70, m["accuracy"]
+    assert m["wall_time_s"] < 600, m["wall_time_s"]
+    assert m["n_test"] == 2555 and m["adapter_params"] == LORTA_R16_MINILM
