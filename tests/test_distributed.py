@@ -203,7 +203,6 @@ def _has_train_command() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_train_command(), reason="lorta train is not available")
-@pytest.mark.xfail(reason="lorta train: rank 1 prints the summary of a run it did not save (KeyError 'saved')")
 def test_lorta_train_under_torchrun(tmp_path):
     help_text = subprocess.run(
         [sys.executable, "-m", "lorta.cli", "train", "--help"], env=_env(), capture_output=True, text=True

@@ -22,7 +22,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -74,10 +73,10 @@ class Recipe:
     head_lr: float
 
 
-# Swept on the default job (MiniLM, Rotten Tomatoes, 400 steps x 32; 100+ runs, see the module docstring of
-# lorta.commands.train). LoRTA with q, k, v and o sharing one tensor (heads mode) collapses to the majority class
-# early in training at lr >= 2e-3 (its q and k updates share A and B, so their product adds the same attention
-# pattern to every head); 1e-3 is the largest lr that never did. The head learns faster at 1e-2.
+# Swept on the default job (MiniLM, Rotten Tomatoes, 400 steps x 32, ~100 runs). LoRTA on q, k, v, o with the
+# default modes often collapses to the majority class in the first ~40 steps at lr >= 2e-3 (q and k share A and B,
+# and with the heads mode every head the same B, so their product adds one attention pattern to every head);
+# 1e-3 never did, at any rank (16, 32) or alpha (4 to 16) tried. Its head learns best at 1e-2.
 CLASSIFY_RECIPES: dict[str, Recipe] = {
     "lorta": Recipe(16, 16.0, 1e-3, 1e-2),
     "lora": Recipe(8, 16.0, 1e-3, 2e-3),
@@ -86,6 +85,7 @@ CLASSIFY_RECIPES: dict[str, Recipe] = {
     "full": Recipe(None, None, 1e-4, 2e-3),
     "head-only": Recipe(None, None, 1e-2, 1e-2),
 }
+# Causal-LM jobs (prompt, dpo): conservative PEFT-typical values, not swept (LoRTA kept at the lr that is safe above).
 LM_RECIPES: dict[str, Recipe] = {
     "lorta": Recipe(16, 16.0, 1e-3, 0.0),
     "lora": Recipe(8, 16.0, 5e-4, 0.0),
@@ -384,22 +384,26 @@ def lora_reference_parameters(model_path: Path, rank: int = REFERENCE_LORA_RANK)
     return sum(p.numel() for n, p in wrapped.named_parameters() if p.requires_grad and "lora_" in n)
 
 
-def save_trained(model: nn.Module, tokenizer: Any, out: Path, o: TrainOptions) -> Path:
+def saved_path(out: Path, o: TrainOptions) -> Path:
     """Adapters: ``out/adapter`` (for PeftModel.from_pretrained); full: ``out/model``; head-only:
     ``out/head.safetensors``."""
     if o.method in ADAPTER_METHODS:
-        path = out / "adapter"
+        return out / "adapter"
+    return out / ("model" if o.method == "full" else "head.safetensors")
+
+
+def save_trained(model: nn.Module, tokenizer: Any, out: Path, o: TrainOptions) -> Path:
+    """Write what the run trained to :func:`saved_path`."""
+    path = saved_path(out, o)
+    if o.method in ADAPTER_METHODS:
         model.save_pretrained(path, selected_adapters=["default"])
-        return path
-    if o.method == "full":
-        path = out / "model"
+    elif o.method == "full":
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
-        return path
-    from safetensors.torch import save_file
+    else:
+        from safetensors.torch import save_file
 
-    path = out / "head.safetensors"
-    save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}, str(path))
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}, str(path))
     return path
 
 
@@ -761,18 +765,34 @@ def run_job(options: TrainOptions, echo: Echo = print, started: float | None = N
 
     start = time.time() if started is None else started
     o, kind, path = resolve_options(options)
+    if o.quiet:
+        _silence_library_bars()
     set_seed(o.seed)
     ds = load_data(o, subset=kind != "dpo")
     out = Path(o.out)
     out.mkdir(parents=True, exist_ok=True)
     set_seed(o.seed)
     run = JOB_RUNNERS[kind](o, path, ds, echo)
-    trainer, model = run.pop("trainer"), run.pop("model")
-    tokenizer = run.pop("tokenizer")
+    trainer, model, tokenizer = run.pop("trainer"), run.pop("model"), run.pop("tokenizer")
+    metrics = _metrics(o, kind, path, ds, model, loss_curve(trainer), run)
+    if trainer.is_world_process_zero():
+        save_trained(model, tokenizer, out, o)
+        title = f"{o.method} r={o.rank} · {o.model} · {o.task} · acc {run['accuracy']:.3f}"
+        plot_loss(metrics["loss_curve"], out / "loss.png", title)
+    metrics["wall_time_s"] = time.time() - start
+    if trainer.is_world_process_zero():
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    return metrics
+
+
+def _metrics(
+    o: TrainOptions, kind: str, path: Path, ds: TextDataset, model: nn.Module, curve: list[list[float]],
+    run: dict[str, Any],
+) -> dict[str, Any]:
+    """Everything metrics.json records about a run (wall time is added last)."""
     adapter, head = count_parameters(model)
-    if kind == "dpo":  # TRL adds a frozen "ref" copy of the adapter; count and save the trained one only
+    if kind == "dpo":  # TRL adds a frozen "ref" copy of the adapter; count the trained one only
         adapter = _adapter_only(model)
-    curve = loss_curve(trainer)
     metrics: dict[str, Any] = {
         "method": o.method, "model": o.model, "task": o.task, "job": kind, "data": describe_data(o),
         "rank": o.rank, "seed": o.seed, "steps": o.steps, "batch_size": o.batch_size, "grad_accum": o.grad_accum,
@@ -781,22 +801,28 @@ def run_job(options: TrainOptions, echo: Echo = print, started: float | None = N
         "lora_r8_params": lora_reference_parameters(path),
         "n_train": len(ds.train), "n_test": len(ds.test), "label_names": ds.label_names,
         "majority_baseline": max(ds.test.label_counts(ds.num_labels)) / max(1, len(ds.test)),
-        **{k: v for k, v in run.items()},
+        **run,
         "train_loss": curve[-1][1] if curve else None, "loss_curve": curve,
+        "out": o.out, "saved": str(saved_path(Path(o.out), o)),
     }
     if o.method == "tenslora":
         metrics.update(construction=o.construction, decomposition=o.decomposition)
     if o.method == "lorta":
         metrics.update(modes=list(o.modes))
-    if trainer.is_world_process_zero():
-        metrics["saved"] = str(save_trained(model, tokenizer, out, o))
-        plot_loss(curve, out / "loss.png", f"{o.method} r={o.rank} · {o.model} · {o.task} · acc {run['accuracy']:.3f}")
-        metrics["wall_time_s"] = time.time() - start
-        metrics["out"] = str(out)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    else:
-        metrics["wall_time_s"] = time.time() - start
     return metrics
+
+
+def _silence_library_bars() -> None:
+    """--quiet: also no progress bars from transformers (checkpoint writing) and datasets (TRL's tokenisation)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
 
 
 def _adapter_only(model: nn.Module) -> int:
@@ -805,7 +831,3 @@ def _adapter_only(model: nn.Module) -> int:
     if hasattr(tuner, "num_adapter_parameters"):
         return int(tuner.num_adapter_parameters("default"))
     return sum(p.numel() for n, p in model.named_parameters() if ".default." in n and p.requires_grad)
-
-
-def stderr(message: str) -> None:
-    print(message, file=sys.stderr)

@@ -154,7 +154,8 @@ def run_train(args: argparse.Namespace) -> int:
     except _expected_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    print(summary(metrics))
+    if os.environ.get("RANK", "0") == "0":  # once under torchrun
+        print(summary(metrics))
     return 0
 
 
