@@ -105,6 +105,21 @@ def test_adapters_with_different_shapes_mix_in_one_batch():
     assert len(engine_for(model.base_model.lorta_factors).groups) == 4
 
 
+def test_half_precision_base():
+    """float32 factors over a bfloat16 base, as PEFT's autocast_adapter_dtype makes them."""
+    torch.manual_seed(0)
+    model = get_peft_model(make_model("llama", dtype=torch.bfloat16), METHODS["lorta"](init_weights=False))
+    torch.manual_seed(1)
+    model.add_adapter("b", METHODS["lorta"](init_weights=False))
+    model.eval()
+    names = ["b", "__base__", "default"]
+    inputs = make_inputs("llama", batch=3)
+    got = mixed(model, inputs, names)
+    want = rows_alone(model, inputs, names, base=make_model("llama", dtype=torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, atol=5e-2, rtol=2e-2)
+
+
 def test_maps_are_not_cached_when_asked():
     model = many("gpt2", "tenslora-tucker", n=4)
     engine_for(model.base_model.lorta_factors).cache_maps = False

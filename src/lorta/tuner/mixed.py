@@ -354,8 +354,17 @@ def mixed_forward(layer: nn.Module, x: Tensor, adapter_names: Any, *args: Any, *
                 u = torch.bmm(xc, _gather_P(rows, P_all, idx, key, batch))
             if share and key is not None:
                 cache.entries[entry_key] = (x, u)  # holding x keeps its id from being reused in the scope
-        out = u @ Q_all[uniform] if uniform is not None else torch.bmm(u, Q_all.index_select(0, idx))
-        result = result + out.reshape(*x.shape[:-1], out.shape[-1]).to(result.dtype)
+        Q = Q_all[uniform] if uniform is not None else Q_all.index_select(0, idx)
+        res3 = result.reshape(batch, -1, result.shape[-1])
+        if u.dtype == result.dtype:  # the add fused into the product (no extra pass over the output)
+            if uniform is not None:
+                flat = torch.addmm(res3.reshape(-1, res3.shape[-1]), u.reshape(-1, u.shape[-1]), Q)
+                res3 = flat.view(res3.shape)
+            else:
+                res3 = torch.baddbmm(res3, u, Q)
+        else:  # float32 adapters over a half-precision base
+            res3 = res3 + (u @ Q if uniform is not None else torch.bmm(u, Q)).to(result.dtype)
+        result = res3.view(result.shape)
     return result
 
 
