@@ -140,10 +140,12 @@ def check_matches_single_process(out: Path, scenario: str) -> None:
     ids = train_factors.global_batch()
     first = train_factors.build(method)(input_ids=ids, labels=ids).loss.item()
     assert abs(losses[0].item() - first) <= 1e-5
-    # the adapter rank 0 saved loads anywhere, with the outputs of the single-process model
+    # the adapter rank 0 saved loads anywhere: exactly its factors, and the single-process model's outputs (logits
+    # amplify the float32 factor differences checked above about 30x, hence the looser tolerance there)
     loaded = PeftModel.from_pretrained(make_model("llama"), out / scenario / "adapter")
+    assert max_diff(train_factors.factors_of(loaded), got[0]) == 0
     inputs = make_inputs("llama")
-    torch.testing.assert_close(output_of(loaded, inputs), output_of(reference, inputs), atol=TOL, rtol=TOL)
+    torch.testing.assert_close(output_of(loaded, inputs), output_of(reference, inputs), atol=10 * TOL, rtol=TOL)
 
 
 @pytest.mark.parametrize("scenario", ["ddp-lorta-sgd", "ddp-tenslora-tucker-sgd", "ddp-tlora-sgd", "ddp-lorta-adamw"])

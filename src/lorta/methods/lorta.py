@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..factorization import Factorization, head_maps
+from ..factorization import Factorization, gather_groups, head_maps
 from ..layout import EXTRA_IN, EXTRA_OUT, OUT_HEADS, Slot, TensorLayout
 from ..tuner.config import TensorAdapterConfig
 
@@ -126,6 +126,26 @@ class LortaFactors(Factorization):
             basis = self.B[gl, gm].view(shape.num_heads, shape.head_dim, self.rank)[slot.head_slice]
             core = (c if c is not None else torch.ones_like(basis[0, 0])).expand(slot.n_heads, -1)
         return head_maps(slot.role, A, basis, core)
+
+    def group_maps(self, role: str, heads: slice, index: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Batched `maps` of G slots with the same role and heads:
+
+            core[g] = C_H[heads] ∘ C_L[l_g] ∘ C_M[m_g]      side[g] = B ∘ core[g]      (G, n_heads, d_h, r)
+        """
+        shape, r, G = self.layout.shape, self.rank, len(index["l"])
+        A = gather_groups(self.A, index)  # (G, d, r)
+        c = self.C_L[index["gm"], index["l"]] if self.C_L is not None else None  # (G, r)
+        if self.C_M is not None:
+            c_m = self.C_M[index["gl"], index["m"]]
+            c = c_m if c is None else c * c_m
+        if self.share_heads:
+            core = gather_groups(self.C_H, index)[:, heads]  # (G, n_heads, r)
+            core = core * c[:, None] if c is not None else core
+            side = gather_groups(self.B, index)[:, None] * core[:, :, None]  # (G, n_heads, d_h, r)
+        else:
+            side = gather_groups(self.B, index).view(G, shape.num_heads, shape.head_dim, r)[:, heads]
+            side = side * c[:, None, None] if c is not None else side
+        return A, side
 
     def input_key(self, slot: Slot) -> Hashable | None:
         if slot.role in (OUT_HEADS, EXTRA_IN):

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..factorization import Factorization, head_maps
+from ..factorization import Factorization, gather_groups, head_maps
 from ..layout import EXTRA_IN, EXTRA_OUT, OUT_HEADS, Slot, TensorLayout
 from ..tuner.config import TensorAdapterConfig, _check_positive_int
 
@@ -174,6 +174,39 @@ class TensLoraFactors(Factorization):
             shape = self.layout.shape
             basis = out.view(shape.num_heads, shape.head_dim, out.shape[-1])[slot.head_slice]
         return head_maps(slot.role, self.U_in[gl, gm], basis, core)
+
+    def group_maps(self, role: str, heads: slice, index: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Batched `maps` of G slots with the same role and heads: each slot's head cores K[h] contracted at once."""
+        shape, G = self.layout.shape, len(index["l"])
+        n_heads = len(range(shape.num_heads)[heads])
+        gl, gm = index["gl"], index["gm"]
+        out = gather_groups(self.U_out, index)
+        if self.stack_heads:
+            basis = out[:, None].expand(G, n_heads, *out.shape[1:])  # (G, n_heads, d_h, r_out)
+        else:
+            basis = out.view(G, shape.num_heads, shape.head_dim, out.shape[-1])[:, heads]
+        if self.tucker:
+            core = gather_groups(self.core, index)  # (G, r_in, r_out, [r_att], [r_qkv], [r_depth])
+            if self.stack_layers:
+                core = torch.einsum("g...d,gd->g...", core, self.U_depth[gl, gm, index["l"]])
+            if self.stack_matrices:
+                core = torch.einsum("g...q,gq->g...", core, self.U_qkv[gl, gm, index["m"]])
+            if self.stack_heads:
+                core = torch.einsum("gija,gha->ghij", core, gather_groups(self.U_att, index)[:, heads])
+            else:
+                core = core[:, None].expand(G, n_heads, *core.shape[1:])
+            side = torch.einsum("ghij,ghej->ghei", core, basis)
+        else:
+            weights = torch.ones_like(self.U_in[gl, gm, 0])  # (G, r)
+            if self.stack_layers:
+                weights = weights * self.U_depth[gl, gm, index["l"]]
+            if self.stack_matrices:
+                weights = weights * self.U_qkv[gl, gm, index["m"]]
+            core = weights[:, None]  # (G, 1 or n_heads, r)
+            if self.stack_heads:
+                core = gather_groups(self.U_att, index)[:, heads] * core
+            side = basis * core[:, :, None, :]
+        return gather_groups(self.U_in, index), side
 
     def input_key(self, slot: Slot) -> Hashable | None:
         return ("U_in", *self._groups(slot)) if slot.role == OUT_HEADS else None

@@ -76,10 +76,10 @@ class _Maps(nn.Module):
         self.f = factors
 
     def forward(self, slots: list, keys: list) -> tuple[Tensor, Tensor]:
-        # grad mode makes combined_maps build fresh maps (its no-grad cache must never see batched tensors); the
+        # Built fresh: neither the no-grad cache nor a training scope may ever see (or serve) batched tensors. The
         # stacked tensors do not require grad, so no graph is recorded.
         with torch.enable_grad():
-            P, Q, key = self.f.combined_maps(slots)
+            P, Q, key = self.f._build_maps(slots)
         keys.append(key)
         return P, Q
 

@@ -93,7 +93,10 @@ class TensorAdapterModel(BaseTuner):
         object.__setattr__(self, "_lorta_probe", weakref.ref(probe) if probe is not None else None)
         if "" not in self._lorta_hooks:  # PeftModel.forward calls the transformers model directly, not the tuner
             tuner = weakref.ref(self)
-            self._lorta_hooks[""] = [model.register_forward_pre_hook(lambda *_: _run_check(tuner))]
+            self._lorta_hooks[""] = [
+                model.register_forward_pre_hook(lambda *_: _before_forward(tuner)),
+                model.register_forward_hook(lambda *_: _after_forward(tuner), always_call=True),
+            ]
 
     def _find_targets(self, model: nn.Module, config: TensorAdapterConfig) -> dict[str, nn.Module]:
         targets = {}
@@ -289,6 +292,38 @@ class TensorAdapterModel(BaseTuner):
 
         return bool(check_target_module_exists(config, key))
 
+    # ------------------------------------------------------------------------------ batched map construction
+    batched_maps: bool = True
+    """Build all modules' maps in one vectorised pass per training forward (see Factorization.open_scope)."""
+
+    def _open_map_scopes(self) -> None:
+        """Open each active adapter's map scope for this forward, when the forward is an ordinary training one.
+
+        Not under torch.compile (the per-module maps compile well), not while adapters are disabled or merged, not
+        when nested. Checkpointed modules recompute from the same maps (see Factorization._from_scope).
+        """
+        depth = self.__dict__.get("_lorta_scope_depth", 0)
+        self.__dict__["_lorta_scope_depth"] = depth + 1
+        if (
+            depth or not self.batched_maps or not torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or "lorta_factors" not in self._modules
+        ):
+            return
+        probe = getattr(self, "_lorta_probe", None)
+        layer = probe() if probe is not None else None
+        if layer is None or layer.disable_adapters or layer.merged:
+            return
+        for name in self.active_adapters:
+            if name in self.lorta_factors:
+                self.lorta_factors[name].open_scope()
+
+    def _close_map_scopes(self) -> None:
+        depth = self.__dict__.get("_lorta_scope_depth", 1) - 1
+        self.__dict__["_lorta_scope_depth"] = max(depth, 0)
+        if depth <= 0 and "lorta_factors" in self._modules:
+            for factors in self.lorta_factors.values():
+                factors.close_scope()
+
     # ------------------------------------------------------------------------------------------- reporting
     def num_adapter_parameters(self, adapter_name: str = "default") -> int:
         """Trainable parameters of one adapter: each shared factor counted once."""
@@ -330,11 +365,18 @@ def _model_shape(model: nn.Module, recorded: dict[str, Any] | None) -> ModelShap
     return actual
 
 
-def _run_check(tuner: weakref.ref) -> None:
+def _before_forward(tuner: weakref.ref) -> None:
     """Forward pre-hook of the adapted transformers model (holds the tuner weakly)."""
     instance = tuner()
     if instance is not None:
         instance._check_runtime()
+        instance._open_map_scopes()
+
+
+def _after_forward(tuner: weakref.ref) -> None:
+    instance = tuner()
+    if instance is not None:
+        instance._close_map_scopes()
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:
