@@ -190,12 +190,15 @@ class Method:
     """One benchmarked adapter method: a PEFT config factory and the lorta attribute it needs (if any).
 
     `build(r, alpha, targets, shape)` returns the config; `shape` has the model's family, layers, heads and
-    the number of adapted matrix kinds (so a method can cap per-mode ranks at the mode sizes).
+    the number of adapted matrix kinds (so a method can cap per-mode ranks at the mode sizes). `batched_maps`
+    False builds each module's maps on its own in the training forward (the engine before batching), for
+    before/after comparisons in one run.
     """
 
     label: str
     requires: str | None
     build: Callable[[int, float, list[str], dict[str, Any]], Any]
+    batched_maps: bool = True
 
 
 def _lora_config(r: int, alpha: float, targets: list[str], shape: dict[str, Any]) -> Any:
@@ -248,6 +251,8 @@ METHODS: dict[str, Method] = {
     "lorta": Method("LoRTA", "LortaConfig", _lorta_config),
     "tenslora": Method("TensLoRA att_qkv_depth/tucker", "TensLoraConfig", _tenslora_config),
     "tlora": Method("TLoRA", "TLoraConfig", _tlora_config),
+    "lorta-permodule": Method("LoRTA, maps built module by module", "LortaConfig", _lorta_config, False),
+    "tenslora-permodule": Method("TensLoRA, maps built module by module", "TensLoraConfig", _tenslora_config, False),
 }
 
 
@@ -579,6 +584,8 @@ def make_variants(
             try:
                 config = METHODS[m].build(r, opts.alpha_per_rank * r, targets, shape)
                 model = get_peft_model(copy.deepcopy(base).to(opts.device), config)
+                if not METHODS[m].batched_maps:
+                    model.base_model.batched_maps = False
             except Exception as exc:  # a method still under construction must not kill the whole run
                 note(notes, f"{where}: cannot build {m} r={r}: {type(exc).__name__}: {exc}")
                 continue
@@ -1157,7 +1164,7 @@ def parse_args(argv: list[str]) -> tuple[Options, argparse.Namespace]:
     p.add_argument(
         "--methods",
         default="lora,lorta",
-        help=f"comma-separated, from {','.join(METHODS)}, or 'all' (default: lora,lorta)",
+        help=f"comma-separated, from {','.join(METHODS)}, or 'all' (every method, batched maps; default: lora,lorta)",
     )
     p.add_argument("--models", help=f"from {','.join(MODEL_PRESETS)}")
     p.add_argument(
@@ -1200,11 +1207,12 @@ def parse_args(argv: list[str]) -> tuple[Options, argparse.Namespace]:
     unknown = [m for m in models if m not in MODEL_PRESETS]
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}; choose from {', '.join(MODEL_PRESETS)}")
+    every = [m for m, method in METHODS.items() if method.batched_maps]
     opts = Options(
         device=torch.device(args.device),
         dtype=getattr(torch, args.dtype),
         ranks=[int(r) for r in str(args.ranks).split(",") if r],
-        methods=list(METHODS) if args.methods == "all" else [m for m in args.methods.split(",") if m],
+        methods=every if args.methods == "all" else [m for m in args.methods.split(",") if m],
         models=models,
         targets=[t for t in args.targets.split(",") if t] if args.targets else None,
         batch=args.batch,

@@ -97,12 +97,24 @@ class TLoraFactors(Factorization):
             B.copy_(b)
 
     def maps(self, slot: Slot) -> tuple[Tensor, Tensor]:
-        if self._draw_pending and not self.A0.is_meta:
-            self._draw_pending = False
-            self.draw_projections()
+        self._draw_if_pending()
         l, m = slot.layer, slot.matrix
         A, B = getattr(self, f"A{m}")[l], getattr(self, f"B{m}")[l]
         return A, (self.s[l, m] * self.C[l, m]) @ B
+
+    def maps_many(self, slots: list[Slot]) -> list[tuple[Tensor, Tensor]]:
+        """All layers' Q = s · C · B of a matrix kind in one batched product, handed out by `unbind`."""
+        self._draw_if_pending()
+        Q = {
+            m: ((self.s[:, m, None, None] * self.C[:, m]) @ getattr(self, f"B{m}")).unbind(0)
+            for m in sorted({slot.matrix for slot in slots})
+        }
+        return [(getattr(self, f"A{slot.matrix}")[slot.layer], Q[slot.matrix][slot.layer]) for slot in slots]
+
+    def _draw_if_pending(self) -> None:
+        if self._draw_pending and not self.A0.is_meta:
+            self._draw_pending = False
+            self.draw_projections()
 
 
 def tlora_num_params(L: int, M: int, r: int) -> int:
