@@ -114,6 +114,7 @@ def test_tenslora_ranks_per_mode(ranks, match):
 @pytest.mark.parametrize("make,match", [
     (lambda: lorta.LortaConfig(modes=["heads", "depth"]), r"unknown LoRTA mode\(s\) \['depth'\]; expected a subset"),
     (lambda: lorta.LortaConfig(modes=3), r"LortaConfig\.modes must be list\[str\], got 3 \(int\)"),
+    (lambda: lorta.LortaConfig(mode_factor_init="zeros"), r"mode_factor_init='zeros' is not one of \['signs'"),
     (lambda: lorta.TensLoraConfig(construction="att_layers"), r"unknown construction 'att_layers'; expected one"),
     (lambda: lorta.TensLoraConfig(decomposition="tensor_train"), r"unknown decomposition 'tensor_train'"),
     (lambda: lorta.LortaConfig(lora_dropout=1.5), r"lora_dropout must be in \[0, 1\)"),

@@ -43,6 +43,24 @@ def test_starts_exactly_at_the_base_model(arch, method):
     assert not torch.equal(output_of(adapted(arch, method, init_weights=False), inputs), want)
 
 
+def test_lorta_mode_factors_start_as_seeded_random_signs():
+    """C_H, C_L, C_M start at +-1 with different signs across heads, layers and q/k/v/o (B = 0 keeps the update
+    at zero); the 'ones' option gives the identical start; the draw follows torch's seed."""
+    def factors(**kw):
+        torch.manual_seed(7)
+        return get_peft_model(make_model("llama"), lorta.LortaConfig(r=8, **kw)).base_model.lorta_factors["default"]
+
+    signs = factors()
+    for C in (signs.C_H, signs.C_L, signs.C_M):
+        assert set(C.unique().tolist()) == {-1.0, 1.0}
+        rows = C.reshape(-1, C.shape[-2], C.shape[-1])[0]
+        assert len({tuple(row.tolist()) for row in rows}) == len(rows)  # every head / layer / matrix its own mix
+    assert torch.count_nonzero(signs.B) == 0
+    assert all(torch.equal(a, b) for a, b in zip(signs.parameters(), factors().parameters(), strict=True))
+    ones = factors(mode_factor_init="ones")
+    assert all(torch.equal(C, torch.ones_like(C)) for C in (ones.C_H, ones.C_L, ones.C_M))
+
+
 @method_names
 @all_archs
 @pytest.mark.parametrize("low_cpu_mem_usage", [False, True], ids=["eager", "low_cpu_mem"])

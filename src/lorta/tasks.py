@@ -141,6 +141,7 @@ class TrainOptions:
     decomposition: str = "tucker"
     beta: float = 0.1
     modes: tuple[str, ...] = DEFAULT_MODES
+    mode_init: str = "signs"
     quiet: bool = False
 
 
@@ -199,6 +200,7 @@ def resolve_options(options: TrainOptions) -> tuple[TrainOptions, str, Path]:
     if filled.out is None:
         rank = f"-r{filled.rank}" if filled.rank is not None else ""
         modes = f"-{'+'.join(filled.modes) or 'nomodes'}" if _custom_modes(filled) else ""
+        modes += f"-init{filled.mode_init}" if filled.method == "lorta" and filled.mode_init != "signs" else ""
         name = f"{filled.method}{modes}-{model_label(model)}-{filled.task}{rank}-seed{filled.seed}"
         filled = dataclasses.replace(filled, out=str(Path("runs") / name))
     return filled, kind, path
@@ -330,7 +332,7 @@ def peft_config(o: TrainOptions, task_type: str, model_type: str) -> Any:
 
     common: dict[str, Any] = {"lora_alpha": o.alpha, "lora_dropout": o.dropout, "task_type": task_type}
     if o.method == "lorta":
-        return lorta.LortaConfig(r=o.rank, modes=list(o.modes), **common)
+        return lorta.LortaConfig(r=o.rank, modes=list(o.modes), mode_factor_init=o.mode_init, **common)
     if o.method == "tlora":
         return lorta.TLoraConfig(r=o.rank, projection_seed=o.seed, **common)
     if o.method == "tenslora":
@@ -808,7 +810,7 @@ def _metrics(
     if o.method == "tenslora":
         metrics.update(construction=o.construction, decomposition=o.decomposition)
     if o.method == "lorta":
-        metrics.update(modes=list(o.modes))
+        metrics.update(modes=list(o.modes), mode_init=o.mode_init)
     return metrics
 
 

@@ -88,6 +88,8 @@ def _shared_arguments(p: argparse.ArgumentParser) -> None:
     add("--max-length", "max tokens per example (default: 64; prompt 96; dpo 128)", type=int)
     add("--modes", "LoRTA: shared tensor modes, a comma-separated subset of heads,layers,matrices", type=_modes,
         default=",".join(DEFAULT_MODES))
+    add("--mode-init", "LoRTA: initial C_H, C_L, C_M, random signs or all ones", choices=("signs", "ones"),
+        default="signs")
     add("--construction", "TensLoRA: stacked modes", choices=CONSTRUCTIONS, default="att_qkv_depth")
     add("--decomposition", "TensLoRA: tucker or cp", choices=DECOMPOSITIONS, default="tucker")
     add("--seed", "seed of the split, subsets, data order and initialisation", type=int, default=0)
@@ -174,10 +176,12 @@ def _ratio(adapter: int, reference: int) -> str:
 
 def method_label(m: dict[str, Any]) -> str:
     """The method, with LoRTA's modes when they are not the default ones (e.g. ``lorta[layers+matrices]``)."""
-    modes = m.get("modes")
-    if m["method"] == "lorta" and modes is not None and tuple(modes) != DEFAULT_MODES:
-        return f"lorta[{'+'.join(modes) or 'no modes'}]"
-    return m["method"]
+    modes, init = m.get("modes"), m.get("mode_init", "signs")
+    if m["method"] != "lorta":
+        return m["method"]
+    tags = [] if modes is None or tuple(modes) == DEFAULT_MODES else ["+".join(modes) or "no modes"]
+    tags += [] if init == "signs" else [f"C={init}"]
+    return f"lorta[{', '.join(tags)}]" if tags else "lorta"
 
 
 def summary(m: dict[str, Any]) -> str:

@@ -13,8 +13,12 @@ Factor storage: every factor carries two leading "group" axes (GL, GM) = (1 if l
 1 if matrices is a mode else M), so one code path serves every mode combination. Extra (non-attention)
 matrices get a head-side factor of their own, (GL, n, r), indexed like B.
 
-Initialisation: A ~ U(-1/√d, 1/√d) (PEFT LoRA's A), B = 0 (so the update starts at exactly zero), C_H, C_L,
-C_M = 1 (every head, layer and matrix starts as the same LoRA-like direction; gradients separate them).
+Initialisation: A ~ U(-1/√d, 1/√d) (PEFT LoRA's A), B = 0 (so the update starts at exactly zero), and C_H, C_L,
+C_M random signs ±1 (`mode_factor_init="signs"`, the default). With C = 1 (`"ones"`) every head, layer and matrix
+starts on the same direction A·Bᵀ: q and k then move together (their product adds one positive-semidefinite
+attention pattern to every head of every layer) and training at the learning rates the paper uses (1e-2) collapses
+to a constant prediction. Random signs give each head, layer and matrix its own mix of the r rank-one terms from
+the first step, at the same magnitudes (measured on `lorta train`: README, "The lorta command").
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from ..layout import EXTRA_IN, EXTRA_OUT, OUT_HEADS, Slot, TensorLayout
 from ..tuner.config import TensorAdapterConfig
 
 LORTA_MODES = ("heads", "layers", "matrices")
+MODE_FACTOR_INITS = ("signs", "ones")
 
 
 @dataclass
@@ -46,11 +51,23 @@ class LortaConfig(TensorAdapterConfig):
         metadata={"help": "Shared tensor modes, any subset of heads, layers, matrices (default: all three)."},
     )
 
+    mode_factor_init: str = field(
+        default="signs",
+        metadata={
+            "help": "Initial C_H, C_L, C_M: 'signs' (random +-1: heads, layers and matrices start on different mixes "
+            "of the rank-one terms; the default) or 'ones' (all start identical)."
+        },
+    )
+
     def __post_init__(self) -> None:
         self.peft_type = "LORTA"
         super().__post_init__()
         if isinstance(self.modes, str):
             self.modes = [self.modes]
+        if self.mode_factor_init not in MODE_FACTOR_INITS:
+            raise ValueError(
+                f"mode_factor_init={self.mode_factor_init!r} is not one of {list(MODE_FACTOR_INITS)}"
+            )
         unknown = [m for m in self.modes if m not in LORTA_MODES]
         if unknown:
             raise ValueError(f"unknown LoRTA mode(s) {unknown}; expected a subset of {list(LORTA_MODES)}")
@@ -64,6 +81,7 @@ class LortaFactors(Factorization):
         super().__init__(config, layout)
         shape, r = layout.shape, config.r
         self.rank = r
+        self.mode_factor_init = config.mode_factor_init
         self.share_heads = "heads" in config.modes
         self.share_layers = "layers" in config.modes
         self.share_matrices = "matrices" in config.modes
@@ -89,8 +107,14 @@ class LortaFactors(Factorization):
         bound = 1.0 / math.sqrt(self.layout.shape.hidden_size)
         nn.init.uniform_(self.A, -bound, bound)
         for p in (self.C_H, self.C_L, self.C_M):
-            if p is not None:
-                nn.init.ones_(p) if init_weights else nn.init.normal_(p, 1.0, 0.5)
+            if p is None:
+                continue
+            if not init_weights:
+                nn.init.normal_(p, 1.0, 0.5)
+            elif self.mode_factor_init == "signs":
+                p.copy_(torch.randint(0, 2, p.shape, device=p.device, dtype=p.dtype) * 2 - 1)
+            else:
+                nn.init.ones_(p)
         for p in [self.B, *(getattr(self, n) for n in self.extra_names.values())]:
             nn.init.zeros_(p) if init_weights else nn.init.normal_(p, 0.0, 0.5)
 
