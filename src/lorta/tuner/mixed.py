@@ -10,7 +10,7 @@ batch in every layer, so it slows down as their number grows. Here the hot path 
 How the stacks are built. Adapters of one method with the same layout have factor tensors of identical shapes:
 they form a *group*, whose factors are stacked once into tensors with a leading adapter axis (n, ...). For each
 wrapped layer the group's maps come from ONE `torch.func.vmap` over `functional_call(factors, stacked,
-combined_maps(slots))`, i.e. the very code the single-adapter forward runs, vectorised over the adapters; a zero
+_build_maps(slots))`, i.e. the very code the single-adapter forward runs, vectorised over the adapters; a zero
 adapter is appended for "__base__" rows and for rows whose adapter belongs to another group. Slots whose
 factorisation gives equal `input_key`s share P (LoRTA's A: one P for every q, k, v of every layer when layers is
 a mode), and within one attention call x @ P is gathered and computed once for q, k and v.
@@ -69,7 +69,7 @@ def _signature(factors: nn.Module) -> tuple:
 
 
 class _Maps(nn.Module):
-    """Lets functional_call run `combined_maps` (not forward) of a factorisation with swapped-in tensors."""
+    """Lets functional_call run `_build_maps` (not forward) of a factorisation with swapped-in tensors."""
 
     def __init__(self, factors: nn.Module) -> None:
         super().__init__()
