@@ -253,7 +253,7 @@ def run_compare(args: argparse.Namespace) -> int:
     root = Path(args.out or Path("runs") / f"compare-{model_label(model)}-{args.task}-seed{args.seed}")
     rows = []
     start = time.perf_counter()
-    command = "lorta compare " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["compare"] else "lorta compare"
+    command = ("lorta compare " + shlex.join(sys.argv[2:])).strip() if sys.argv[1:2] == ["compare"] else "lorta compare"
     cells = grid(methods, ranks)
     try:
         for i, (method, rank) in enumerate(cells, start=1):
