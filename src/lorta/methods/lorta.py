@@ -16,9 +16,9 @@ matrices get a head-side factor of their own, (GL, n, r), indexed like B.
 Initialisation: A ~ U(-1/√d, 1/√d) (PEFT LoRA's A), B = 0 (so the update starts at exactly zero), and C_H, C_L,
 C_M random signs ±1 (`mode_factor_init="signs"`, the default). With C = 1 (`"ones"`) every head, layer and matrix
 starts on the same direction A·Bᵀ: q and k then move together (their product adds one positive-semidefinite
-attention pattern to every head of every layer) and training at the learning rates the paper uses (1e-2) collapses
-to a constant prediction. Random signs give each head, layer and matrix its own mix of the r rank-one terms from
-the first step, at the same magnitudes (measured on `lorta train`: README, "The lorta command").
+attention pattern to every head of every layer), and on `lorta train` that collapses to a constant prediction at
+any lr >= 2e-3. Random signs give each head, layer and matrix its own mix of the r rank-one terms from the first
+step, at the same magnitudes: +3.2 to +3.8 points at the same seeds (README, "The lorta command").
 """
 
 from __future__ import annotations
