@@ -186,9 +186,11 @@ class TensLoraFactors(Factorization):
         else:
             basis = out.view(G, shape.num_heads, shape.head_dim, out.shape[-1])[:, heads]
         if self.tucker:
-            core = gather_groups(self.core, index)  # (G, r_in, r_out, [r_att], [r_qkv], [r_depth])
-            if self.stack_layers:
-                core = torch.einsum("g...d,gd->g...", core, self.U_depth[gl, gm, index["l"]])
+            if self.stack_layers:  # the core against every layer once (GM, L, ...), then each slot's layer
+                every_layer = torch.einsum("m...d,mld->ml...", self.core[0], self.U_depth[0])
+                core = every_layer[gm, index["l"]]  # (G, r_in, r_out, [r_att], [r_qkv])
+            else:
+                core = gather_groups(self.core, index)  # (G, r_in, r_out, [r_att], [r_qkv])
             if self.stack_matrices:
                 core = torch.einsum("g...q,gq->g...", core, self.U_qkv[gl, gm, index["m"]])
             if self.stack_heads:
