@@ -123,8 +123,9 @@ class Factorization(nn.Module):
         """
         out: list[tuple[Tensor, Tensor] | None] = [None] * len(slots)
         groups: dict[tuple[str, int, int], list[int]] = {}
+        batched = type(self).group_maps is not Factorization.group_maps
         for i, slot in enumerate(slots):
-            if slot.role in (EXTRA_IN, EXTRA_OUT) or type(self).group_maps is Factorization.group_maps:
+            if not batched or slot.role in (EXTRA_IN, EXTRA_OUT):
                 out[i] = self.maps(slot)
             else:
                 groups.setdefault((slot.role, slot.n_heads, slot.head_stride), []).append(i)

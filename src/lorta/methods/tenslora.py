@@ -199,7 +199,7 @@ class TensLoraFactors(Factorization):
                 core = core[:, None].expand(G, n_heads, *core.shape[1:])
             side = torch.einsum("ghij,ghej->ghei", core, basis)
         else:
-            weights = torch.ones_like(self.U_in[gl, gm, 0])  # (G, r)
+            weights = self.U_in.new_ones(G, self.U_in.shape[-1])  # (G, r)
             if self.stack_layers:
                 weights = weights * self.U_depth[gl, gm, index["l"]]
             if self.stack_matrices:
