@@ -11,7 +11,8 @@ Figures (see benchmarks/README.md for the exact definitions):
   * floor: the frozen base with the input embeddings' output requiring grad (no adapter, no weight gradient),
     so that ``overhead = step - floor`` is the adapter's own cost;
   * memory of a step: activation bytes saved for backward, peak torch allocation (CPU: profiler memory events,
-    CUDA: max_memory_allocated) and the peak-RSS delta of the process;
+    CUDA: max_memory_allocated), the adapter's resident state (trainable parameters + AdamW moments), the peak
+    plus that state (the step's whole cost over the frozen base weights) and the peak-RSS delta of the process;
   * unmerged prefill and per-token decode latency, merged prefill latency against the bare base;
   * adapter save/load time, file bytes and trainable parameter count;
   * a float64 correctness guard for every lorta method before anything is timed.
@@ -404,8 +405,19 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def adapter_state_bytes(v: Variant) -> int:
+    """Bytes a method keeps resident between steps on top of the frozen base: its trainable parameters (each storage
+    once, so shared factors count once) and the optimizer's state (AdamW: two moments per parameter)."""
+    tensors = [p for p in v.model.parameters() if p.requires_grad]
+    if v.optimizer is not None:
+        tensors += [t for state in v.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    storages = {_storage_key(t): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
 def step_memory(v: Variant, ids: torch.Tensor, device: torch.device, profile_cpu: bool) -> dict[str, float]:
-    """Memory figures of one (untimed) training step: saved-for-backward bytes, peak allocation, RSS delta."""
+    """Memory figures of one (untimed) training step: saved-for-backward bytes, peak allocation, RSS delta, and the
+    adapter's resident state (parameters + optimizer moments), which the step's peak sits on top of."""
     gc.collect()
     out: dict[str, float] = {}
     if device.type == "cuda":
@@ -437,6 +449,9 @@ def step_memory(v: Variant, ids: torch.Tensor, device: torch.device, profile_cpu
         out["rss_method"] = 0.0  # ru_maxrss delta (only grows past the process's earlier peak)
     if profile_cpu and device.type == "cpu":
         out["peak_alloc_bytes"] = float(_profiled_peak(v, ids))
+    out["state_bytes"] = float(adapter_state_bytes(v))
+    if "peak_alloc_bytes" in out:
+        out["peak_with_state_bytes"] = out["peak_alloc_bytes"] + out["state_bytes"]
     return out
 
 
@@ -633,6 +648,11 @@ def run_training(variants: list[Variant], ids: torch.Tensor, opts: Options) -> d
         row["overhead_ratio_vs_lora"] = row["overhead_s"]["median"] / lo if lo > 0 else math.nan
     for v in variants:
         rows[v.key]["memory"] = step_memory(v, ids, opts.device, opts.profile_memory)
+    for v in variants:  # the step's whole memory cost over the frozen base weights, against LoRA's
+        lora = rows.get(f"lora/r{v.rank}")
+        mine, theirs = rows[v.key]["memory"].get("peak_with_state_bytes"), (lora or {}).get("memory", {})
+        if v.method != "floor" and mine is not None and theirs.get("peak_with_state_bytes"):
+            rows[v.key]["memory_ratio_vs_lora"] = mine / theirs["peak_with_state_bytes"]
     return rows
 
 
@@ -948,8 +968,9 @@ def _train_table(models: list[dict[str, Any]]) -> list[str]:
         "## Training step (forward + backward + AdamW)",
         "",
         "| model | batch x seq | r | method | trainable params | step ms | overhead ms | overhead / LoRA "
-        "| step / LoRA | act. saved MB | peak alloc MB | peak RSS delta MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| step / LoRA | act. saved MB | peak alloc MB | state MB | peak + state MB | memory / LoRA "
+        "| peak RSS delta MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in models:
         for key, row in m.get("train", {}).items():
@@ -961,7 +982,8 @@ def _train_table(models: list[dict[str, Any]]) -> list[str]:
                 f"{_ratio(row.get('overhead_ratio_vs_lora'))} | "
                 f"{_ratio(row.get('step_ratio_vs_lora', {}).get('median'))} | "
                 f"{_mb(mem.get('saved_bytes'))} | {_mb(mem.get('peak_alloc_bytes'))} | "
-                f"{_mb(mem.get('rss_peak_delta_bytes'))} |"
+                f"{_mb(mem.get('state_bytes'))} | {_mb(mem.get('peak_with_state_bytes'))} | "
+                f"{_ratio(row.get('memory_ratio_vs_lora'))} | {_mb(mem.get('rss_peak_delta_bytes'))} |"
             )
     return lines
 

@@ -71,5 +71,14 @@ def test_bench_smoke(tmp_path: Path) -> None:
             assert _positive(io["load_s"]["median"])
             assert io["roundtrip_max_abs_diff"] <= 1e-5
         assert math.isfinite(train["lorta/r4"]["step_ratio_vs_lora"]["median"])
+        # the resident state is parameters + two AdamW moments, all float32: 12 bytes per trainable parameter, plus
+        # AdamW's 4-byte step counter per parameter tensor
+        for method in ("lora", "lorta"):
+            mem = train[f"{method}/r4"]["memory"]
+            assert 0 <= mem["state_bytes"] - 12 * train[f"{method}/r4"]["params"] <= 4 * 256, (method, mem)
+            assert mem["peak_with_state_bytes"] == mem["peak_alloc_bytes"] + mem["state_bytes"]
+        assert train["floor"]["memory"]["state_bytes"] == 0
+        assert train["lora/r4"]["memory_ratio_vs_lora"] == 1.0
+        assert _positive(train["lorta/r4"]["memory_ratio_vs_lora"])
         # LoRTA's parameter count is far below LoRA's at the same rank
         assert train["lorta/r4"]["params"] < train["lora/r4"]["params"]
