@@ -20,7 +20,7 @@ from lorta import cli
 TINY = ["--max-train", "48", "--max-test", "32", "--steps", "3", "--batch-size", "8", "--max-length", "32", "--quiet"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LORA_R8_MINILM = 6 * 4 * 8 * (384 + 384)  # layers x (q, k, v, o) x r x (d_in + d_out) = 147,456
-LORTA_R16_MINILM = (384 + 32 + 12 + 6 + 4) * 16  # (d + d_h + H + L + M) * r = 7,008
+LORTA_R16_MINILM = (384 + 32 + 12 + 6 + 3) * 16  # (d + d_h + H + L + M) * r on q, k, v = 6,992
 HEAD_MINILM = 384 * 2 + 2
 
 
@@ -72,7 +72,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 def test_summary_reports_params_accuracy_time_and_paths(tiny_run: tuple[Path, str]) -> None:
     out, printed = tiny_run
     assert f"{LORTA_R16_MINILM:,} adapter + {HEAD_MINILM:,} head" in printed
-    assert f"LoRA r=8 on q,k,v,o: {LORA_R8_MINILM:,}" in printed and "21.0x fewer" in printed
+    assert f"LoRA r=8 on q,k,v,o: {LORA_R8_MINILM:,}" in printed and "21.1x fewer" in printed
+    assert "adapted matrices      key, query, value" in printed
     assert "held-out accuracy" in printed and "wall time" in printed
     for name in ("adapter", "metrics.json", "loss.png"):
         assert str(out / name) in printed
@@ -94,6 +95,7 @@ def test_outputs_metrics_png_and_loadable_adapter(tiny_run: tuple[Path, str]) ->
     assert (m["adapter_params"], m["head_params"], m["lora_r8_params"]) == (LORTA_R16_MINILM, HEAD_MINILM,
                                                                              LORA_R8_MINILM)
     assert (m["n_train"], m["n_test"], m["steps"]) == (48, 32, 3)
+    assert m["targets"] == ["key", "query", "value"]  # the classify recipe keeps LoRTA off o
     assert len(m["loss_curve"]) == 3 and 0.0 <= m["accuracy"] <= 1.0
     png = (out / "loss.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 2000
@@ -185,8 +187,56 @@ def test_lorta_modes_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert code == 0, err
     m = metrics_of(tmp_path / "m")
     assert m["modes"] == ["layers", "matrices"]
-    assert m["adapter_params"] == (384 + 384 + 6 + 4) * 4  # no heads mode: the head side is one 384-wide factor
+    assert m["adapter_params"] == (384 + 384 + 6 + 3) * 4  # no heads mode: the head side is one 384-wide factor
     assert "lorta[layers+matrices] r=4" in out
+
+
+@pytest.mark.parametrize(
+    ("method", "targets", "expected", "adapter"),
+    [
+        ("lorta", "q,v", ["query", "value"], (384 + 32 + 12 + 6 + 2) * 4),
+        ("lorta", "q,k,v,o", ["attention.output.dense", "key", "query", "value"], (384 + 32 + 12 + 6 + 4) * 4),
+        ("lorta", "query,o", ["attention.output.dense", "query"], (384 + 32 + 12 + 6 + 2) * 4),
+        ("lora", "q,v", ["query", "value"], 6 * 2 * 4 * (384 + 384)),
+        ("tlora", "k", ["key"], 6 * (4 * 4 + 1)),
+    ],
+)
+def test_targets_flag(method: str, targets: str, expected: list[str], adapter: int, tmp_path: Path,
+                      capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["train", "--method", method, "--rank", "4", "--targets", targets, *TINY, "--steps", "1",
+            "--out", str(tmp_path / "t")]
+    code, out, err = lorta(args, capsys)
+    assert code == 0, err
+    m = metrics_of(tmp_path / "t")
+    assert m["targets"] == expected and m["adapter_params"] == adapter
+    assert f"adapted matrices      {', '.join(expected)}" in out
+
+
+def test_target_modules_roles_and_names() -> None:
+    from lorta.tasks import UsageError, target_modules
+
+    assert target_modules(["q", "k", "v"], "bert") == ["query", "key", "value"]
+    assert target_modules(["o"], "llama") == ["o_proj"]
+    assert target_modules(["q", "v", "up_proj"], "qwen2") == ["q_proj", "v_proj", "up_proj"]
+    assert target_modules(["q", "k", "v", "o"], "gpt2") == ["c_attn", "attn.c_proj"]  # fused q/k/v: one module
+    assert target_modules(["q_proj", "q"], "llama") == ["q_proj"]  # duplicates once
+    assert target_modules(["dense"], "unknown-type") == ["dense"]  # names need no known model type
+    assert target_modules(None, "bert") is None
+    with pytest.raises(UsageError, match=r"computes q, k and v in one module \(c_attn\)"):
+        target_modules(["q", "v"], "gpt2")
+    with pytest.raises(UsageError, match="does not know the attention module names of model type 'unknown-type'"):
+        target_modules(["q"], "unknown-type")
+    with pytest.raises(UsageError, match="--targets is empty"):
+        target_modules([], "bert")
+
+
+def test_targets_flag_in_the_default_folder_name(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, _, err = lorta(["train", *TINY, "--steps", "1", "--rank", "2", "--targets", "q,attention.output.dense"],
+                         capsys)
+    assert code == 0, err
+    assert (tmp_path / "runs" / "lorta-q+attention_output_dense-minilm-sentiment-r2-seed0" / "metrics.json").is_file()
 
 
 def test_data_order_is_seeded_grouped_and_exact() -> None:
@@ -297,6 +347,9 @@ def test_bad_data_exits_2_with_message(
         (["--steps", "0"], "--steps must be >= 1"),
         (["--rank", "-1"], "--rank must be >= 1"),
         (["--decomposition", "svd"], "invalid choice: 'svd'"),
+        (["--targets", "q,quary"], "--targets 'quary' matches no linear module of this bert model"),
+        (["--targets", "q,v", "--method", "full"], "--method full has none"),
+        (["--targets", ","], "--targets is empty"),
     ],
 )
 def test_bad_options_exit_2_with_message(
@@ -333,7 +386,8 @@ def test_compare_writes_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFix
     assert code == 0, err
     table = (tmp_path / "cmp" / "compare.md").read_text(encoding="utf-8")
     assert "| method | rank |" in table and "vs LoRA r=8" in table
-    assert "| lorta | 2 | 876 |" in table and "| lorta | 4 | 1,752 |" in table and "| head-only |" in table
+    assert "| lorta | 2 | key, query, value | 874 |" in table and "| lorta | 4 | key, query, value | 1,748 |" in table
+    assert "| head-only |  | - | 0 |" in table
     png = (tmp_path / "cmp" / "compare.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 2000
     rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]

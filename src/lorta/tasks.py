@@ -63,14 +63,20 @@ class UsageError(ValueError):
     """A combination of options that cannot run; the message says what to change."""
 
 
+ATTENTION_ROLES = ("q", "k", "v", "o")
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """Per-method defaults: rank, alpha (scale = alpha / rank), adapter learning rate, head learning rate."""
+    """Per-method defaults: rank, alpha (scale = alpha / rank), adapter learning rate, head learning rate, and the
+    adapted matrices as attention roles (see :func:`target_modules`; None: the method's own default, q, k, v, o for
+    LoRA and LoRTA, q, k, v for TensLoRA)."""
 
     rank: int | None
     alpha: float | None
     lr: float
     head_lr: float
+    targets: tuple[str, ...] | None = None
 
 
 # Swept on the default job (MiniLM, Rotten Tomatoes, 400 steps x 32, ~100 runs, then seeds 0-2 for LoRTA). LoRTA
@@ -78,8 +84,11 @@ class Recipe:
 # lr >= 2e-3. Even so, at lr >= 5e-3 some seeds still collapse to a constant prediction within ~20 steps (uniform
 # attention and identical [CLS] states in the last layers: one shared direction takes over the residual stream);
 # 3e-3 trained on every seed tried (seeds 0/1/2: 80.70/79.75/78.49%). Its head learns best at 1e-2.
+# LoRTA adapts q, k, v but not o: o's update writes into the span of the model-dim factor, which is the very subspace
+# every later layer's q, k, v updates read from (one factor for all), so on o the adapter feeds itself layer after
+# layer. Without o (6,992 instead of 7,008 parameters) seeds 0/1/2 reach QKV_NUMBERS.
 CLASSIFY_RECIPES: dict[str, Recipe] = {
-    "lorta": Recipe(16, 16.0, 3e-3, 1e-2),
+    "lorta": Recipe(16, 16.0, 3e-3, 1e-2, targets=("q", "k", "v")),
     "lora": Recipe(8, 16.0, 1e-3, 2e-3),
     "tenslora": Recipe(8, 16.0, 2e-3, 1e-2),
     "tlora": Recipe(16, 16.0, 1e-2, 2e-3),
@@ -143,6 +152,7 @@ class TrainOptions:
     beta: float = 0.1
     modes: tuple[str, ...] = DEFAULT_MODES
     mode_init: str = "signs"
+    targets: tuple[str, ...] | None = None
     quiet: bool = False
 
 
@@ -196,19 +206,28 @@ def resolve_options(options: TrainOptions) -> tuple[TrainOptions, str, Path]:
     unknown = sorted(set(options.modes) - set(DEFAULT_MODES))
     if unknown:
         raise UsageError(f"unknown LoRTA mode(s) {unknown}; --modes takes a subset of {','.join(DEFAULT_MODES)}")
-    filled = _with_defaults(options, recipes[options.method], JOB_DEFAULTS[kind])
+    model_type = _model_type(path)
+    if options.targets is not None:
+        if options.method not in ADAPTER_METHODS:
+            raise UsageError(f"--targets picks the matrices an adapter adapts; --method {options.method} has none")
+        target_modules(options.targets, model_type)  # fail now, not after the model has loaded
+    filled = _with_defaults(options, recipes[options.method], JOB_DEFAULTS[kind], model_type)
     _check_numbers(filled)
     if filled.out is None:
         rank = f"-r{filled.rank}" if filled.rank is not None else ""
         modes = f"-{'+'.join(filled.modes) or 'nomodes'}" if _custom_modes(filled) else ""
         modes += f"-init{filled.mode_init}" if filled.method == "lorta" and filled.mode_init != "signs" else ""
+        if options.targets is not None and filled.targets != recipes[options.method].targets:
+            modes += "-" + "+".join(t.replace(".", "_") for t in filled.targets)
         name = f"{filled.method}{modes}-{model_label(model)}-{filled.task}{rank}-seed{filled.seed}"
         filled = dataclasses.replace(filled, out=str(Path("runs") / name))
     return filled, kind, path
 
 
-def _with_defaults(o: TrainOptions, recipe: Recipe, job: JobDefaults) -> TrainOptions:
-    """Options with every None replaced by the method's recipe or the job's default."""
+def _with_defaults(o: TrainOptions, recipe: Recipe, job: JobDefaults, model_type: str) -> TrainOptions:
+    """Options with every None replaced by the method's recipe or the job's default. The recipe's targets are
+    roles (q, k, v, o); for a model type whose attention names lorta does not know they stay None, which leaves the
+    choice to the method's own default."""
 
     def pick(value: Any, default: Any) -> Any:
         return default if value is None else value
@@ -226,7 +245,18 @@ def _with_defaults(o: TrainOptions, recipe: Recipe, job: JobDefaults) -> TrainOp
         max_test=pick(o.max_test, job.max_test),
         max_length=pick(o.max_length, job.max_length),
         modes=tuple(m for m in DEFAULT_MODES if m in o.modes),
+        targets=_default_targets(o, recipe, model_type) if adapter else None,
     )
+
+
+def _default_targets(o: TrainOptions, recipe: Recipe, model_type: str) -> tuple[str, ...] | None:
+    if o.targets is not None:
+        return tuple(o.targets)
+    return recipe.targets if recipe.targets and default_targets(model_type) else None
+
+
+def _model_type(path: Path) -> str:
+    return str(json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type", ""))
 
 
 def _custom_modes(o: TrainOptions) -> bool:
@@ -325,6 +355,49 @@ def default_targets(model_type: str) -> list[str] | None:
     return DEFAULT_TARGETS.get(model_type)
 
 
+def target_modules(targets: Sequence[str] | None, model_type: str) -> list[str] | None:
+    """PEFT ``target_modules`` for ``--targets``: the roles q, k, v, o become this model type's attention module
+    names (``layout.DEFAULT_TARGETS``); any other entry is a module name, which PEFT matches exactly or as a suffix.
+    None stays None (the adapter config's default)."""
+    if targets is None:
+        return None
+    if not targets:
+        raise UsageError("--targets is empty; give roles (q,k,v,o) and/or module names, comma-separated")
+    names = default_targets(model_type)
+    roles = [t for t in targets if t in ATTENTION_ROLES]
+    if roles and not names:
+        raise UsageError(
+            f"--targets {','.join(roles)}: lorta does not know the attention module names of model type "
+            f"{model_type!r}; pass module names instead (e.g. --targets q_proj,v_proj)"
+        )
+    by_role: dict[str, str] = {}
+    if roles and len(names) == 2:  # a fused q/k/v projection (GPT-2's c_attn, Phi-3's qkv_proj) and o
+        fused = [r for r in roles if r != "o"]
+        if fused and set(fused) != {"q", "k", "v"}:
+            raise UsageError(
+                f"--targets {','.join(roles)}: {model_type} computes q, k and v in one module ({names[0]}), which "
+                "is adapted as a whole; give all three of q,k,v or none"
+            )
+        by_role = {"q": names[0], "k": names[0], "v": names[0], "o": names[1]}
+    elif roles:
+        by_role = dict(zip(ATTENTION_ROLES, names, strict=True))
+    modules = [by_role.get(t, t) for t in targets]
+    return list(dict.fromkeys(modules))
+
+
+def _check_targets_match(model: nn.Module, targets: Sequence[str]) -> None:
+    """Every --targets name must match a Linear-like module (exactly or as a dotted suffix): PEFT only fails when
+    none matches, so a typo next to a valid name would silently adapt less than asked."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+    for target in targets:
+        if not any(n == target or n.endswith("." + target) for n in names):
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+            raise UsageError(
+                f"--targets {target!r} matches no linear module of this {model.config.model_type} model; "
+                f"its linear modules end in: {', '.join(leaves)}"
+            )
+
+
 def peft_config(o: TrainOptions, task_type: str, model_type: str) -> Any:
     """The PEFT config of an adapter method."""
     import peft
@@ -332,6 +405,9 @@ def peft_config(o: TrainOptions, task_type: str, model_type: str) -> Any:
     import lorta
 
     common: dict[str, Any] = {"lora_alpha": o.alpha, "lora_dropout": o.dropout, "task_type": task_type}
+    targets = target_modules(o.targets, model_type)
+    if targets is not None:
+        common["target_modules"] = targets
     if o.method == "lorta":
         return lorta.LortaConfig(r=o.rank, modes=list(o.modes), mode_factor_init=o.mode_init, **common)
     if o.method == "tlora":
@@ -340,7 +416,8 @@ def peft_config(o: TrainOptions, task_type: str, model_type: str) -> Any:
         return lorta.TensLoraConfig(
             construction=o.construction, decomposition=o.decomposition, ranks=o.rank, **common
         )
-    return peft.LoraConfig(r=o.rank, target_modules=default_targets(model_type), **common)
+    common.setdefault("target_modules", default_targets(model_type))
+    return peft.LoraConfig(r=o.rank, **common)
 
 
 def is_head(name: str) -> bool:
@@ -354,7 +431,10 @@ def prepare_model(model: nn.Module, o: TrainOptions, task_type: str) -> nn.Modul
 
         import lorta  # noqa: F401  (registers the lorta methods with PEFT)
 
-        return peft.get_peft_model(model, peft_config(o, task_type, model.config.model_type))
+        config = peft_config(o, task_type, model.config.model_type)
+        if o.targets is not None:
+            _check_targets_match(model, config.target_modules)
+        return peft.get_peft_model(model, config)
     for name, param in model.named_parameters():
         param.requires_grad_(o.method == "full" or is_head(name))
     return model
@@ -812,7 +892,16 @@ def _metrics(
         metrics.update(construction=o.construction, decomposition=o.decomposition)
     if o.method == "lorta":
         metrics.update(modes=list(o.modes), mode_init=o.mode_init)
+    if o.method in ADAPTER_METHODS:
+        metrics["targets"] = adapted_modules(model)
     return metrics
+
+
+def adapted_modules(model: nn.Module) -> list[str]:
+    """The distinct target names the adapter was put on (PEFT's config, as PEFT resolved it)."""
+    config = model.peft_config[model.active_adapter]
+    modules = config.target_modules
+    return sorted(modules) if isinstance(modules, (set, list, tuple)) else [str(modules)]
 
 
 def _silence_library_bars() -> None:

@@ -90,6 +90,8 @@ def _shared_arguments(p: argparse.ArgumentParser) -> None:
         default=",".join(DEFAULT_MODES))
     add("--mode-init", "LoRTA: initial C_H, C_L, C_M, random signs or all ones", choices=("signs", "ones"),
         default="signs")
+    add("--targets", "adapted matrices, comma-separated: attention roles q,k,v,o and/or module names (default: "
+        "q,k,v,o; LoRTA on a classifier: q,k,v)", type=_modes)
     add("--construction", "TensLoRA: stacked modes", choices=CONSTRUCTIONS, default="att_qkv_depth")
     add("--decomposition", "TensLoRA: tucker or cp", choices=DECOMPOSITIONS, default="tucker")
     add("--seed", "seed of the split, subsets, data order and initialisation", type=int, default=0)
@@ -199,6 +201,7 @@ def summary(m: dict[str, Any]) -> str:
         f"{m['steps']} steps x {m['batch_size'] * m['grad_accum']} · seed {m['seed']}",
         f"trainable parameters  {m['adapter_params']:,} adapter + {m['head_params']:,} head"
         f"   (LoRA r=8 on q,k,v,o: {m['lora_r8_params']:,}; {_ratio(m['adapter_params'], m['lora_r8_params'])})",
+        *([f"adapted matrices      {', '.join(m['targets'])}"] if m.get("targets") else []),
         f"{what:<21} {m['accuracy']:.2%}  on {examples} never seen in training{baseline}",
         f"wall time             {_fmt_time(m['wall_time_s'])}  (training {_fmt_time(m['train_time_s'])}, "
         f"evaluation {_fmt_time(m['eval_time_s'])})",
@@ -273,18 +276,26 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def compare_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Markdown table: method, rank, trainable params (adapter + head), ratio vs LoRA r=8, accuracy, wall time."""
-    header = ("| method | rank | adapter params | head params | vs LoRA r=8 (adapter) | accuracy | wall time |\n"
-              "|---|---:|---:|---:|---:|---:|---:|")
+    """Markdown table: method, rank, adapted matrices, trainable params (adapter + head), ratio vs LoRA r=8,
+    accuracy, wall time."""
+    header = ("| method | rank | adapted matrices | adapter params | head params | vs LoRA r=8 (adapter) | accuracy "
+              "| wall time |\n|---|---:|---|---:|---:|---:|---:|---:|")
     lines = [header]
     for r in rows:
         rank = "" if r["rank"] is None else str(r["rank"])
         lines.append(
-            f"| {method_label(r)} | {rank} | {r['adapter_params']:,} | {r['head_params']:,} | "
+            f"| {method_label(r)} | {rank} | {_targets_cell(r)} | {r['adapter_params']:,} | "
+            f"{r['head_params']:,} | "
             f"{_ratio(r['adapter_params'], r['lora_r8_params'])} | {r['accuracy']:.2%} | "
             f"{_fmt_time(r['wall_time_s'])} |"
         )
     return "\n".join(lines)
+
+
+def _targets_cell(r: dict[str, Any]) -> str:
+    if r.get("targets"):
+        return ", ".join(r["targets"])
+    return "all" if r["method"] == "full" else "-"
 
 
 def write_compare(rows: Sequence[dict[str, Any]], root: Path, command: str, total_s: float) -> None:
