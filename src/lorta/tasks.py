@@ -161,9 +161,13 @@ class TrainOptions:
 # --------------------------------------------------------------------------------------------------
 
 
+def _model_config(path: Path) -> dict[str, Any]:
+    """The model folder's config.json, as plain data (no transformers import needed)."""
+    return json.loads((path / "config.json").read_text(encoding="utf-8"))
+
+
 def _is_causal_lm(path: Path) -> bool:
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    names = config.get("architectures") or []
+    names = _model_config(path).get("architectures") or []
     return any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names)
 
 
@@ -256,7 +260,7 @@ def _default_targets(o: TrainOptions, recipe: Recipe, model_type: str) -> tuple[
 
 
 def _model_type(path: Path) -> str:
-    return str(json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type", ""))
+    return str(_model_config(path).get("model_type", ""))
 
 
 def _custom_modes(o: TrainOptions) -> bool:
