@@ -136,26 +136,29 @@ def test_maps_of_a_finished_forward_are_never_reused_outside_its_backward():
     attention.q_proj(x).sum().backward()
 
 
-def test_a_failing_forward_closes_the_scope():
+def test_a_failing_forward_closes_its_frame_and_call():
     model = adapted("llama", "lorta")
-    factors = factors_of(model)
+    frames = model.base_model._lorta_state.frames
     with pytest.raises(IndexError):
         model(input_ids=torch.full((1, 4), 10_000))  # out of the vocabulary
-    assert not factors.__dict__["_scope"].open
-    assert model.base_model.__dict__["_lorta_scope_depth"] == 0
+    assert frames.depth == 0 and frames.calls == 0
+    assert frames.frame is None or not frames.frame.open
     _, grads = grads_of(model, "llama")  # and the next forward works
     assert all(torch.isfinite(g).all() for g in grads.values())
 
 
-def test_no_scope_without_grad_or_when_disabled():
+def test_frames_live_as_long_as_their_forward_or_call():
     model = adapted("llama", "lorta")
-    factors = factors_of(model)
+    frames = model.base_model._lorta_state.frames
     inputs = make_inputs("llama")
     with torch.no_grad():
         model(**inputs)
-    assert "_scope" not in factors.__dict__
+    assert frames.frame is None and frames.backward_frame is None  # a no-grad call's maps go with the call
     with model.disable_adapter():
         model(**inputs)
-    assert "_scope" not in factors.__dict__
+    assert frames.frame is None  # adapters disabled: nothing built
     model(**inputs)
-    assert "_scope" in factors.__dict__
+    assert frames.frame is frames.backward_frame and not frames.frame.open  # kept for its backward only
+    with torch.no_grad():
+        model(**inputs)
+    assert frames.backward_frame is not None  # a no-grad pass (a DPO reference) leaves it alone

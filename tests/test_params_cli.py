@@ -124,10 +124,12 @@ def test_budget_cli(capsys):
     assert lp.fit_budget(100, catalogue.config_for("gpt2"), "lora").rank == 0
 
 
-def test_budget_with_mlp_targets_reports_tenslora_as_not_applicable(capsys):
+def test_budget_with_mlp_targets_counts_their_own_factors(capsys):
     result = run_json(capsys, "smollm2-135m", "--budget", "200000", "--targets", "q_proj,v_proj,up_proj")
     fits = {f["method"]: f for f in result["methods"]}
-    assert "attention matrices only" in fits["tenslora"]["error"]
+    tenslora_per_rank = 576 + 64 + 9 + 3 + 30 + 1536  # U_in, U_out, U_att, U_qkv, U_depth, up_proj's U_extra
+    assert fits["tenslora"]["rank"] == 11  # 11 * 2218 + 11**5 (the Tucker core) <= 200,000 < 12 * 2218 + 12**5
+    assert fits["tenslora"]["trainable"] == 11 * tenslora_per_rank + 11**5
     lorta_per_rank = 576 + 64 + 9 + 30 + 3 + 1536  # d + d_h + H + L + M, plus up_proj's own 1536-row factor
     assert fits["lorta"]["rank"] == 200_000 // lorta_per_rank
     assert fits["lorta"]["trainable"] == fits["lorta"]["rank"] * lorta_per_rank

@@ -13,7 +13,7 @@ from .registry import register
 from .tuner import TensorAdapterConfig, TensorAdapterModel, make_tuner
 
 LortaModel = make_tuner("LortaModel", LortaFactors)
-TensLoraModel = make_tuner("TensLoraModel", TensLoraFactors, default_kinds={"q", "k", "v"})
+TensLoraModel = make_tuner("TensLoraModel", TensLoraFactors, default_kinds=("q", "k", "v"))
 TLoraModel = make_tuner("TLoraModel", TLoraFactors, default_kinds=TLORA_DEFAULT_TARGETS)
 register("LORTA", LortaConfig, LortaModel)
 register("TENSLORA", TensLoraConfig, TensLoraModel)

@@ -39,7 +39,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 # Config fields that decide where an adapter's matrices sit in the model: equal fields, equal slots.
 _LAYOUT_FIELDS = (
     "peft_type", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "matrix_names",
-    "model_shape", "target_parameters",
+    "layer_names", "model_shape", "target_parameters",
 )
 
 Source = str | os.PathLike | Iterable[str | os.PathLike] | Mapping[str, str | os.PathLike]
@@ -57,7 +57,7 @@ class AdapterBank:
             )
         self.model = model
         self.tuner = tuner
-        self.engine = engine_for(tuner.lorta_factors)
+        self.engine = engine_for(tuner._lorta_state)
         self.engine.cache_maps = cache_maps
         self.file_bytes: dict[str, int] = {}
         self.load_stats: dict[str, Any] | None = None

@@ -1,12 +1,13 @@
-"""A factorisation is plain data (its factors) plus the two thin maps each adapted matrix needs.
+"""A factorisation is plain data (its factors) plus the thin maps each adapted matrix needs (docs/design.md).
 
 Every method of the family reduces, for one adapted matrix, to an input map P (d_in x r') and an output map Q
-(r' x d_out) built from the shared factors (DESIGN.md §2):
+(r' x d_out) built from the shared factors:
 
     delta(x) = scale * (dropout(x) @ P) @ Q          merge: W += scale * (P @ Q)^T
 
 Applying them costs exactly a rank-r' LoRA; building them costs O(r' * d_out) per matrix. The dense update is
-never formed in the forward pass.
+never formed in the forward pass. A factorisation holds no cache of its maps: when and how often they are built
+is the tuner's business (lorta.tuner.maps).
 """
 
 from __future__ import annotations
@@ -16,17 +17,7 @@ from collections.abc import Hashable
 import torch
 from torch import Tensor, nn
 
-from .layout import EXTRA_IN, EXTRA_OUT, IN_HEADS, OUT_HEADS, Slot, TensorLayout
-
-
-class MapScope:
-    """The maps of one training forward, keyed by module (id of its slot list), with the factors' stamp."""
-
-    def __init__(self, maps: dict[int, tuple[Tensor, Tensor, Hashable | None]], stamp: tuple) -> None:
-        self.maps = maps
-        self.stamp = stamp
-        self.open = True
-        self.served: set[int] = set()
+from .layout import EXTRA_FREE, EXTRA_IN, EXTRA_OUT, EXTRA_ROLES, IN_HEADS, OUT_HEADS, Slot, TensorLayout
 
 
 class Factorization(nn.Module):
@@ -58,62 +49,6 @@ class Factorization(nn.Module):
             if buffer.is_meta:  # not in the file by design (e.g. TLoRA's seed-only projections): rebuilt on use
                 setattr(self, name, torch.empty_like(buffer, device=device))
 
-    def combined_maps(self, slots: list[Slot]) -> tuple[Tensor, Tensor, Hashable | None]:
-        """(P, Q, key) of a module holding one or several matrices (a fused q|k|v projection).
-
-        In a training forward the maps come from the model-wide scope (`open_scope`) when one is open, else they
-        are built for this module alone. Without autograd (evaluation, generation) the maps are cached, so a
-        decode step costs exactly LoRA's two thin products. The cache is dropped by any forward with autograd (a
-        training step may follow: fused optimizers update in place without bumping a tensor's version) and by
-        train()/eval(); a factor replaced or updated in place through the version counter (load_state_dict,
-        copy_) also invalidates it.
-        """
-        if torch.is_grad_enabled():
-            self.__dict__.pop("_maps_cache", None)
-            hit = self._from_scope(slots)
-            return hit if hit is not None else self._build_maps(slots)
-        stamp = self._stamp()
-        cache = self.__dict__.setdefault("_maps_cache", {})
-        hit = cache.get(id(slots))
-        if hit is not None and hit[0] == stamp and hit[1] is slots:
-            return hit[2]
-        maps = self._build_maps(slots)
-        cache[id(slots)] = (stamp, slots, maps)
-        return maps
-
-    def open_scope(self) -> None:
-        """Build the maps of every adapted module at once (`maps_many`) and serve them until `close_scope`.
-
-        Called by a forward pre-hook on the adapted model in training forwards: one vectorised pass (a handful of
-        kernels, one autograd node each) replaces the per-module index/multiply ops that make a step launch-bound
-        on a GPU. The maps are the same tensors the modules would build; only their bookkeeping is batched.
-        """
-        modules = list(self.layout.slots.values())
-        pairs = iter(self.maps_many([slot for slots in modules for slot in slots]))
-        maps = {id(slots): self._combine(slots, [next(pairs) for _ in slots]) for slots in modules}
-        self.__dict__["_scope"] = MapScope(maps, self._stamp())
-
-    def close_scope(self) -> None:
-        """End the forward's scope; its maps stay available to the recomputation of checkpointed modules."""
-        scope = self.__dict__.get("_scope")
-        if scope is not None:
-            scope.open = False
-
-    def _from_scope(self, slots: list[Slot]) -> tuple[Tensor, Tensor, Hashable | None] | None:
-        """The scope's maps for a module: while the forward runs, or when a checkpointed module that used them is
-        recomputed during the backward (non-reentrant checkpointing must see the very same tensors again)."""
-        scope = self.__dict__.get("_scope")
-        hit = scope.maps.get(id(slots)) if scope is not None else None
-        if hit is None:
-            return None
-        if scope.open:
-            scope.served.add(id(slots))
-            return hit
-        in_backward = torch._C._current_graph_task_id() != -1
-        if in_backward and id(slots) in scope.served and scope.stamp == self._stamp():
-            return hit
-        return None
-
     def maps_many(self, slots: list[Slot]) -> list[tuple[Tensor, Tensor]]:
         """(P, Q) of many slots, equal to `maps` slot by slot.
 
@@ -125,7 +60,7 @@ class Factorization(nn.Module):
         groups: dict[tuple[str, int, int], list[int]] = {}
         batched = type(self).group_maps is not Factorization.group_maps
         for i, slot in enumerate(slots):
-            if not batched or slot.role in (EXTRA_IN, EXTRA_OUT):
+            if not batched or slot.role in EXTRA_ROLES:
                 out[i] = self.maps(slot)
             else:
                 groups.setdefault((slot.role, slot.n_heads, slot.head_stride), []).append(i)
@@ -151,74 +86,46 @@ class Factorization(nn.Module):
         raise NotImplementedError
 
     def _slot_index(self, slots: list[Slot]) -> dict[str, Tensor]:
-        """Group / layer / matrix index tensors of some slots, on the factors' device (cached per slot tuple)."""
+        """Group / layer / matrix index tensors of some slots, on the factors' device (memoised per slot tuple:
+        they depend on the layout only, never on factor values)."""
         device = next(iter(self._tensors())).device
-        cache = self.__dict__.setdefault("_index_cache", {})
+        memo = self.__dict__.setdefault("_index_memo", {})
         key = (tuple(id(s) for s in slots), device)
-        hit = cache.get(key)
+        hit = memo.get(key)
         if hit is None:
             groups = [self._groups(s) for s in slots]
             columns = {
                 "gl": [g[0] for g in groups], "gm": [g[1] for g in groups],
                 "l": [s.layer for s in slots], "m": [s.matrix for s in slots],
             }
-            hit = cache[key] = (slots, {k: torch.tensor(v, device=device) for k, v in columns.items()})
+            hit = memo[key] = (slots, {k: torch.tensor(v, device=device) for k, v in columns.items()})
         return hit[1]
-
-    def train(self, mode: bool = True) -> Factorization:
-        self.__dict__.pop("_maps_cache", None)
-        self.__dict__.pop("_scope", None)
-        return super().train(mode)
-
-    def _stamp(self) -> tuple:
-        """Changes whenever any factor's values can have changed, or autocast would build the maps differently."""
-        tensors = self._tensors()
-        kind = tensors[0].device.type
-        autocast = torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind)
-        return (autocast, *((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors))
 
     def _tensors(self) -> list[Tensor]:
         return [t for t in (*self._parameters.values(), *self._buffers.values()) if t is not None]
-
-    def _build_maps(self, slots: list[Slot]) -> tuple[Tensor, Tensor, Hashable | None]:
-        return self._combine(slots, [self.maps(s) for s in slots])
-
-    def _combine(self, slots: list[Slot], pairs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Hashable | None]:
-        """One module's (P, Q, key) from its slots' maps: shared P with side-by-side Q, else block-diagonal."""
-        if len(slots) == 1:
-            P, Q = pairs[0]
-            return P, Q, self.input_key(slots[0])
-        keys = {self.input_key(s) for s in slots}
-        if len(keys) == 1 and None not in keys:
-            return pairs[0][0], torch.cat([q for _, q in pairs], dim=1), keys.pop()
-        P = torch.cat([p for p, _ in pairs], dim=1)
-        return P, torch.block_diag(*[q for _, q in pairs]), None
-
-    def delta_weight(self, slots: list[Slot]) -> Tensor:
-        """The dense update P @ Q (d_in x d_out), for merging only."""
-        P, Q, _ = self.combined_maps(slots)
-        return P @ Q
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
 
 def head_maps(role: str, model_factor: Tensor, head_basis: Tensor, core: Tensor) -> tuple[Tensor, Tensor]:
-    """P and Q of a head-structured matrix.
+    """P and Q of a matrix from its model-side factor, its head-side basis and the core weights of its heads.
 
-    model_factor: (d, ra), the model-dimension side. head_basis: (n_heads, d_h, rb), the head side of each of the
-    matrix's heads. core: (n_heads, ra) for CP (a diagonal core, ra == rb) or (n_heads, ra, rb) for Tucker.
-    Heads on the output (q, k, v, extra_in):  Q[i, h*d_h + e] = sum_j core[h, i, j] * head_basis[h, e, j], P = A.
-    Heads on the input (o, extra_out):        P[h*d_h + e, i] = the same sum, Q = A^T.
+    model_factor: (d, ra), the model-dimension side (a free extra's own input factor). head_basis: (n_heads, d_h,
+    rb), the head side of each of the matrix's heads (an extra matrix: one "head" of its own size). core: (n_heads,
+    ra) for CP (a diagonal core, ra == rb) or (n_heads, ra, rb) for Tucker.
+    Heads on the output (q, k, v, extra_in, extra_free):  Q[i, h*d_h + e] = sum_j core[h, i, j] * head_basis[h, e, j],
+                                                          P = model_factor.
+    Heads on the input (o, extra_out):                    P[h*d_h + e, i] = the same sum, Q = model_factor^T.
     """
     n_heads, d_h, _ = head_basis.shape
     if core.dim() == 2:
         side = head_basis * core[:, None, :]  # (n_heads, d_h, r)
     else:
         side = torch.einsum("hij,hej->hei", core, head_basis)  # (n_heads, d_h, ra)
-    if role in (OUT_HEADS, EXTRA_IN):
+    if role in (OUT_HEADS, EXTRA_IN, EXTRA_FREE):
         return model_factor, side.permute(2, 0, 1).reshape(side.shape[-1], n_heads * d_h)
-    if role in (IN_HEADS,) or role == "extra_out":
+    if role in (IN_HEADS, EXTRA_OUT):
         return side.reshape(n_heads * d_h, side.shape[-1]), model_factor.t()
     raise ValueError(f"unknown matrix role {role!r}")
 

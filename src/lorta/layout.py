@@ -1,23 +1,31 @@
-"""Where each adapted matrix sits in the update tensor.
+"""Where each adapted matrix sits in the update tensor (docs/design.md, "The layout").
 
-A transformer's attention matrices are indexed by (layer, matrix, head). This module reads those coordinates off
-a Hugging Face model: the model's shape (hidden size d, heads H, KV heads, head dim d_h, layers L) from its
-config, and for every targeted module its layer index, which matrix it is (q, k, v, o, a fused qkv, or an extra
-matrix such as an MLP projection) and on which side its heads lie. The result is plain data that the engine and
-every factorisation read; nothing here owns parameters.
+A transformer's adapted matrices are indexed by (layer, matrix, head). This module reads those coordinates off
+a model: its shape (hidden size d, heads H, KV heads, head dim d_h) from its config, and for every targeted module
+its layer, which matrix it is (q, k, v, o, a fused q/k/v, or an extra matrix such as an MLP projection) and on
+which side its heads lie. The result is plain data that the engine and every factorisation read.
 
-Conventions (DESIGN.md §1):
+Conventions:
 - the d-mode is always the MODEL-dimension side of a matrix, the (d_h, H) modes the HEAD side;
 - q, k, v: heads on the output side; o: heads on the input side; output feature o = h * d_h + e (HF order);
-- GQA: k and v have H_kv < H heads. KV head j serves query heads j*g .. j*g+g-1 (g = H / H_kv), so it reads
-  the tensor's head slice j*g (the first query head of its group). No averaging.
-- extra matrices (MLP projections, anything else targeted) have no head structure: their non-model side of
-  size n gets a factor of its own (n x r), while the model side, layers and matrices modes are shared.
+- GQA: KV head j serves query heads j*g .. j*g+g-1 (g = H / H_kv) and reads the tensor's head j*g. No averaging;
+- the layers mode holds the ADAPTED layers only, in model order (encoder blocks before decoder blocks), so
+  `layers_to_transform` or a partial target list never leaves a factor row that cannot train;
+- a layer with several attention blocks (a decoder's self- and cross-attention) gives each block its own
+  matrices ("self_attn.q", "encoder_attn.q"); otherwise the matrices are plain "q", "k", "v", "o";
+- extra matrices (MLP projections, any linear layer of a model without attention heads) have no head mode: the
+  side equal to the model dimension d shares the model factor, the other side gets a factor of its own; a matrix
+  with neither side equal to d gets factors of its own on both sides. Without a config, d is the size most of the
+  targeted matrices share;
+- fused q/k/v projections: concatenated [q | k | v] (GPT-2 c_attn, Phi-3 qkv_proj, MPT Wqkv), or interleaved per
+  head group (GPT-NeoX, BLOOM, Falcon, DeBERTa: (H_kv, H/H_kv + 2, d_h)), or CodeGen's four [q | v | k]
+  partitions. An interleaved layout is a fixed permutation of the output features (`TensorLayout.out_orders`).
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,34 +36,82 @@ OUT_HEADS = "out_heads"  # q, k, v: model dim in, heads out
 IN_HEADS = "in_heads"  # o: heads in, model dim out
 EXTRA_IN = "extra_in"  # model dim in, own side out (e.g. gate_proj, up_proj, fc1)
 EXTRA_OUT = "extra_out"  # own side in, model dim out (e.g. down_proj, fc2)
+EXTRA_FREE = "extra_free"  # neither side is the model dim: own factors on both sides
+EXTRA_ROLES = (EXTRA_IN, EXTRA_OUT, EXTRA_FREE)
 
-_Q_NAMES = {"q_proj", "query", "q_lin", "wq", "q"}
-_K_NAMES = {"k_proj", "key", "k_lin", "wk", "k"}
-_V_NAMES = {"v_proj", "value", "v_lin", "wv", "v"}
+# Fused q/k/v output layouts.
+CONCAT = "concat"  # [q heads | k heads | v heads]
+GROUPED = "grouped"  # per KV head j: [q heads j*g .. j*g+g-1 | k_j | v_j]
+CODEGEN = "codegen"  # 4 partitions, each [q | v | k] of a quarter of the heads
+
+_Q_NAMES = {"q_proj", "query", "q_lin", "wq", "q", "query_proj"}
+_K_NAMES = {"k_proj", "key", "k_lin", "wk", "k", "key_proj"}
+_V_NAMES = {"v_proj", "value", "v_lin", "wv", "v", "value_proj"}
 _O_NAMES = {"o_proj", "out_proj", "out_lin", "wo", "o"}
 _O_QUALIFIED = {"attention.output.dense", "attn.c_proj", "attention.dense", "self_attention.dense"}
-_FUSED_CONCAT = {"c_attn", "qkv_proj", "wqkv", "w_pack"}
-_FUSED_INTERLEAVED = {"query_key_value"}
+_FUSED_NAMES = {"c_attn", "qkv_proj", "wqkv", "w_pack", "query_key_value"}
 
-# Default targets per model type: the four attention matrices, the paper's M = 4 setting.
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    **{
-        t: ["q_proj", "k_proj", "v_proj", "o_proj"]
-        for t in (
-            "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
-            "gemma3", "gemma3_text", "olmo", "olmo2", "starcoder2", "smollm3", "granite", "cohere", "phi",
-            "stablelm", "internlm2", "deepseek_v2",
-        )
-    },
-    **{t: ["q_proj", "k_proj", "v_proj", "out_proj"] for t in ("opt", "bart", "whisper", "m2m_100", "mbart")},
-    **{
-        t: ["query", "key", "value", "attention.output.dense"]
-        for t in ("bert", "roberta", "xlm-roberta", "esm", "electra", "camembert", "ernie", "mpnet", "data2vec-text")
-    },
-    "gpt2": ["c_attn", "attn.c_proj"],
-    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin"],
-    "phi3": ["qkv_proj", "o_proj"],
+
+@dataclass(frozen=True)
+class Attention:
+    """The attention module names of a model type, as PEFT target_modules (suffixes of module names)."""
+
+    q: str | None = None
+    k: str | None = None
+    v: str | None = None
+    o: str | None = None
+    qkv: str | None = None  # one module computing q, k and v
+
+    def targets(self, roles: tuple[str, ...] = ("q", "k", "v", "o")) -> list[str]:
+        """The module names adapting `roles`; a fused q/k/v module is adapted whole when any of q, k, v is asked."""
+        out = []
+        for role in roles:
+            name = self.qkv if (self.qkv and role in "qkv") else getattr(self, role)
+            if name and name not in out:
+                out.append(name)
+        return out
+
+
+_LLAMA = Attention("q_proj", "k_proj", "v_proj", "o_proj")
+_BART = Attention("q_proj", "k_proj", "v_proj", "out_proj")
+_BERT = Attention("query", "key", "value", "attention.output.dense")
+_NEOX = Attention(qkv="query_key_value", o="attention.dense")
+
+# Every model type whose attention lorta places, with its module names (tested over a tiny config of each:
+# tests/test_architectures.py). The defaults adapt q, k, v, o, the paper's M = 4 setting.
+ARCHITECTURES: dict[str, Attention] = {
+    **dict.fromkeys(
+        (
+            "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3",
+            "gemma3_text", "olmo", "olmo2", "starcoder2", "smollm3", "granite", "cohere", "phi", "stablelm",
+            "internlm2", "deepseek_v2", "llama4_text", "nemotron_h",
+        ),
+        _LLAMA,
+    ),
+    **dict.fromkeys(("opt", "bart", "mbart", "whisper", "m2m_100", "gptj", "gpt_neo", "vit"), _BART),
+    **dict.fromkeys(
+        (
+            "bert", "roberta", "xlm-roberta", "esm", "electra", "camembert", "ernie", "mpnet", "data2vec-text",
+            "layoutlm",
+        ),
+        _BERT,
+    ),
+    **dict.fromkeys(("t5", "mt5", "umt5"), Attention("q", "k", "v", "o")),
+    "gpt2": Attention(qkv="c_attn", o="attn.c_proj"),
+    "gpt_bigcode": Attention(qkv="c_attn", o="attn.c_proj"),
+    "distilbert": Attention("q_lin", "k_lin", "v_lin", "out_lin"),
+    "deberta-v2": Attention("query_proj", "key_proj", "value_proj", "attention.output.dense"),
+    "deberta": Attention(qkv="in_proj", o="attention.output.dense"),
+    "phi3": Attention(qkv="qkv_proj", o="o_proj"),
+    "codegen": Attention(qkv="qkv_proj", o="out_proj"),
+    "mpt": Attention(qkv="Wqkv", o="out_proj"),
+    "gpt_neox": _NEOX,
+    "bloom": Attention(qkv="query_key_value", o="self_attention.dense"),
+    "falcon": Attention(qkv="query_key_value", o="self_attention.dense"),
 }
+DEFAULT_TARGETS: dict[str, list[str]] = {t: a.targets() for t, a in ARCHITECTURES.items()}
+# How a model type's fused q/k/v projection lays out its output (default: concatenated).
+_FUSED_LAYOUTS = {"gpt_neox": GROUPED, "bloom": GROUPED, "falcon": GROUPED, "deberta": GROUPED, "codegen": CODEGEN}
 
 
 class LayoutError(ValueError):
@@ -64,56 +120,77 @@ class LayoutError(ValueError):
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The sizes of the update tensor's modes, read from the base model's config."""
+    """The sizes of the update tensor's modes, read from the base model's config (0: not known).
 
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
+    A model without attention heads in its config (a custom nn.Module, an MLP) has num_heads = 0: every adapted
+    matrix is then an extra matrix without a head mode.
+    """
+
+    num_layers: int = 0
+    hidden_size: int = 0
+    num_heads: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
     model_type: str = ""
+    fused_qkv: str = CONCAT
 
     @property
     def group_size(self) -> int:
-        return self.num_heads // self.num_kv_heads
+        return self.num_heads // self.num_kv_heads if self.num_kv_heads else 1
+
+    @property
+    def has_heads(self) -> bool:
+        return self.num_heads > 0 and self.head_dim > 0 and self.hidden_size > 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_model(cls, model: nn.Module, overrides: dict[str, Any] | None = None) -> ModelShape:
+        """The shape in `model.config` (when it has one), then `overrides` (a saved adapter's or the user's)."""
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "get_text_config"):
             config = config.get_text_config()
         values: dict[str, Any] = {}
-        if config is not None:
-            values["num_layers"] = _first_attr(config, "num_hidden_layers", "n_layer", "num_layers")
-            values["hidden_size"] = _first_attr(config, "hidden_size", "n_embd", "d_model", "dim")
-            values["num_heads"] = _first_attr(config, "num_attention_heads", "n_head", "num_heads", "n_heads")
-            values["num_kv_heads"] = _first_attr(config, "num_key_value_heads", "num_kv_heads")
-            values["head_dim"] = _first_attr(config, "head_dim")
-            values["model_type"] = getattr(config, "model_type", "") or ""
-        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        missing = [k for k in ("num_layers", "hidden_size", "num_heads") if not values.get(k)]
-        if missing:
-            raise LayoutError(
-                f"cannot read {missing} from the base model's config ({type(config).__name__}); pass them as "
-                f"model_shape={{'num_layers': ..., 'hidden_size': ..., 'num_heads': ...}} in the adapter config"
-            )
-        values["num_kv_heads"] = values.get("num_kv_heads") or values["num_heads"]
-        values["head_dim"] = values.get("head_dim") or values["hidden_size"] // values["num_heads"]
-        if values["num_heads"] % values["num_kv_heads"]:
-            raise LayoutError(
-                f"num_heads={values['num_heads']} is not a multiple of num_kv_heads={values['num_kv_heads']}"
-            )
-        fields = {k: values[k] for k in cls.__dataclass_fields__ if k in values}
-        return cls(**fields)
+        if config is not None and not isinstance(config, dict):
+            values = _shape_of_config(config)
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None and k in cls.__dataclass_fields__})
+        heads, kv = values.get("num_heads") or 0, values.get("num_kv_heads") or 0
+        if heads and not kv:
+            values["num_kv_heads"] = kv = heads
+        if heads and values.get("hidden_size") and not values.get("head_dim"):
+            values["head_dim"] = values["hidden_size"] // heads
+        if heads and heads % kv:
+            raise LayoutError(f"num_heads={heads} is not a multiple of num_kv_heads={kv}")
+        return cls(**{k: (v if v is not None else 0) for k, v in values.items() if k in cls.__dataclass_fields__})
+
+
+def _shape_of_config(config: Any) -> dict[str, Any]:
+    model_type = getattr(config, "model_type", "") or ""
+    heads = _first_attr(config, "num_attention_heads", "n_head", "num_heads", "n_heads")
+    kv = _first_attr(config, "num_key_value_heads", "num_kv_heads")
+    if model_type == "falcon" and heads:
+        kv = kv if getattr(config, "new_decoder_architecture", False) else 1 if config.multi_query else heads
+    elif model_type == "gpt_bigcode" and heads:
+        kv = 1 if getattr(config, "multi_query", True) else heads
+    fused = _FUSED_LAYOUTS.get(model_type, CONCAT)
+    if model_type == "gpt_bigcode" and not getattr(config, "multi_query", True):
+        fused = GROUPED
+    return {
+        "num_layers": _first_attr(config, "num_hidden_layers", "n_layer", "num_layers"),
+        "hidden_size": _first_attr(config, "hidden_size", "n_embd", "d_model", "dim"),
+        "num_heads": heads,
+        "num_kv_heads": kv,
+        "head_dim": _first_attr(config, "head_dim", "d_kv", "attention_head_size"),
+        "model_type": model_type,
+        "fused_qkv": fused,
+    }
 
 
 def _first_attr(obj: Any, *names: str) -> Any:
     for name in names:
         value = getattr(obj, name, None)
-        if value is not None:
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
 
@@ -123,7 +200,7 @@ class Slot:
     """One adapted matrix: its place in the tensor and how its sides map onto the tensor's modes.
 
     The matrix's j-th head reads the tensor's head j * head_stride (GQA: head_stride = H / H_kv for k and v).
-    `out_offset` places the matrix's output inside a fused module's output.
+    `out_offset` places the matrix's output inside a fused module's concatenated [q | k | v] output.
     """
 
     layer: int
@@ -144,31 +221,45 @@ class Slot:
 
 @dataclass
 class TensorLayout:
-    """The whole update tensor: model shape, the matrices mode (names in order) and each extra's own size."""
+    """The whole update tensor: model shape, the layers and matrices modes (names in order), each extra matrix's
+    own sizes, every module's slots and, for interleaved fused projections, their output order."""
 
     shape: ModelShape
     matrix_names: list[str]
     matrix_roles: list[str]
-    extra_sizes: dict[str, int] = field(default_factory=dict)
+    layer_names: list[str] = field(default_factory=lambda: [""])
+    model_dim: int = 0  # d: the config's hidden size, or the side most head-less targets share
+    extra_sizes: dict[str, int] = field(default_factory=dict)  # EXTRA_IN / EXTRA_OUT kind -> its own side
+    free_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # EXTRA_FREE kind -> (in, out)
     slots: dict[str, list[Slot]] = field(default_factory=dict)  # module name -> its slots
+    out_orders: dict[str, list[int]] = field(default_factory=dict)  # module -> concat index of each output
 
     @property
     def num_matrices(self) -> int:
         return len(self.matrix_names)
 
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_names)
 
-def matrix_kind(module_name: str) -> tuple[str, str]:
-    """Return (kind, role) for a module name; kind 'qkv' means a fused concatenated q|k|v projection."""
-    parts = module_name.lower().split(".")
-    leaf = parts[-1]
-    qualified2 = ".".join(parts[-2:])
-    qualified3 = ".".join(parts[-3:])
-    if leaf in _FUSED_INTERLEAVED:
-        raise LayoutError(
-            f"module {module_name!r} is a per-head interleaved fused qkv projection (GPT-NeoX/Falcon layout); "
-            "lorta supports concatenated q|k|v projections (GPT-2 c_attn, Phi-3 qkv_proj) and separate q, k, v"
-        )
-    if leaf in _FUSED_CONCAT:
+    @property
+    def has_head_slots(self) -> bool:
+        return any(r in (OUT_HEADS, IN_HEADS) for r in self.matrix_roles)
+
+    @property
+    def uses_model_dim(self) -> bool:
+        return any(r != EXTRA_FREE for r in self.matrix_roles)
+
+
+def matrix_kind(module_name: str, model_type: str = "") -> tuple[str, str]:
+    """(kind, role) of a module by its name: 'q', 'k', 'v', 'o', 'qkv' (a fused q/k/v projection) or, for any
+    other matrix, its name without the layer prefix (role ''). `model_type` adds its own fused name (DeBERTa's
+    in_proj)."""
+    parts = module_name.split(".")
+    leaf = parts[-1].lower()
+    lowered = [p.lower() for p in parts]
+    own = ARCHITECTURES.get(model_type)
+    if leaf in _FUSED_NAMES or (own is not None and own.qkv and leaf == own.qkv.lower()):
         return "qkv", OUT_HEADS
     if leaf in _Q_NAMES:
         return "q", OUT_HEADS
@@ -176,7 +267,7 @@ def matrix_kind(module_name: str) -> tuple[str, str]:
         return "k", OUT_HEADS
     if leaf in _V_NAMES:
         return "v", OUT_HEADS
-    if leaf in _O_NAMES or qualified2 in _O_QUALIFIED or qualified3 in _O_QUALIFIED:
+    if leaf in _O_NAMES or ".".join(lowered[-2:]) in _O_QUALIFIED or ".".join(lowered[-3:]) in _O_QUALIFIED:
         return "o", IN_HEADS
     return _strip_layer_prefix(module_name), ""
 
@@ -188,6 +279,15 @@ def _strip_layer_prefix(module_name: str) -> str:
         if part.isdigit():
             return ".".join(parts[i + 1 :]) or module_name
     return module_name
+
+
+def layer_of(module_name: str) -> tuple[str, int]:
+    """(stack, index) of a module's layer: 'model.decoder.layers.3.fc1' -> ('model.decoder.layers', 3); a module
+    outside any numbered stack is in the one layer ('', 0)."""
+    match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", module_name)
+    if match is None:
+        return "", 0
+    return module_name[: match.start(1)].rstrip("."), int(match.group(1))
 
 
 def layer_index(module_name: str) -> int | None:
@@ -210,92 +310,219 @@ def module_features(module: nn.Module) -> tuple[int, int]:
     )
 
 
+def fused_order(layout: str, n_heads: int, n_kv: int, head_dim: int) -> list[int] | None:
+    """For each output feature of a fused q/k/v projection, its index in the concatenation [q | k | v]."""
+    if layout == CONCAT:
+        return None
+    q_size, kv_size = n_heads * head_dim, n_kv * head_dim
+    order: list[int] = []
+    if layout == GROUPED:
+        group = n_heads // n_kv
+        for j in range(n_kv):
+            for t in range(group):
+                start = (j * group + t) * head_dim
+                order += range(start, start + head_dim)
+            order += range(q_size + j * head_dim, q_size + (j + 1) * head_dim)
+            order += range(q_size + kv_size + j * head_dim, q_size + kv_size + (j + 1) * head_dim)
+    elif layout == CODEGEN:
+        parts = 4
+        if n_kv != n_heads or n_heads % parts:
+            raise LayoutError(f"CodeGen's qkv_proj needs H divisible by {parts} and no GQA, got H={n_heads}")
+        local = q_size // parts
+        for p in range(parts):
+            order += range(p * local, (p + 1) * local)  # q
+            order += range(q_size + kv_size + p * local, q_size + kv_size + (p + 1) * local)  # v
+            order += range(q_size + p * local, q_size + (p + 1) * local)  # k
+    else:
+        raise LayoutError(f"unknown fused q/k/v layout {layout!r}")
+    return order if order != list(range(len(order))) else None
+
+
+@dataclass
+class _Target:
+    name: str
+    kind: str  # q, k, v, o, qkv, or the extra matrix's name
+    role: str
+    layer: tuple[str, int]
+    fin: int
+    fout: int
+    type_name: str = "Linear"
+    block: str = ""  # the attention block inside the layer ('self_attn', 'encoder_attn'), for q/k/v/o
+
+    @property
+    def where(self) -> str:
+        return f"module {self.name!r} ({self.type_name} {self.fin} -> {self.fout})"
+
+
 def build_layout(
-    shape: ModelShape, targets: dict[str, nn.Module], recorded_names: list[str] | None = None
+    shape: ModelShape,
+    targets: dict[str, nn.Module],
+    recorded_names: list[str] | None = None,
+    recorded_layers: list[str] | None = None,
 ) -> TensorLayout:
     """Place every targeted module in the tensor, checking each one's shape against the model's.
 
-    `targets` maps module names to their (base) modules. `recorded_names` is the matrices mode saved with an
-    adapter; when given, the targets must produce exactly those matrices, in that order.
+    `targets` maps module names to their (base) modules, in model order. `recorded_names` / `recorded_layers` are
+    the matrices and layers modes saved with an adapter; when given, the targets must produce exactly those.
     """
     if not targets:
         raise LayoutError("no module matched target_modules")
-    d, dh, H, Hkv = shape.hidden_size, shape.head_dim, shape.num_heads, shape.num_kv_heads
-    attn_q_out, attn_kv_out = H * dh, Hkv * dh
-    kinds: dict[str, str] = {}
-    infos: list[tuple[str, str, str, int, int, int]] = []
-    extra_sizes: dict[str, int] = {}
+    items = []
     for name, module in targets.items():
-        kind, role = matrix_kind(name)
         fin, fout = module_features(module)
-        layer = layer_index(name)
-        where = f"module {name!r} ({type(module).__name__} {fin} -> {fout})"
-        if layer is None or not 0 <= layer < shape.num_layers:
-            raise LayoutError(
-                f"{where}: cannot tell its layer index (expected a number in 0..{shape.num_layers - 1} in its "
-                "name, as in 'model.layers.3.self_attn.q_proj')"
-            )
-        if kind == "qkv":
-            expected = attn_q_out + 2 * attn_kv_out
-            if fin != d or fout != expected:
-                raise LayoutError(
-                    f"{where}: a fused q|k|v projection must map hidden_size={d} to (H + 2*H_kv) * head_dim"
-                    f" = {expected}"
-                )
-            for sub in ("q", "k", "v"):
-                kinds[sub] = OUT_HEADS
-        elif kind in ("q", "k", "v"):
-            expected = attn_q_out if kind == "q" else attn_kv_out
-            if fin != d or fout != expected:
-                heads = H if kind == "q" else Hkv
-                raise LayoutError(
-                    f"{where}: expected {d} -> {expected} (hidden_size -> {heads} heads x head_dim {dh}); the "
-                    "output must be a whole number of heads of head_dim"
-                )
-            kinds[kind] = role
-        elif kind == "o":
-            if fin != attn_q_out or fout != d:
-                raise LayoutError(
-                    f"{where}: an attention output projection must map {H} heads x head_dim {dh} = "
-                    f"{attn_q_out} -> hidden_size {d}"
-                )
-            kinds[kind] = role
-        else:
-            if fin == d:
-                role, other = EXTRA_IN, fout
-            elif fout == d:
-                role, other = EXTRA_OUT, fin
-            else:
-                raise LayoutError(
-                    f"{where}: neither side equals hidden_size={d}; an extra matrix needs one model-dimension "
-                    "side to share the tensor's model-dim factor"
-                )
-            if extra_sizes.setdefault(kind, other) != other:
-                raise LayoutError(f"{where}: matrix kind {kind!r} has different sizes in different layers")
-            if kinds.setdefault(kind, role) != role:
-                raise LayoutError(f"{where}: matrix kind {kind!r} changes sides between layers")
-        infos.append((name, kind, role, layer, fin, fout))
+        kind, role = matrix_kind(name, shape.model_type) if shape.has_heads else (_strip_layer_prefix(name), "")
+        items.append(_Target(name, kind, role, layer_of(name), fin, fout, type(module).__name__))
+    d = _model_dim(shape, items)
+    for item in items:
+        if item.role:
+            _check_attention_shape(shape, item)
+    _name_attention_blocks(items)
 
-    names = sorted(kinds, key=lambda k: (_CANONICAL_ORDER.get(k, 4), k))
+    kinds: dict[str, str] = {}
+    extra_sizes: dict[str, int] = {}
+    free_sizes: dict[str, tuple[int, int]] = {}
+    for item in items:
+        if item.role:
+            for sub in ("q", "k", "v") if item.kind == "qkv" else (item.kind,):
+                kinds[_qualified(item.block, sub)] = OUT_HEADS if sub != "o" else IN_HEADS
+            continue
+        if item.fin == d:
+            role, own = EXTRA_IN, item.fout
+        elif item.fout == d:
+            role, own = EXTRA_OUT, item.fin
+        else:
+            role, own = EXTRA_FREE, None
+        if kinds.setdefault(item.kind, role) != role:
+            raise LayoutError(f"{item.where}: matrix kind {item.kind!r} changes sides between layers")
+        sizes = free_sizes if role == EXTRA_FREE else extra_sizes
+        size = (item.fin, item.fout) if role == EXTRA_FREE else own
+        if sizes.setdefault(item.kind, size) != size:
+            raise LayoutError(f"{item.where}: matrix kind {item.kind!r} has different sizes in different layers")
+        item.role = role
+
+    blocks = list(dict.fromkeys(i.block for i in items))
+    names = sorted(kinds, key=lambda k: _kind_order(k, blocks))
     if recorded_names is not None and list(recorded_names) != names:
         raise LayoutError(
             f"the adapter was trained on matrices {list(recorded_names)} but target_modules match {names} "
             "on this model"
         )
+    stacks = list(dict.fromkeys(i.layer[0] for i in items))
+    layers = sorted({i.layer for i in items}, key=lambda s: (stacks.index(s[0]), s[1]))
+    layer_names = [f"{stack}.{index}" if stack else "" for stack, index in layers]
+    if recorded_layers is not None and list(recorded_layers) != layer_names:
+        raise LayoutError(
+            f"the adapter was trained on layers {_short(recorded_layers)} but target_modules match "
+            f"{_short(layer_names)} on this model"
+        )
+    layout = TensorLayout(shape, names, [kinds[n] for n in names], layer_names, d, extra_sizes, free_sizes)
     index = {n: i for i, n in enumerate(names)}
-    group = shape.group_size
-    q_heads, kv_heads = (H, 1), (Hkv, group)
-    layout = TensorLayout(shape, names, [kinds[n] for n in names], extra_sizes)
-    for name, kind, role, layer, fin, fout in infos:
-        if kind == "qkv":
-            layout.slots[name] = [
-                Slot(layer, index["q"], "q", OUT_HEADS, fin, attn_q_out, *q_heads, 0),
-                Slot(layer, index["k"], "k", OUT_HEADS, fin, attn_kv_out, *kv_heads, attn_q_out),
-                Slot(layer, index["v"], "v", OUT_HEADS, fin, attn_kv_out, *kv_heads, attn_q_out + attn_kv_out),
-            ]
-        elif kind in ("q", "k", "v", "o"):
-            heads = q_heads if kind in ("q", "o") else kv_heads
-            layout.slots[name] = [Slot(layer, index[kind], kind, role, fin, fout, *heads)]
-        else:
-            layout.slots[name] = [Slot(layer, index[kind], kind, role, fin, fout)]
+    layer_pos = {key: i for i, key in enumerate(layers)}
+    seen: dict[tuple[int, int], str] = {}
+    for item in items:
+        layer = layer_pos[item.layer]
+        layout.slots[item.name] = _slots_of(item, layer, index, shape)
+        for slot in layout.slots[item.name]:
+            clash = seen.setdefault((slot.layer, slot.matrix), item.name)
+            if clash != item.name:
+                raise LayoutError(
+                    f"modules {clash!r} and {item.name!r} would be the same matrix {slot.name!r} of layer "
+                    f"{layer_names[slot.layer]!r}; target only one of them or adapt them with separate adapters"
+                )
+        if item.kind == "qkv":
+            order = fused_order(shape.fused_qkv, shape.num_heads, shape.num_kv_heads, shape.head_dim)
+            if order is not None:
+                layout.out_orders[item.name] = order
     return layout
+
+
+def _model_dim(shape: ModelShape, items: list[_Target]) -> int:
+    """The model dimension d: the config's hidden size when a target touches it, else the side size that most
+    targets share (ties: the first target's input size)."""
+    if shape.hidden_size and any(shape.hidden_size in (i.fin, i.fout) for i in items):
+        return shape.hidden_size
+    counts = Counter(size for i in items for size in {i.fin, i.fout})
+    best = max(counts.values())
+    first = items[0]
+    for size in (first.fin, first.fout, *counts):
+        if counts[size] == best:
+            return size
+    raise AssertionError("unreachable")
+
+
+def _check_attention_shape(shape: ModelShape, item: _Target) -> None:
+    d, dh, H, Hkv = shape.hidden_size, shape.head_dim, shape.num_heads, shape.num_kv_heads
+    q_out, kv_out = H * dh, Hkv * dh
+    if item.kind == "qkv":
+        expected = q_out + 2 * kv_out
+        if item.fin != d or item.fout != expected:
+            raise LayoutError(
+                f"{item.where}: a fused q/k/v projection must map hidden_size={d} to (H + 2*H_kv) * head_dim = "
+                f"{expected} (H={H}, H_kv={Hkv}, head_dim={dh})"
+            )
+    elif item.kind in ("q", "k", "v"):
+        expected = q_out if item.kind == "q" else kv_out
+        if item.fin != d or item.fout != expected:
+            heads = H if item.kind == "q" else Hkv
+            raise LayoutError(
+                f"{item.where}: expected {d} -> {expected} (hidden_size -> {heads} heads x head_dim {dh}); the "
+                "output must be a whole number of heads of head_dim"
+            )
+    elif item.fin != q_out or item.fout != d:
+        raise LayoutError(
+            f"{item.where}: an attention output projection must map {H} heads x head_dim {dh} = {q_out} -> "
+            f"hidden_size {d}"
+        )
+
+
+def _name_attention_blocks(items: list[_Target]) -> None:
+    """Give q/k/v/o modules their attention block when a layer has several (self- and cross-attention)."""
+    attention = [i for i in items if i.role]
+    subs = {"qkv": ("q", "k", "v")}
+    per_layer = Counter((i.layer, sub) for i in attention for sub in subs.get(i.kind, (i.kind,)))
+    if all(n == 1 for n in per_layer.values()):
+        return
+    for item in attention:
+        path = _strip_layer_prefix(item.name).split(".")[:-1]
+        named = [p for p in path if not p.isdigit()]
+        item.block = named[-1] if named else ""
+    counts = Counter((i.layer, i.block, i.kind) for i in attention)
+    if any(n > 1 for n in counts.values()):  # the last path component does not tell them apart: use the path
+        for item in attention:
+            path = _strip_layer_prefix(item.name).split(".")[:-1]
+            item.block = ".".join(p for p in path if not p.isdigit())
+
+
+def _qualified(block: str, kind: str) -> str:
+    return f"{block}.{kind}" if block else kind
+
+
+def _kind_order(kind: str, blocks: list[str]) -> tuple:
+    block, _, role = kind.rpartition(".")
+    if role in _CANONICAL_ORDER and (block in blocks or not block):
+        return (0, blocks.index(block) if block in blocks else 0, _CANONICAL_ORDER[role], kind)
+    return (1, 0, 0, kind)
+
+
+def _slots_of(item: _Target, layer: int, index: dict[str, int], shape: ModelShape) -> list[Slot]:
+    H, Hkv, dh = shape.num_heads, shape.num_kv_heads, shape.head_dim
+    q_heads, kv_heads = (H, 1), (Hkv, shape.group_size)
+    q_out, kv_out = H * dh, Hkv * dh
+    if item.kind == "qkv":
+        q, k, v = (_qualified(item.block, sub) for sub in ("q", "k", "v"))
+        return [
+            Slot(layer, index[q], q, OUT_HEADS, item.fin, q_out, *q_heads, 0),
+            Slot(layer, index[k], k, OUT_HEADS, item.fin, kv_out, *kv_heads, q_out),
+            Slot(layer, index[v], v, OUT_HEADS, item.fin, kv_out, *kv_heads, q_out + kv_out),
+        ]
+    if item.kind in ("q", "k", "v", "o"):
+        heads = q_heads if item.kind in ("q", "o") else kv_heads
+        role = IN_HEADS if item.kind == "o" else OUT_HEADS
+        kind = _qualified(item.block, item.kind)
+        return [Slot(layer, index[kind], kind, role, item.fin, item.fout, *heads)]
+    return [Slot(layer, index[item.kind], item.kind, item.role, item.fin, item.fout)]
+
+
+def _short(names: list[str]) -> str:
+    names = list(names)
+    return str(names) if len(names) <= 6 else f"[{', '.join(map(repr, names[:3]))}, ... {len(names)} layers]"

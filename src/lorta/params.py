@@ -277,18 +277,21 @@ def closed_form(config: PretrainedConfig, method: str, *, targets: Sequence[str]
         per_rank = trainable_of(model)
         return lambda r: per_rank * r
     layout = model.base_model.lorta_factors["default"].layout
-    s, M = layout.shape, layout.num_matrices
+    s, L, M = layout.shape, layout.num_layers, layout.num_matrices
     if method == "tlora":
-        return lambda r: tlora_num_params(L=s.num_layers, M=M, r=r)
+        return lambda r: tlora_num_params(L=L, M=M, r=r)
+    d = layout.model_dim if layout.uses_model_dim else 0
+    H = s.num_heads if layout.has_head_slots else 0
+    extra = tuple(layout.extra_sizes[n] for n in layout.matrix_names if n in layout.extra_sizes)
+    free = tuple(layout.free_sizes[n] for n in layout.matrix_names if n in layout.free_sizes)
     adapter_config = model.peft_config["default"]
     if method == "lorta":
         modes = tuple(adapter_config.modes)
-        extra = tuple(layout.extra_sizes[n] for n in layout.matrix_names if n in layout.extra_sizes)
-        return lambda r: lorta_num_params(s.hidden_size, s.head_dim, s.num_heads, s.num_layers, M, r, modes, extra)
+        return lambda r: lorta_num_params(d, s.head_dim, H, L, M, r, modes, extra, free)
     construction, decomposition = adapter_config.construction, adapter_config.decomposition
     modes = tensor_modes(construction)
     return lambda r: tenslora_num_params(
-        construction, decomposition, dict.fromkeys(modes, r), s.hidden_size, s.head_dim, s.num_heads, s.num_layers, M
+        construction, decomposition, dict.fromkeys(modes, r), d, s.head_dim, H, L, M, extra, free
     )
 
 

@@ -31,11 +31,12 @@ import torch
 from torch import Tensor, nn
 
 from ..factorization import Factorization, gather_groups, head_maps
-from ..layout import EXTRA_IN, EXTRA_OUT, OUT_HEADS, Slot, TensorLayout
-from ..tuner.config import TensorAdapterConfig
+from ..layout import EXTRA_FREE, EXTRA_IN, EXTRA_ROLES, OUT_HEADS, Slot, TensorLayout
+from ..tuner.config import MethodType, TensorAdapterConfig
 
 LORTA_MODES = ("heads", "layers", "matrices")
 MODE_FACTOR_INITS = ("signs", "ones")
+LORTA = MethodType("LORTA")
 
 
 @dataclass
@@ -60,7 +61,7 @@ class LortaConfig(TensorAdapterConfig):
     )
 
     def __post_init__(self) -> None:
-        self.peft_type = "LORTA"
+        self.peft_type = LORTA
         super().__post_init__()
         if isinstance(self.modes, str):
             self.modes = [self.modes]
@@ -75,7 +76,11 @@ class LortaConfig(TensorAdapterConfig):
 
 
 class LortaFactors(Factorization):
-    """The CP factors A, B, C_H, C_L, C_M of one LoRTA adapter (see module docstring for shapes)."""
+    """The CP factors A, B, C_H, C_L, C_M of one LoRTA adapter (see module docstring for shapes).
+
+    Only factors that some adapted matrix reads exist: no A when no matrix has a model-dimension side, no B or C_H
+    without head-structured matrices (a model without attention heads).
+    """
 
     def __init__(self, config: LortaConfig, layout: TensorLayout) -> None:
         super().__init__(config, layout)
@@ -85,27 +90,38 @@ class LortaFactors(Factorization):
         self.share_heads = "heads" in config.modes
         self.share_layers = "layers" in config.modes
         self.share_matrices = "matrices" in config.modes
-        gl = 1 if self.share_layers else shape.num_layers
+        gl = 1 if self.share_layers else layout.num_layers
         gm = 1 if self.share_matrices else layout.num_matrices
+        heads = layout.has_head_slots
         head_side = shape.head_dim if self.share_heads else shape.num_heads * shape.head_dim
-        self.A = nn.Parameter(torch.empty(gl, gm, shape.hidden_size, r))
-        self.B = nn.Parameter(torch.empty(gl, gm, head_side, r))
-        self.C_H = nn.Parameter(torch.empty(gl, gm, shape.num_heads, r)) if self.share_heads else None
-        self.C_L = nn.Parameter(torch.empty(gm, shape.num_layers, r)) if self.share_layers else None
+        self.A = nn.Parameter(torch.empty(gl, gm, layout.model_dim, r)) if layout.uses_model_dim else None
+        self.B = nn.Parameter(torch.empty(gl, gm, head_side, r)) if heads else None
+        self.C_H = nn.Parameter(torch.empty(gl, gm, shape.num_heads, r)) if heads and self.share_heads else None
+        self.C_L = nn.Parameter(torch.empty(gm, layout.num_layers, r)) if self.share_layers else None
         self.C_M = nn.Parameter(torch.empty(gl, layout.num_matrices, r)) if self.share_matrices else None
-        self.extra_names: dict[int, str] = {}
+        self.extra_names: dict[int, str] = {}  # matrix index -> its own (output or input) side factor
+        self.free_inputs: dict[int, str] = {}  # matrix index -> a free extra's own input factor
         for m, name in enumerate(layout.matrix_names):
             if name in layout.extra_sizes:
                 self.extra_names[m] = f"B_extra{m}"
                 self.register_parameter(f"B_extra{m}", nn.Parameter(torch.empty(gl, layout.extra_sizes[name], r)))
+            elif name in layout.free_sizes:
+                n_in, n_out = layout.free_sizes[name]
+                self.extra_names[m], self.free_inputs[m] = f"B_extra{m}", f"A_extra{m}"
+                self.register_parameter(f"A_extra{m}", nn.Parameter(torch.empty(gl, n_in, r)))
+                self.register_parameter(f"B_extra{m}", nn.Parameter(torch.empty(gl, n_out, r)))
         self.reset(config.init_weights)
 
     @torch.no_grad()
     def reset(self, init_weights: bool) -> None:
-        if self.A.is_meta:
+        if next(self.parameters()).is_meta:
             return
-        bound = 1.0 / math.sqrt(self.layout.shape.hidden_size)
-        nn.init.uniform_(self.A, -bound, bound)
+        inputs = [(self.A, self.layout.model_dim)] if self.A is not None else []
+        for m, name in self.free_inputs.items():
+            inputs.append((getattr(self, name), self.layout.free_sizes[self.layout.matrix_names[m]][0]))
+        for factor, fan_in in inputs:
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(factor, -bound, bound)
         for p in (self.C_H, self.C_L, self.C_M):
             if p is None:
                 continue
@@ -116,7 +132,8 @@ class LortaFactors(Factorization):
             else:
                 nn.init.ones_(p)
         for p in [self.B, *(getattr(self, n) for n in self.extra_names.values())]:
-            nn.init.zeros_(p) if init_weights else nn.init.normal_(p, 0.0, 0.5)
+            if p is not None:
+                nn.init.zeros_(p) if init_weights else nn.init.normal_(p, 0.0, 0.5)
 
     def _groups(self, slot: Slot) -> tuple[int, int]:
         return (0 if self.share_layers else slot.layer, 0 if self.share_matrices else slot.matrix)
@@ -135,12 +152,14 @@ class LortaFactors(Factorization):
 
     def maps(self, slot: Slot) -> tuple[Tensor, Tensor]:
         gl, gm = self._groups(slot)
-        A = self._in_group(self.A, gl, gm)
         c = self._layer_matrix_weights(slot, gl, gm)
-        if slot.role in (EXTRA_IN, EXTRA_OUT):
+        if slot.role in EXTRA_ROLES:
             basis = getattr(self, self.extra_names[slot.matrix])[gl][None]
             core = c[None] if c is not None else torch.ones_like(basis[:, 0])
-            return head_maps(slot.role, A, basis, core)
+            own_input = self.free_inputs.get(slot.matrix)
+            model_factor = getattr(self, own_input)[gl] if own_input else self._in_group(self.A, gl, gm)
+            return head_maps(slot.role, model_factor, basis, core)
+        A = self._in_group(self.A, gl, gm)
         if self.share_heads:
             core = self._in_group(self.C_H, gl, gm)[slot.head_slice]
             core = core * c if c is not None else core
@@ -174,20 +193,25 @@ class LortaFactors(Factorization):
     def input_key(self, slot: Slot) -> Hashable | None:
         if slot.role in (OUT_HEADS, EXTRA_IN):
             return ("A", *self._groups(slot))
+        if slot.role == EXTRA_FREE:
+            return ("A_extra", slot.matrix, self._groups(slot)[0])
         return None
 
 
 def lorta_num_params(
     d: int, d_h: int, H: int, L: int, M: int, r: int, modes: tuple[str, ...] = LORTA_MODES,
-    extra_sizes: tuple[int, ...] = (),
+    extra_sizes: tuple[int, ...] = (), free_sizes: tuple[tuple[int, int], ...] = (),
 ) -> int:
-    """Closed-form trainable count (paper Table 1 / Table 4), used by `lorta params` and checked by tests."""
+    """Closed-form trainable count (paper Table 1 / Table 4), used by `lorta params` and checked by tests.
+
+    L: adapted layers; H = 0: no head-structured matrix; d = 0: no matrix with a model-dimension side."""
     gl = 1 if "layers" in modes else L
     gm = 1 if "matrices" in modes else M
-    head_side = (d_h + H) if "heads" in modes else H * d_h
+    head_side = ((d_h + H) if "heads" in modes else H * d_h) if H else 0
     per_group = (d + head_side) * r
     total = gl * gm * per_group
     total += gm * L * r if "layers" in modes else 0
     total += gl * M * r if "matrices" in modes else 0
     total += sum(gl * n * r for n in extra_sizes)
+    total += sum(gl * (a + b) * r for a, b in free_sizes)
     return total

@@ -29,12 +29,14 @@ import torch
 from torch import Tensor, nn
 
 from ..factorization import Factorization, gather_groups, head_maps
-from ..layout import EXTRA_IN, EXTRA_OUT, OUT_HEADS, Slot, TensorLayout
-from ..tuner.config import TensorAdapterConfig, _check_positive_int
+from ..layout import EXTRA_FREE, EXTRA_IN, EXTRA_ROLES, OUT_HEADS, Slot, TensorLayout
+from ..tuner.config import AdapterConfigError, MethodType, TensorAdapterConfig, _check_positive_int
 
 CONSTRUCTIONS = ("att", "qkv", "depth", "att_qkv", "att_depth", "qkv_depth", "att_qkv_depth")
 DECOMPOSITIONS = ("tucker", "cp")
 _STACKED = ("att", "qkv", "depth")
+DEFAULT_RANK = 8
+TENSLORA = MethodType("TENSLORA")
 
 
 def tensor_modes(construction: str) -> tuple[str, ...]:
@@ -48,22 +50,33 @@ class TensLoraConfig(TensorAdapterConfig):
     """TensLoRA: a construction (which of att / qkv / depth are stacked) and Tucker or CP with a rank per mode.
 
     Example: ``TensLoraConfig(construction="att_qkv_depth", decomposition="tucker", ranks={"in": 8, "out": 8,
-    "att": 4, "qkv": 3, "depth": 4})``; ``ranks=8`` means 8 for every mode.
+    "att": 4, "qkv": 3, "depth": 4})``; ``TensLoraConfig(r=4)`` (or ``ranks=4``) means 4 for every mode.
     """
 
+    r: int | None = field(default=None, metadata={"help": "Rank of every mode (default 8); or give `ranks`."})
     construction: str = field(default="att_qkv_depth", metadata={"help": f"One of {CONSTRUCTIONS}."})
     decomposition: str = field(default="tucker", metadata={"help": "tucker (a rank per mode) or cp (one rank)."})
-    ranks: int | dict[str, int] | list[int] = field(
-        default=8, metadata={"help": "An int for every mode, or a rank per mode: in, out, att, qkv, depth."}
+    ranks: int | dict[str, int] | list[int] | None = field(
+        default=None, metadata={"help": "An int for every mode, or a rank per mode: in, out, att, qkv, depth."}
     )
 
     def __post_init__(self) -> None:
-        self.peft_type = "TENSLORA"
+        self.peft_type = TENSLORA
         if self.construction not in CONSTRUCTIONS:
             raise ValueError(f"unknown construction {self.construction!r}; expected one of {list(CONSTRUCTIONS)}")
         if self.decomposition not in DECOMPOSITIONS:
             raise ValueError(f"unknown decomposition {self.decomposition!r}; expected one of {list(DECOMPOSITIONS)}")
+        if self.r is not None:
+            _check_positive_int("r", self.r)
+        if self.ranks is None:
+            self.ranks = self.r if self.r is not None else DEFAULT_RANK
         self.ranks = self._normalised_ranks()
+        if self.r is not None and self.r != self.ranks["in"]:
+            raise AdapterConfigError(
+                f"TensLoraConfig got r={self.r} and ranks={self.ranks}, which disagree: r is the rank of every mode "
+                f"(and the r of the scale alpha / r, the input rank). Pass r={self.r} alone for rank {self.r} in "
+                f"every mode, or ranks alone for a rank per mode"
+            )
         self.r = self.ranks["in"]
         super().__post_init__()
 
@@ -95,14 +108,15 @@ class TensLoraConfig(TensorAdapterConfig):
 
 
 class TensLoraFactors(Factorization):
-    """Tucker or CP factors of every update tensor of one TensLoRA adapter (leading group axes as in LoRTA)."""
+    """Tucker or CP factors of every update tensor of one TensLoRA adapter (leading group axes as in LoRTA).
+
+    Extra matrices (MLP projections, the linear layers of a model without attention heads) are one-"head" matrices
+    of the tensor: their own side gets a factor of its own (U_extra<m>, in place of U_out; a matrix with neither side
+    equal to the model dimension also gets U_in_extra<m>), and the core's att mode is summed (contracted with ones).
+    """
 
     def __init__(self, config: TensLoraConfig, layout: TensorLayout) -> None:
         super().__init__(config, layout)
-        if layout.extra_sizes:
-            raise ValueError(
-                f"TensLoRA stacks attention matrices only; targets {sorted(layout.extra_sizes)} are not q, k, v or o"
-            )
         shape = layout.shape
         self.modes = tensor_modes(config.construction)
         self.ranks = dict(config.ranks)
@@ -110,63 +124,96 @@ class TensLoraFactors(Factorization):
         self.stack_heads = "att" in self.modes
         self.stack_matrices = "qkv" in self.modes
         self.stack_layers = "depth" in self.modes
-        gl = 1 if self.stack_layers else shape.num_layers
+        gl = 1 if self.stack_layers else layout.num_layers
         gm = 1 if self.stack_matrices else layout.num_matrices
+        heads = layout.has_head_slots
         sizes = {
-            "in": shape.hidden_size,
+            "in": layout.model_dim,
             "out": shape.head_dim if self.stack_heads else shape.num_heads * shape.head_dim,
-            "att": shape.num_heads, "qkv": layout.num_matrices, "depth": shape.num_layers,
+            "att": shape.num_heads, "qkv": layout.num_matrices, "depth": layout.num_layers,
         }
         self.sizes = {m: sizes[m] for m in self.modes}
+        wanted = {"in": layout.uses_model_dim, "out": heads, "att": heads}
         for mode in self.modes:
-            self.register_parameter(f"U_{mode}", nn.Parameter(torch.empty(gl, gm, sizes[mode], self.ranks[mode])))
+            if wanted.get(mode, True):
+                self.register_parameter(f"U_{mode}", nn.Parameter(torch.empty(gl, gm, sizes[mode], self.ranks[mode])))
+            else:
+                setattr(self, f"U_{mode}", None)
         if self.tucker:
             self.core = nn.Parameter(torch.empty(gl, gm, *(self.ranks[m] for m in self.modes)))
+        self.extra_names: dict[int, str] = {}
+        self.free_inputs: dict[int, str] = {}
+        for m, name in enumerate(layout.matrix_names):
+            own = layout.extra_sizes.get(name) or (layout.free_sizes.get(name) or (0, 0))[1]
+            if not own:
+                continue
+            self.extra_names[m] = f"U_extra{m}"
+            self.register_parameter(f"U_extra{m}", nn.Parameter(torch.empty(gl, own, self.ranks["out"])))
+            if name in layout.free_sizes:
+                self.free_inputs[m] = f"U_in_extra{m}"
+                n_in = layout.free_sizes[name][0]
+                self.register_parameter(f"U_in_extra{m}", nn.Parameter(torch.empty(gl, n_in, self.ranks["in"])))
         self.reset(config.init_weights)
 
     @torch.no_grad()
     def reset(self, init_weights: bool) -> None:
-        if self.U_in.is_meta:
+        if next(self.parameters()).is_meta:
             return
-        bound = 1.0 / math.sqrt(self.layout.shape.hidden_size)
-        nn.init.uniform_(self.U_in, -bound, bound)
-        for mode in self.modes[1:]:
-            factor = getattr(self, f"U_{mode}")
-            for block in factor.view(-1, *factor.shape[2:]):
+        inputs = [(self.U_in, self.layout.model_dim)] if self.U_in is not None else []
+        for m, name in self.free_inputs.items():
+            inputs.append((getattr(self, name), self.layout.free_sizes[self.layout.matrix_names[m]][0]))
+        for factor, fan_in in inputs:
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(factor, -bound, bound)
+        others = [getattr(self, f"U_{mode}") for mode in self.modes[1:]]
+        others += [getattr(self, n) for n in self.extra_names.values()]
+        for factor in others:
+            if factor is None:
+                continue
+            for block in factor.view(-1, *factor.shape[-2:]):
                 nn.init.orthogonal_(block)
                 block.mul_(math.sqrt(block.shape[0] / block.shape[1]))
-        zero = self.core if self.tucker else self.U_out
-        nn.init.zeros_(zero) if init_weights else nn.init.normal_(zero, 0.0, 0.5)
+        zeros = [self.core] if self.tucker else [self.U_out, *(getattr(self, n) for n in self.extra_names.values())]
+        for factor in zeros:
+            if factor is not None:
+                nn.init.zeros_(factor) if init_weights else nn.init.normal_(factor, 0.0, 0.5)
 
     def _groups(self, slot: Slot) -> tuple[int, int]:
         return (0 if self.stack_layers else slot.layer, 0 if self.stack_matrices else slot.matrix)
 
     def _head_core(self, slot: Slot, gl: int, gm: int) -> Tensor:
-        """K[h] for the slot's heads: (n_heads, r_in, r_out) for Tucker, (n_heads, r) for CP's diagonal."""
-        n_heads = slot.n_heads
+        """K[h] for the slot's heads: (n_heads, r_in, r_out) for Tucker, (n_heads, r) for CP's diagonal. An extra
+        matrix is one head whose att weights are ones."""
+        extra = slot.role in EXTRA_ROLES
+        n_heads = 1 if extra else slot.n_heads
         if self.tucker:
             core = self.core[gl, gm]  # (r_in, r_out, [r_att], [r_qkv], [r_depth])
             if self.stack_layers:
                 core = core @ self.U_depth[gl, gm, slot.layer]
             if self.stack_matrices:
                 core = core @ self.U_qkv[gl, gm, slot.matrix]
+            if self.stack_heads and extra:
+                return core.sum(-1)[None]
             if self.stack_heads:
                 return torch.einsum("ija,ha->hij", core, self.U_att[gl, gm, slot.head_slice])
             return core.expand(n_heads, -1, -1)
-        weights = torch.ones_like(self.U_in[gl, gm, 0])
+        weights = next(self.parameters()).new_ones(self.ranks["in"])
         if self.stack_layers:
             weights = weights * self.U_depth[gl, gm, slot.layer]
         if self.stack_matrices:
             weights = weights * self.U_qkv[gl, gm, slot.matrix]
-        if self.stack_heads:
+        if self.stack_heads and not extra:
             return self.U_att[gl, gm, slot.head_slice] * weights
         return weights.expand(n_heads, -1)
 
     def maps(self, slot: Slot) -> tuple[Tensor, Tensor]:
-        if slot.role in (EXTRA_IN, EXTRA_OUT):
-            raise ValueError(f"TensLoRA cannot adapt extra matrix {slot.name!r}")
         gl, gm = self._groups(slot)
         core = self._head_core(slot, gl, gm)
+        if slot.role in EXTRA_ROLES:
+            basis = getattr(self, self.extra_names[slot.matrix])[gl][None]
+            own_input = self.free_inputs.get(slot.matrix)
+            model_factor = getattr(self, own_input)[gl] if own_input else self.U_in[gl, gm]
+            return head_maps(slot.role, model_factor, basis, core)
         out = self.U_out[gl, gm]
         if self.stack_heads:
             basis = out.expand(slot.n_heads, -1, -1)
@@ -211,17 +258,25 @@ class TensLoraFactors(Factorization):
         return gather_groups(self.U_in, index), side
 
     def input_key(self, slot: Slot) -> Hashable | None:
-        return ("U_in", *self._groups(slot)) if slot.role == OUT_HEADS else None
+        if slot.role in (OUT_HEADS, EXTRA_IN):
+            return ("U_in", *self._groups(slot))
+        if slot.role == EXTRA_FREE:
+            return ("U_in_extra", slot.matrix, self._groups(slot)[0])
+        return None
 
 
 def tenslora_num_params(
-    construction: str, decomposition: str, ranks: dict[str, int], d: int, d_h: int, H: int, L: int, M: int
+    construction: str, decomposition: str, ranks: dict[str, int], d: int, d_h: int, H: int, L: int, M: int,
+    extra_sizes: tuple[int, ...] = (), free_sizes: tuple[tuple[int, int], ...] = (),
 ) -> int:
-    """TensLoRA's published count: Σ rank·size + Π ranks (Tucker core) per tensor, times the number of tensors."""
+    """TensLoRA's published count: Σ rank·size + Π ranks (Tucker core) per tensor, times the number of tensors;
+    plus each extra matrix's own factors (H = 0: no head-structured matrix; d = 0: none with a model side)."""
     modes = tensor_modes(construction)
-    sizes = {"in": d, "out": d_h if "att" in modes else H * d_h, "att": H, "qkv": M, "depth": L}
+    sizes = {"in": d, "out": (d_h if "att" in modes else H * d_h) if H else 0, "att": H, "qkv": M, "depth": L}
     per_tensor = sum(ranks[m] * sizes[m] for m in modes)
     if decomposition == "tucker":
         per_tensor += math.prod(ranks[m] for m in modes)
-    tensors = (1 if "qkv" in modes else M) * (1 if "depth" in modes else L)
-    return per_tensor * tensors
+    gl = 1 if "depth" in modes else L
+    tensors = (1 if "qkv" in modes else M) * gl
+    own = sum(n * ranks["out"] for n in extra_sizes) + sum(a * ranks["in"] + b * ranks["out"] for a, b in free_sizes)
+    return per_tensor * tensors + gl * own

@@ -21,9 +21,10 @@ from torch import Tensor, nn
 
 from ..factorization import Factorization
 from ..layout import Slot, TensorLayout
-from ..tuner.config import TensorAdapterConfig
+from ..tuner.config import MethodType, TensorAdapterConfig
 
-TLORA_DEFAULT_TARGETS = {"q", "v"}  # the paper's GLUE setting
+TLORA_DEFAULT_TARGETS = ("q", "v")  # the paper's GLUE setting
+TLORA = MethodType("TLORA")
 
 
 @dataclass
@@ -39,7 +40,7 @@ class TLoraConfig(TensorAdapterConfig):
     )
 
     def __post_init__(self) -> None:
-        self.peft_type = "TLORA"
+        self.peft_type = TLORA
         super().__post_init__()
         if not self.save_projection:
             warnings.warn(
@@ -56,7 +57,7 @@ class TLoraFactors(Factorization):
 
     def __init__(self, config: TLoraConfig, layout: TensorLayout) -> None:
         super().__init__(config, layout)
-        r, L, M = config.r, layout.shape.num_layers, layout.num_matrices
+        r, L, M = config.r, layout.num_layers, layout.num_matrices
         self.rank = r
         self.seed = config.projection_seed
         self.sizes: dict[int, tuple[int, int]] = {}

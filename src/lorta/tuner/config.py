@@ -14,6 +14,20 @@ from peft import PeftConfig
 from peft.utils import CONFIG_NAME
 
 
+class MethodType(str):
+    """A lorta method's `peft_type`: a plain string (saved as such, a key of PEFT's type mappings) that also answers
+    `.value`, as the members of PEFT's own `PeftType` enum do (PEFT's code and tests read `peft_type.value`)."""
+
+    __slots__ = ()
+
+    @property
+    def value(self) -> str:
+        return str(self)
+
+
+BIAS_CHOICES = ("none", "all", "lorta_only")
+
+
 class AdapterConfigError(ValueError, TypeError):
     """A config field has the wrong type or value; the message names the field, what it got and what it expects.
 
@@ -49,12 +63,22 @@ class TensorAdapterConfig(PeftConfig):
     layers_pattern: list[str] | str | None = field(default=None)
     modules_to_save: list[str] | None = field(default=None)
     target_parameters: list[str] | None = field(default=None)
-    bias: str = field(default="none")
+    bias: str = field(
+        default="none",
+        metadata={
+            "help": "Also train biases, as LoRA's bias option: 'none', 'all' (every bias of the model) or "
+            "'lorta_only' (the biases of the adapted layers); they are saved with the adapter."
+        },
+    )
     model_shape: dict[str, Any] | None = field(
         default=None, metadata={"help": "Base model shape (filled on creation, checked on load)."}
     )
     matrix_names: list[str] | None = field(
         default=None, metadata={"help": "The matrices mode, in order (filled on creation, checked on load)."}
+    )
+    layer_names: list[str] | None = field(
+        default=None, metadata={"help": "The layers mode: the adapted layers, in order (filled on creation, checked "
+                                "on load)."}
     )
 
     def __post_init__(self) -> None:
@@ -68,8 +92,8 @@ class TensorAdapterConfig(PeftConfig):
             raise TypeError(f"lora_alpha must be a number, got {self.lora_alpha!r}")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.bias != "none":
-            raise ValueError(f"bias={self.bias!r} is not supported by lorta methods; use bias='none'")
+        if self.bias not in BIAS_CHOICES:
+            raise AdapterConfigError(f"bias={self.bias!r} is not one of {list(BIAS_CHOICES)}")
 
     def scale_for(self, rank: int) -> float:
         """LoRA's alpha / r, or rsLoRA's alpha / sqrt(r)."""

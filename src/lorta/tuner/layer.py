@@ -19,8 +19,17 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import Tensor, nn
 
 from ..layout import Slot, module_features
+from .maps import module_maps
 from .mixed import mixed_forward
-from .shared_input import SharedInputCache
+from .state import TunerState
+
+
+def nan_message(adapter: str, detail: str) -> str:
+    """safe_merge's refusal, worded as PEFT's own methods word it (PEFT's tests match the first sentence)."""
+    return (
+        f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken: {detail}; nothing was "
+        "merged and the base weights are unchanged"
+    )
 
 
 class TensorAdapterLayer(BaseTunerLayer):
@@ -36,19 +45,23 @@ class TensorAdapterLayer(BaseTunerLayer):
         self.lorta_dropout = nn.ModuleDict({})
         self.lorta_slots: dict[str, list[Slot]] = {}
         self.lorta_scaling: dict[str, float] = {}
+        self.lorta_out_order: torch.Tensor | None = None  # interleaved fused q/k/v output (layout.out_orders)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.in_features, self.out_features = module_features(self.get_base_layer())
         self.fan_in_fan_out = type(self.get_base_layer()).__name__ == "Conv1D"
         self.kwargs = kwargs
 
-    # The factor bank and shared-input cache are plain references (not submodules) so each factor is registered,
-    # saved and counted once, on the tuner.
-    def attach(self, bank: nn.ModuleDict, cache: SharedInputCache) -> None:
-        object.__setattr__(self, "_lorta_bank", bank)
-        object.__setattr__(self, "_lorta_cache", cache)
+    # The tuner's state (factors, maps, shared inputs) is a plain reference, not a submodule, so each factor is
+    # registered, saved and counted once, on the tuner.
+    def attach(self, state: TunerState) -> None:
+        object.__setattr__(self, "_lorta_state", state)
 
-    def update_layer(self, adapter_name: str, slots: list[Slot], scaling: float, dropout: float) -> None:
+    def update_layer(
+        self, adapter_name: str, slots: list[Slot], scaling: float, dropout: float, out_order: list[int] | None = None
+    ) -> None:
+        if out_order is not None and self.lorta_out_order is None:
+            self.lorta_out_order = torch.tensor(out_order, device=self.get_base_layer().weight.device)
         self.lorta_slots[adapter_name] = slots
         self.lorta_scaling[adapter_name] = scaling
         self.lorta_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -56,7 +69,8 @@ class TensorAdapterLayer(BaseTunerLayer):
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         super()._move_adapter_to_device_of_base_layer(adapter_name, device)
-        factors = self._lorta_bank[adapter_name] if adapter_name in self._lorta_bank else None
+        bank = self._lorta_state.factors
+        factors = bank[adapter_name] if adapter_name in bank else None
         if factors is not None:
             factors.move_off_meta(device or self.get_base_layer().weight.device)
 
@@ -64,9 +78,11 @@ class TensorAdapterLayer(BaseTunerLayer):
         return [a for a in self.active_adapters if a in self.lorta_slots]
 
     def delta_weight(self, adapter_name: str) -> Tensor:
-        """The dense update in the base weight's layout (out x in for Linear, in x out for Conv1D), scaled."""
-        factors = self._lorta_bank[adapter_name]
-        delta = factors.delta_weight(self.lorta_slots[adapter_name]) * self.lorta_scaling[adapter_name]
+        """The dense update in the base weight's layout (out x in for Linear, in x out for Conv1D), scaled; built
+        from the factors as they are now."""
+        factors = self._lorta_state.factors[adapter_name]
+        P, Q, _ = module_maps(factors, self.lorta_slots[adapter_name], self.lorta_out_order)
+        delta = (P @ Q) * self.lorta_scaling[adapter_name]
         return delta if self.fan_in_fan_out else delta.t()
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -83,10 +99,7 @@ class TensorAdapterLayer(BaseTunerLayer):
             if safe_merge:
                 merged = weight.data.to(delta.dtype) + delta
                 if not torch.isfinite(merged).all():
-                    raise ValueError(
-                        f"NaN or Inf in the merged weight of adapter {name!r}; the adapter's factors are broken "
-                        "and the base weight was left unchanged"
-                    )
+                    raise ValueError(nan_message(name, "its merged weight holds NaN or Inf values"))
                 weight.data.copy_(merged.to(weight.dtype))
             else:
                 weight.data.add_(delta.to(weight.dtype))
@@ -104,9 +117,9 @@ class TensorAdapterLayer(BaseTunerLayer):
 
     def _add_adapter_output(self, result: Tensor, x: Tensor, name: str) -> Tensor:
         """result + scale * (dropout(x) @ P) @ Q; one fused addmm when the dtypes agree (no extra mul/add)."""
-        factors = self._lorta_bank[name]
-        P, Q, key = factors.combined_maps(self.lorta_slots[name])
-        u = self._lorta_cache.project(x, P, (name, key), self.lorta_dropout[name])
+        state = self._lorta_state
+        P, Q, key = state.maps(self, name)
+        u = state.inputs.project(x, P, (name, key), self.lorta_dropout[name])
         scale = self.lorta_scaling[name]
         if u.dtype == result.dtype == Q.dtype:
             flat = torch.addmm(result.reshape(-1, result.shape[-1]), u.reshape(-1, u.shape[-1]), Q, alpha=scale)

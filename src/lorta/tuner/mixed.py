@@ -15,10 +15,13 @@ adapter is appended for "__base__" rows and for rows whose adapter belongs to an
 factorisation gives equal `input_key`s share P (LoRTA's A: one P for every q, k, v of every layer when layers is
 a mode), and within one attention call x @ P is gathered and computed once for q, k and v.
 
-Caching. The engine (one per tuner, attached to its `lorta_factors` ModuleDict) keeps the stacked factors and
-the per-layer maps until an adapter is added, removed or changed (parameter versions and storage are checked
-once per forward or generate call, not per layer). `cache_maps=False` keeps only the stacked factors and builds
-the maps of the batch's distinct adapters in each layer call (vectorised too): less memory, more work per call.
+Caching. The engine (one per tuner, on its TunerState) keeps the stacked factors and the per-layer maps from
+call to call, and checks them once per forward or generate call against the adapters' current VALUES (the
+factors are stacked anew and compared bit for bit, a few microseconds per adapter): an optimizer step, a
+`p.data.copy_`, an adapter added or removed all rebuild the maps of the groups they touch, so a mixed batch never
+answers with maps of factors that are not the current ones. `cache_maps=False` keeps only the stacked factors and
+builds the maps of the batch's distinct adapters in each layer call (vectorised too): less memory, more work per
+call.
 
 Rows are resolved once per model call (names -> per-group indices); beam search and num_return_sequences
 expand each name to its row's copies (as PEFT does), and encoder rows keep the unexpanded names.
@@ -37,6 +40,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from .maps import module_maps
+
 BASE = "__base__"
 
 
@@ -46,12 +51,13 @@ def _tensors(factors: nn.Module) -> list[tuple[str, Tensor]]:
 
 
 def _token(factors: nn.Module) -> tuple:
-    """Changes whenever a factor tensor is replaced, written in place or moved: the cache key of an adapter."""
+    """Changes whenever a factor tensor is replaced or moved: the STRUCTURE key of an adapter (its values are
+    compared separately, see Group.refresh)."""
     out: list[Any] = [id(factors)]
     for module in factors.modules() if factors._modules else (factors,):  # factorisations are flat: no walk
         for t in (*module._parameters.values(), *module._buffers.values()):
             if t is not None:
-                out.append((id(t), t._version, t.data_ptr()))
+                out.append((id(t), t.data_ptr(), tuple(t.shape), t.dtype, t.device))
     return tuple(out)
 
 
@@ -69,17 +75,16 @@ def _signature(factors: nn.Module) -> tuple:
 
 
 class _Maps(nn.Module):
-    """Lets functional_call run `_build_maps` (not forward) of a factorisation with swapped-in tensors."""
+    """Lets functional_call run `module_maps` of a factorisation with swapped-in (stacked) tensors."""
 
     def __init__(self, factors: nn.Module) -> None:
         super().__init__()
         self.f = factors
 
-    def forward(self, slots: list, keys: list) -> tuple[Tensor, Tensor]:
-        # Built fresh: neither the no-grad cache nor a training scope may ever see (or serve) batched tensors. The
-        # stacked tensors do not require grad, so no graph is recorded.
+    def forward(self, slots: list, order: Tensor | None, keys: list) -> tuple[Tensor, Tensor]:
+        # The stacked tensors do not require grad, so no graph is recorded.
         with torch.enable_grad():
-            P, Q, key = self.f._build_maps(slots)
+            P, Q, key = module_maps(self.f, slots, order)
         keys.append(key)
         return P, Q
 
@@ -93,10 +98,7 @@ class Group:
         self.template = factors[0]
         self.local = {n: i for i, n in enumerate(names)}
         self.zero = len(names)  # the index of the zero adapter ("__base__" and other groups' rows)
-        with torch.no_grad():
-            self.state = {
-                k: torch.stack([dict(_tensors(f))[k].detach() for f in factors]) for k, _ in _tensors(self.template)
-            }
+        self.state = self._stack(factors)
         t = next(iter(self.state.values()))
         self.device, self.dtype = t.device, t.dtype
         self.maps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (P_all, Q_all, key) | None
@@ -106,13 +108,28 @@ class Group:
     def key(self) -> tuple:
         return (tuple(self.names), tuple(self.tokens))
 
+    def _stack(self, factors: list[nn.Module]) -> dict[str, Tensor]:
+        with torch.no_grad():
+            return {
+                k: torch.stack([dict(_tensors(f))[k].detach() for f in factors]) for k, _ in _tensors(self.template)
+            }
+
+    def refresh(self, factors: list[nn.Module]) -> None:
+        """Compare the adapters' current values with the stacked ones; on any difference restack and drop the maps."""
+        fresh = self._stack(factors)
+        if all(torch.equal(fresh[k], v) for k, v in self.state.items()):
+            return
+        self.state = fresh
+        self.maps = weakref.WeakKeyDictionary()
+        self.shared_P = {}
+
     def compute_maps(self, layer: nn.Module, index: Tensor | None = None) -> tuple[Tensor, Tensor, Hashable | None]:
         """(P, Q, key) of `layer` for the group's adapters (or those at `index`), scale folded into Q, unpadded."""
         slots = layer.lorta_slots[self.names[0]]
-        wrapper, keys = _Maps(self.template), []
+        wrapper, keys, order = _Maps(self.template), [], layer.lorta_out_order
         state = {f"f.{k}": (v if index is None else v.index_select(0, index)) for k, v in self.state.items()}
         with torch.no_grad():
-            P, Q = vmap(lambda s: functional_call(wrapper, s, (slots, keys)))(state)
+            P, Q = vmap(lambda s: functional_call(wrapper, s, (slots, order, keys)))(state)
             names = self.names if index is None else [self.names[i] for i in index.tolist()]
             scale = torch.tensor([layer.lorta_scaling[n] for n in names], dtype=Q.dtype, device=Q.device)
             Q = Q * scale[:, None, None]
@@ -169,10 +186,12 @@ class MixedBatchEngine:
         self.__init__(state["factors"], state["cache_maps"])
 
     def sync(self) -> None:
-        """Restack the groups whose adapters were added, removed or changed since the last call."""
+        """Regroup when adapters were added, removed or replaced; restack the groups whose values changed."""
         items = list(self.factors.items())
         state = tuple((n, _token(f)) for n, f in items)
         if state == self._state:
+            for group in self.groups:
+                group.refresh([self.factors[n] for n in group.names])
             return
         entries: dict[tuple, list[tuple[str, nn.Module, tuple]]] = {}
         for name, f in items:
@@ -189,7 +208,10 @@ class MixedBatchEngine:
         groups = []
         for members in entries.values():
             names, mods, tokens = [m[0] for m in members], [m[1] for m in members], [m[2] for m in members]
-            groups.append(old.get((tuple(names), tuple(tokens))) or Group(names, mods, tokens))
+            kept = old.get((tuple(names), tuple(tokens)))
+            if kept is not None:
+                kept.refresh(mods)
+            groups.append(kept or Group(names, mods, tokens))
         self.groups = groups
         self.index = {n: (gi, i) for gi, g in enumerate(groups) for i, n in enumerate(g.names)}
         self._state = tuple((n, _token(f)) for n, f in self.factors.items())
@@ -223,16 +245,14 @@ def _materialise(factors: nn.Module) -> None:
     slots = next(iter(factors.layout.slots.values()), None)
     if slots is not None:
         with torch.no_grad():
-            factors.combined_maps(slots)
+            module_maps(factors, slots)
 
 
-def engine_for(factors: nn.ModuleDict) -> MixedBatchEngine:
-    """The engine of a tuner's factor ModuleDict (created on first use, shared by the tuner and its layers)."""
-    engine = factors.__dict__.get("_lorta_mixed_engine")
-    if engine is None:
-        engine = MixedBatchEngine(factors)
-        object.__setattr__(factors, "_lorta_mixed_engine", engine)
-    return engine
+def engine_for(state: Any) -> MixedBatchEngine:
+    """The mixed-batch engine of a tuner's TunerState (created on first use, shared by the tuner and its layers)."""
+    if state.mixed is None:
+        state.mixed = MixedBatchEngine(state.factors)
+    return state.mixed
 
 
 # ------------------------------------------------------------------------------------------------- rows
@@ -322,14 +342,14 @@ def mixed_forward(layer: nn.Module, x: Tensor, adapter_names: Any, *args: Any, *
     if isinstance(adapter_names, MixedRows):
         rows = adapter_names
     else:
-        rows = engine_for(layer._lorta_bank).rows(adapter_names)
+        rows = engine_for(layer._lorta_state).rows(adapter_names)
     plan = rows.resolve(x.shape[0])
     result = layer.base_layer(x, *args, **kwargs)
     if not plan:
         return result
     batch, d_in = x.shape[0], x.shape[-1]
     x3 = x.reshape(batch, -1, d_in)
-    cache = layer._lorta_cache
+    cache = layer._lorta_state.inputs
     share = cache.depth > 0 and not torch.compiler.is_compiling()
     for group, idx, uniform in plan:
         if rows.engine.cache_maps:
@@ -416,8 +436,10 @@ def mixed_batch_hooks(tuner: nn.Module, kwargs: dict[str, Any]) -> Iterator[None
         )
     if "lorta_factors" not in tuner._modules:
         raise ValueError("Cannot pass `adapter_names`: this model holds no lorta adapter")
-    rows = engine_for(tuner.lorta_factors).rows(adapter_names, expand_size(kwargs, tuner.model))
+    state = tuner._lorta_state
+    rows = engine_for(state).rows(adapter_names, expand_size(kwargs, tuner.model))
     handles = []
+    state.mixed_call = True  # no single-adapter map frames in this call
     try:
         inject_rows, inject_names = partial(_inject_rows, rows=rows), partial(_inject_names, rows=rows)
         for module in modules:  # modules_to_save wrappers get names (PEFT's own per-name loop), layers the rows
@@ -425,6 +447,7 @@ def mixed_batch_hooks(tuner: nn.Module, kwargs: dict[str, Any]) -> Iterator[None
             handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         yield
     finally:
+        state.mixed_call = False
         for handle in handles:
             handle.remove()
 

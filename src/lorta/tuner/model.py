@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -19,12 +21,14 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from ..factorization import Factorization
-from ..layout import DEFAULT_TARGETS, OUT_HEADS, LayoutError, ModelShape, TensorLayout, build_layout, matrix_kind
+from ..layout import ARCHITECTURES, DEFAULT_TARGETS, OUT_HEADS, LayoutError, ModelShape, TensorLayout, build_layout
 from .config import AdapterFileError, TensorAdapterConfig
-from .layer import Linear, TensorAdapterLayer
-from .shared_input import SharedInputCache
+from .layer import Linear, TensorAdapterLayer, nan_message
+from .maps import Maps, module_maps
+from .state import TunerState
 
 _SHAPE_KEYS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim")
+_UPCAST = (torch.float16, torch.bfloat16)
 _FACTOR_PREFIX = "base_model.lorta_factors."
 
 
@@ -51,21 +55,22 @@ class TensorAdapterModel(BaseTuner):
         """Place the targets in the tensor, create the adapter's factors once, then let PEFT wrap the modules."""
         if "lorta_factors" not in self._modules:
             self.lorta_factors = nn.ModuleDict()
-            object.__setattr__(self, "_lorta_cache", SharedInputCache())
+            object.__setattr__(self, "_lorta_state", TunerState(self.lorta_factors))
             object.__setattr__(self, "_lorta_hooks", {})
+            object.__setattr__(self, "_lorta_layers", [])
         config: TensorAdapterConfig = self.peft_config[adapter_name]
         source = config.__dict__.pop("_lorta_source", None)  # set by TensorAdapterConfig.from_pretrained
         config = self._prepare_adapter_config(config, self.get_model_config(model))
         try:
             shape = _model_shape(model, config.model_shape)
+            layout = build_layout(shape, self._find_targets(model, config), config.matrix_names, config.layer_names)
         except LayoutError as exc:
             raise LayoutError(f"{exc} (adapter at {source})" if source else str(exc)) from exc
-        layout = build_layout(shape, self._find_targets(model, config), config.matrix_names)
 
+        # As PEFT's own layers: the factors take the base layers' dtype, and PeftModel upcasts them to float32
+        # afterwards unless autocast_adapter_dtype=False (see _cast_adapter_dtype).
         reference = next(iter(_base(m) for m in _targets_in(model, layout))).weight
-        dtype = reference.dtype
-        if dtype not in (torch.float32, torch.float64):
-            dtype = torch.float32 if autocast_adapter_dtype else dtype
+        dtype = reference.dtype if reference.dtype.is_floating_point else torch.float32
         device = torch.device("meta") if low_cpu_mem_usage else reference.device
         with torch.device(device):
             factors = self.factorization_cls(config, layout)
@@ -88,6 +93,8 @@ class TensorAdapterModel(BaseTuner):
             object.__setattr__(self, "_pending_layout", None)
         config.model_shape = shape.to_dict()
         config.matrix_names = list(layout.matrix_names)
+        config.layer_names = list(layout.layer_names)
+        self._refresh_layers()
         self._hook_shared_inputs(model, layout)
         probe = next((m for m in model.modules() if isinstance(m, TensorAdapterLayer)), None)
         object.__setattr__(self, "_lorta_probe", weakref.ref(probe) if probe is not None else None)
@@ -117,14 +124,15 @@ class TensorAdapterModel(BaseTuner):
     ) -> None:
         layout: TensorLayout = self._pending_layout
         slots = layout.slots[current_key]
+        order = layout.out_orders.get(current_key)
         factors = self.lorta_factors[adapter_name]
         scaling = config.scale_for(factors.scale_rank)
         if isinstance(target, TensorAdapterLayer):
-            target.update_layer(adapter_name, slots, scaling, config.lora_dropout)
+            target.update_layer(adapter_name, slots, scaling, config.lora_dropout, order)
             return
         new_module = Linear(target, adapter_name)
-        new_module.attach(self.lorta_factors, self._lorta_cache)
-        new_module.update_layer(adapter_name, slots, scaling, config.lora_dropout)
+        new_module.attach(self._lorta_state)
+        new_module.update_layer(adapter_name, slots, scaling, config.lora_dropout, order)
         self._replace_module(parent, target_name, new_module, target)
 
     def _hook_shared_inputs(self, model: nn.Module, layout: TensorLayout) -> None:
@@ -133,13 +141,29 @@ class TensorAdapterModel(BaseTuner):
             if len(slots) == 1 and slots[0].role == OUT_HEADS and "." in name:
                 parent_name = name.rsplit(".", 1)[0]
                 if parent_name not in self._lorta_hooks:
-                    self._lorta_hooks[parent_name] = self._lorta_cache.hook(model.get_submodule(parent_name))
+                    self._lorta_hooks[parent_name] = self._lorta_state.inputs.hook(model.get_submodule(parent_name))
 
     def _remove_hooks(self) -> None:
         for handles in self._lorta_hooks.values():
             for handle in handles:
                 handle.remove()
         self._lorta_hooks.clear()
+        self._lorta_state.frames.drop()
+
+    def _refresh_layers(self) -> None:
+        """The wrapped layers, in model order (the frame builder walks them; a list, so copies follow the model)."""
+        layers = [m for m in self.model.modules() if isinstance(m, TensorAdapterLayer)]
+        object.__setattr__(self, "_lorta_layers", layers)
+        self._lorta_state.frames.drop()
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's contract: float16/bfloat16 adapter weights become float32 unless autocast_adapter_dtype=False."""
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        factors = self.lorta_factors[adapter_name] if "lorta_factors" in self._modules else None
+        if autocast_adapter_dtype and factors is not None:
+            for tensor in (*factors.parameters(), *factors.buffers()):
+                if tensor.dtype in _UPCAST:
+                    tensor.data = tensor.data.float()
 
     # ------------------------------------------------------------------- trainability of the shared factors
     def _set_factor_grads(self, names: list[str], inference_mode: bool = False) -> None:
@@ -167,6 +191,7 @@ class TensorAdapterModel(BaseTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         del self.lorta_factors[adapter_name]
+        self._refresh_layers()
 
     # ------------------------------------------------------------------------------------ validation guards
     def _check_runtime(self) -> None:
@@ -241,10 +266,7 @@ class TensorAdapterModel(BaseTuner):
             for key, tensor in (bank.state_dict() if bank is not None else {}).items():
                 bad = int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
                 if bad:
-                    raise ValueError(
-                        f"safe_merge refused: factor {key!r} of adapter {name!r} holds {bad} NaN or Inf value(s); "
-                        "nothing was merged and the base weights are unchanged"
-                    )
+                    raise ValueError(nan_message(name, f"its factor {key!r} holds {bad} NaN or Inf value(s)"))
         with torch.no_grad():
             for key, module in self.model.named_modules():
                 if not isinstance(module, TensorAdapterLayer):
@@ -257,10 +279,9 @@ class TensorAdapterModel(BaseTuner):
                 for name in todo:
                     merged = merged + module.delta_weight(name).to(device=merged.device, dtype=merged.dtype)
                 if not torch.isfinite(merged.to(weight.dtype)).all():
-                    raise ValueError(
-                        f"safe_merge refused: merging {todo} into {key} gives NaN or Inf in its {weight.dtype} "
-                        "weight; nothing was merged and the base weights are unchanged"
-                    )
+                    raise ValueError(nan_message(
+                        ", ".join(todo), f"merging it into {key} gives NaN or Inf in its {weight.dtype} weight"
+                    ))
 
     @classmethod
     def _remap_adapter_state_dict_for_load(
@@ -292,50 +313,57 @@ class TensorAdapterModel(BaseTuner):
 
         return bool(check_target_module_exists(config, key))
 
-    # ------------------------------------------------------------------------------ batched map construction
+    # ------------------------------------------------------------------------------------ maps of a forward
     batched_maps: bool = True
-    """Build all modules' maps in one vectorised pass per training forward (see Factorization.open_scope)."""
+    """Build all modules' maps in one vectorised pass per forward (False: every module builds its own)."""
 
-    def _open_map_scopes(self) -> None:
-        """Open each active adapter's map scope for this forward, when the forward is an ordinary training one.
-
-        Not under torch.compile (the per-module maps compile well), not while adapters are disabled or merged, not
-        when nested. Checkpointed modules recompute from the same maps (see Factorization._from_scope).
-        """
-        depth = self.__dict__.get("_lorta_scope_depth", 0)
-        self.__dict__["_lorta_scope_depth"] = depth + 1
-        if (
-            depth or not self.batched_maps or not torch.is_grad_enabled() or torch.compiler.is_compiling()
-            or "lorta_factors" not in self._modules
-        ):
-            return
+    def _begin_forward(self) -> None:
+        """Open the forward's map frame (lorta.tuner.maps): one batched pass over every adapted module."""
+        state = self._lorta_state
         probe = getattr(self, "_lorta_probe", None)
         layer = probe() if probe is not None else None
-        if layer is None or layer.disable_adapters or layer.merged:
-            return
-        for name in self.active_adapters:
-            if name in self.lorta_factors:
-                self.lorta_factors[name].open_scope()
+        device_type = layer.get_base_layer().weight.device.type if layer is not None else "cpu"
+        skip = (
+            not self.batched_maps or torch.compiler.is_compiling() or layer is None or layer.disable_adapters
+            or layer.merged or state.mixed_call
+        )
+        state.frames.begin_forward(None if skip else self._frame_maps, device_type)
 
-    def _close_map_scopes(self) -> None:
-        depth = self.__dict__.get("_lorta_scope_depth", 1) - 1
-        self.__dict__["_lorta_scope_depth"] = max(depth, 0)
-        if depth <= 0 and "lorta_factors" in self._modules:
-            for factors in self.lorta_factors.values():
-                factors.close_scope()
+    def _frame_maps(self) -> dict[tuple[str, int], Maps]:
+        maps: dict[tuple[str, int], Maps] = {}
+        for name in self.active_adapters:
+            factors = self.lorta_factors[name] if name in self.lorta_factors else None
+            if factors is None:
+                continue
+            modules = [(m, m.lorta_slots[name]) for m in self._lorta_layers if name in m.lorta_slots]
+            pairs = iter(factors.maps_many([slot for _, slots in modules for slot in slots]))
+            for layer, slots in modules:
+                maps[(name, id(slots))] = module_maps(
+                    factors, slots, layer.lorta_out_order, [next(pairs) for _ in slots]
+                )
+        return maps
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """PeftModel's forward/generate context: one call scope (its no-grad forwards share their maps) and, with
+        per-row `adapter_names`, the mixed-batch routing (tuner/mixed.py)."""
+        from .mixed import mixed_batch_hooks
+
+        state = self.__dict__.get("_lorta_state")
+        if state is None:
+            yield
+            return
+        state.frames.begin_call()
+        try:
+            with mixed_batch_hooks(self, kwargs):
+                yield
+        finally:
+            state.frames.end_call()
 
     # ------------------------------------------------------------------------------------------- reporting
     def num_adapter_parameters(self, adapter_name: str = "default") -> int:
         """Trainable parameters of one adapter: each shared factor counted once."""
         return self.lorta_factors[adapter_name].num_trainable()
-
-    # ------------------------------------------------------------------------------- mixed-adapter batches
-    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
-        """PeftModel's forward/generate context: routes per-row `adapter_names` to the layers (tuner/mixed.py)."""
-        from .mixed import mixed_batch_hooks
-
-        return mixed_batch_hooks(self, kwargs)
-
 
 def _base(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
@@ -346,22 +374,19 @@ def _targets_in(model: nn.Module, layout: TensorLayout) -> list[nn.Module]:
 
 
 def _model_shape(model: nn.Module, recorded: dict[str, Any] | None) -> ModelShape:
-    """The base model's shape; when an adapter records one, the two must agree on every mode size."""
-    try:
-        actual = ModelShape.from_model(model)
-    except LayoutError:
-        if recorded is None:
-            raise
-        return ModelShape.from_model(model, recorded)
-    if recorded is not None:
-        diffs = {k: (recorded.get(k), getattr(actual, k)) for k in _SHAPE_KEYS if recorded.get(k) is not None}
-        diffs = {k: v for k, v in diffs.items() if v[0] != v[1]}
+    """The base model's shape; when an adapter records one (or the user gives model_shape), the two must agree on
+    every size the model's config knows, and the recorded one fills in the sizes it does not."""
+    actual = ModelShape.from_model(model)
+    if recorded:
+        diffs = {k: (recorded.get(k), getattr(actual, k)) for k in _SHAPE_KEYS if recorded.get(k)}
+        diffs = {k: v for k, v in diffs.items() if v[1] and v[0] != v[1]}
         if diffs:
             detail = ", ".join(f"{k}: adapter {a} vs model {b}" for k, (a, b) in diffs.items())
             raise LayoutError(
                 f"this adapter was made for a base model of another shape ({detail}); load it onto the model "
                 "it was trained on"
             )
+        return ModelShape.from_model(model, recorded)
     return actual
 
 
@@ -370,13 +395,13 @@ def _before_forward(tuner: weakref.ref) -> None:
     instance = tuner()
     if instance is not None:
         instance._check_runtime()
-        instance._open_map_scopes()
+        instance._begin_forward()
 
 
 def _after_forward(tuner: weakref.ref) -> None:
     instance = tuner()
     if instance is not None:
-        instance._close_map_scopes()
+        instance._lorta_state.frames.end_forward()
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:
@@ -465,14 +490,11 @@ def _is_float_dtype(dtype: Any) -> bool:
 
 
 def make_tuner(
-    name: str, factorization_cls: type[Factorization], default_kinds: set[str] | None = None
+    name: str, factorization_cls: type[Factorization], default_kinds: tuple[str, ...] | None = None
 ) -> type[TensorAdapterModel]:
     """A PEFT tuner class for one method of the family; `default_kinds` narrows the default targets (e.g. q, v)."""
     targets = DEFAULT_TARGETS
     if default_kinds is not None:
-        targets = {
-            model_type: [t for t in names if matrix_kind(t)[0] in default_kinds | {"qkv"}]
-            for model_type, names in DEFAULT_TARGETS.items()
-        }
+        targets = {model_type: arch.targets(tuple(default_kinds)) for model_type, arch in ARCHITECTURES.items()}
     attrs = {"factorization_cls": factorization_cls, "target_module_mapping": targets, "__doc__": __doc__}
     return type(name, (TensorAdapterModel,), attrs)

@@ -1,0 +1,32 @@
+"""What the wrapped layers of one tuner share: one object, referenced by the tuner and every layer.
+
+It holds the adapters' factors (the tuner's `lorta_factors`), the maps of the running forward (lorta.tuner.maps),
+the shared input projections of one attention call (lorta.tuner.shared_input) and, once mixed-adapter batches are
+used, their engine (lorta.tuner.mixed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .maps import MapFrames, Maps, module_maps
+from .shared_input import SharedInputCache
+
+
+class TunerState:
+    def __init__(self, factors: nn.ModuleDict) -> None:
+        self.factors = factors
+        self.inputs = SharedInputCache()
+        self.frames = MapFrames()
+        self.mixed: Any = None  # MixedBatchEngine, created on first use
+        self.mixed_call = False  # a call with per-row adapter_names is running
+
+    def maps(self, layer: Any, name: str) -> Maps:
+        """(P, Q, key) of adapter `name` in `layer`: the running forward's, or built now."""
+        slots = layer.lorta_slots[name]
+        hit = self.frames.lookup((name, id(slots)))
+        if hit is not None:
+            return hit
+        return module_maps(self.factors[name], slots, layer.lorta_out_order)
