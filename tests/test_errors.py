@@ -311,7 +311,7 @@ def test_weights_that_do_not_fit(saved, tmp_path, edit, match):
     ("matrix_names", 3, "matrix_names must be list[str] | None, got 3"),
     ("lora_dropout", "0.1", "lora_dropout must be float, got '0.1'"),
     ("init_weights", "yes", "init_weights must be bool, got 'yes'"), ("use_rslora", "no", "got 'no'"),
-    ("model_shape", {**LLAMA_SHAPE, "num_heads": "6"}, "model_shape['num_heads'] must be a positive integer"),
+    ("model_shape", {**LLAMA_SHAPE, "num_heads": "6"}, "model_shape['num_heads'] must be a non-negative integer"),
 ], ids=lambda v: None if isinstance(v, (str, dict)) and len(str(v)) > 12 else str(v))
 def test_config_json_with_wrong_types(saved, tmp_path, field, value, shown):
     adapter = copy_adapter(saved, tmp_path / "wrong", **{field: value})

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -48,21 +48,26 @@ _Q_NAMES = {"q_proj", "query", "q_lin", "wq", "q", "query_proj"}
 _K_NAMES = {"k_proj", "key", "k_lin", "wk", "k", "key_proj"}
 _V_NAMES = {"v_proj", "value", "v_lin", "wv", "v", "value_proj"}
 _O_NAMES = {"o_proj", "out_proj", "out_lin", "wo", "o"}
-_O_QUALIFIED = {"attention.output.dense", "attn.c_proj", "attention.dense", "self_attention.dense"}
+_O_QUALIFIED = {"attention.output.dense", "attn.c_proj", "attention.dense", "self_attention.dense", "self_attn.dense"}
 _FUSED_NAMES = {"c_attn", "qkv_proj", "wqkv", "w_pack", "query_key_value"}
 
 
 @dataclass(frozen=True)
 class Attention:
-    """The attention module names of a model type, as PEFT target_modules (suffixes of module names)."""
+    """The attention module names of a model type, as PEFT target_modules (suffixes of module names).
+
+    `scope` restricts them to one sub-model of a multimodal model (its language model): the targets are then a
+    regular expression, as PEFT's own default for Gemma 4.
+    """
 
     q: str | None = None
     k: str | None = None
     v: str | None = None
     o: str | None = None
     qkv: str | None = None  # one module computing q, k and v
+    scope: str | None = None
 
-    def targets(self, roles: tuple[str, ...] = ("q", "k", "v", "o")) -> list[str]:
+    def names(self, roles: tuple[str, ...] = ("q", "k", "v", "o")) -> list[str]:
         """The module names adapting `roles`; a fused q/k/v module is adapted whole when any of q, k, v is asked."""
         out = []
         for role in roles:
@@ -70,6 +75,13 @@ class Attention:
             if name and name not in out:
                 out.append(name)
         return out
+
+    def targets(self, roles: tuple[str, ...] = ("q", "k", "v", "o")) -> list[str] | str:
+        """PEFT target_modules for `roles`: the names, or within `scope` a regular expression."""
+        names = self.names(roles)
+        if self.scope is None:
+            return names
+        return rf".*{re.escape(self.scope)}\..*\.({'|'.join(re.escape(n) for n in names)})"
 
 
 _LLAMA = Attention("q_proj", "k_proj", "v_proj", "o_proj")
@@ -83,12 +95,13 @@ ARCHITECTURES: dict[str, Attention] = {
     **dict.fromkeys(
         (
             "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3",
-            "gemma3_text", "olmo", "olmo2", "starcoder2", "smollm3", "granite", "cohere", "phi", "stablelm",
-            "internlm2", "deepseek_v2", "llama4_text", "nemotron_h",
+            "gemma3_text", "olmo", "olmo2", "starcoder2", "smollm3", "granite", "cohere", "stablelm", "llama4_text",
+            "nemotron_h", "vit",
         ),
         _LLAMA,
     ),
-    **dict.fromkeys(("opt", "bart", "mbart", "whisper", "m2m_100", "gptj", "gpt_neo", "vit"), _BART),
+    **dict.fromkeys(("gemma3", "llama4"), replace(_LLAMA, scope="language_model")),
+    **dict.fromkeys(("opt", "bart", "mbart", "whisper", "m2m_100", "gptj", "gpt_neo"), _BART),
     **dict.fromkeys(
         (
             "bert", "roberta", "xlm-roberta", "esm", "electra", "camembert", "ernie", "mpnet", "data2vec-text",
@@ -97,6 +110,8 @@ ARCHITECTURES: dict[str, Attention] = {
         _BERT,
     ),
     **dict.fromkeys(("t5", "mt5", "umt5"), Attention("q", "k", "v", "o")),
+    "phi": Attention("q_proj", "k_proj", "v_proj", "self_attn.dense"),
+    "mpnet": Attention("q", "k", "v", "o"),
     "gpt2": Attention(qkv="c_attn", o="attn.c_proj"),
     "gpt_bigcode": Attention(qkv="c_attn", o="attn.c_proj"),
     "distilbert": Attention("q_lin", "k_lin", "v_lin", "out_lin"),
@@ -109,7 +124,7 @@ ARCHITECTURES: dict[str, Attention] = {
     "bloom": Attention(qkv="query_key_value", o="self_attention.dense"),
     "falcon": Attention(qkv="query_key_value", o="self_attention.dense"),
 }
-DEFAULT_TARGETS: dict[str, list[str]] = {t: a.targets() for t, a in ARCHITECTURES.items()}
+DEFAULT_TARGETS: dict[str, list[str] | str] = {t: a.targets() for t, a in ARCHITECTURES.items()}
 # How a model type's fused q/k/v projection lays out its output (default: concatenated).
 _FUSED_LAYOUTS = {"gpt_neox": GROUPED, "bloom": GROUPED, "falcon": GROUPED, "deberta": GROUPED, "codegen": CODEGEN}
 
@@ -167,6 +182,14 @@ class ModelShape:
 
 def _shape_of_config(config: Any) -> dict[str, Any]:
     model_type = getattr(config, "model_type", "") or ""
+    try:
+        getattr(config, "head_dim", None)
+    except Exception as exc:  # transformers' per-layer (heterogeneous) configs refuse a global head_dim
+        raise LayoutError(
+            f"the {model_type or type(config).__name__} config has per-layer attention sizes ({exc.__class__.__name__})"
+            ": lorta's update tensor has one head dimension for all layers. Adapt the layers of one attention kind "
+            "with head-less extra matrices (model_shape={'num_heads': 0}) or use LoRA for this model"
+        ) from exc
     heads = _first_attr(config, "num_attention_heads", "n_head", "num_heads", "n_heads")
     kv = _first_attr(config, "num_key_value_heads", "num_kv_heads")
     if model_type == "falcon" and heads:
@@ -283,11 +306,18 @@ def _strip_layer_prefix(module_name: str) -> str:
 
 def layer_of(module_name: str) -> tuple[str, int]:
     """(stack, index) of a module's layer: 'model.decoder.layers.3.fc1' -> ('model.decoder.layers', 3); a module
-    outside any numbered stack is in the one layer ('', 0)."""
+    outside any numbered stack is in the one layer ('', -1)."""
     match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", module_name)
     if match is None:
-        return "", 0
+        return "", -1
     return module_name[: match.start(1)].rstrip("."), int(match.group(1))
+
+
+def _layer_name(stack: str, index: int) -> str:
+    """The recorded name of a layer: the module path up to its index ('model.layers.3', '0'), '' for none."""
+    if index < 0:
+        return ""
+    return f"{stack}.{index}" if stack else str(index)
 
 
 def layer_index(module_name: str) -> int | None:
@@ -409,7 +439,7 @@ def build_layout(
         )
     stacks = list(dict.fromkeys(i.layer[0] for i in items))
     layers = sorted({i.layer for i in items}, key=lambda s: (stacks.index(s[0]), s[1]))
-    layer_names = [f"{stack}.{index}" if stack else "" for stack, index in layers]
+    layer_names = [_layer_name(stack, index) for stack, index in layers]
     if recorded_layers is not None and list(recorded_layers) != layer_names:
         raise LayoutError(
             f"the adapter was trained on layers {_short(recorded_layers)} but target_modules match "

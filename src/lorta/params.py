@@ -279,7 +279,8 @@ def closed_form(config: PretrainedConfig, method: str, *, targets: Sequence[str]
     layout = model.base_model.lorta_factors["default"].layout
     s, L, M = layout.shape, layout.num_layers, layout.num_matrices
     if method == "tlora":
-        return lambda r: tlora_num_params(L=L, M=M, r=r)
+        matrices = sum(len(slots) for slots in layout.slots.values())
+        return lambda r: tlora_num_params(L=L, M=M, r=r, matrices=matrices)
     d = layout.model_dim if layout.uses_model_dim else 0
     H = s.num_heads if layout.has_head_slots else 0
     extra = tuple(layout.extra_sizes[n] for n in layout.matrix_names if n in layout.extra_sizes)

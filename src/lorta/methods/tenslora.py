@@ -112,21 +112,22 @@ class TensLoraFactors(Factorization):
 
     Extra matrices (MLP projections, the linear layers of a model without attention heads) are one-"head" matrices
     of the tensor: their own side gets a factor of its own (U_extra<m>, in place of U_out; a matrix with neither side
-    equal to the model dimension also gets U_in_extra<m>), and the core's att mode is summed (contracted with ones).
+    equal to the model dimension also gets U_in_extra<m>), and the core's att mode is contracted with the unit vector
+    1/sqrt(r_att) (the size of a head's U_att row). A model without any head-structured matrix has no att mode.
     """
 
     def __init__(self, config: TensLoraConfig, layout: TensorLayout) -> None:
         super().__init__(config, layout)
         shape = layout.shape
-        self.modes = tensor_modes(config.construction)
-        self.ranks = dict(config.ranks)
+        heads = layout.has_head_slots
+        self.modes = tuple(m for m in tensor_modes(config.construction) if heads or m != "att")
+        self.ranks = {m: config.ranks[m] for m in self.modes}
         self.tucker = config.decomposition == "tucker"
         self.stack_heads = "att" in self.modes
         self.stack_matrices = "qkv" in self.modes
         self.stack_layers = "depth" in self.modes
         gl = 1 if self.stack_layers else layout.num_layers
         gm = 1 if self.stack_matrices else layout.num_matrices
-        heads = layout.has_head_slots
         sizes = {
             "in": layout.model_dim,
             "out": shape.head_dim if self.stack_heads else shape.num_heads * shape.head_dim,
@@ -193,7 +194,7 @@ class TensLoraFactors(Factorization):
             if self.stack_matrices:
                 core = core @ self.U_qkv[gl, gm, slot.matrix]
             if self.stack_heads and extra:
-                return core.sum(-1)[None]
+                return (core.sum(-1) / math.sqrt(core.shape[-1]))[None]
             if self.stack_heads:
                 return torch.einsum("ija,ha->hij", core, self.U_att[gl, gm, slot.head_slice])
             return core.expand(n_heads, -1, -1)
@@ -204,6 +205,8 @@ class TensLoraFactors(Factorization):
             weights = weights * self.U_qkv[gl, gm, slot.matrix]
         if self.stack_heads and not extra:
             return self.U_att[gl, gm, slot.head_slice] * weights
+        if self.stack_heads:  # an extra matrix's att weights: the unit vector
+            weights = weights / math.sqrt(weights.shape[-1])
         return weights.expand(n_heads, -1)
 
     def maps(self, slot: Slot) -> tuple[Tensor, Tensor]:
@@ -271,7 +274,7 @@ def tenslora_num_params(
 ) -> int:
     """TensLoRA's published count: Σ rank·size + Π ranks (Tucker core) per tensor, times the number of tensors;
     plus each extra matrix's own factors (H = 0: no head-structured matrix; d = 0: none with a model side)."""
-    modes = tensor_modes(construction)
+    modes = tuple(m for m in tensor_modes(construction) if H or m != "att")  # no heads: no att mode
     sizes = {"in": d, "out": (d_h if "att" in modes else H * d_h) if H else 0, "att": H, "qkv": M, "depth": L}
     per_tensor = sum(ranks[m] * sizes[m] for m in modes)
     if decomposition == "tucker":

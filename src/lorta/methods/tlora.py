@@ -1,7 +1,7 @@
 """TLoRA (seed 002): frozen random A and B, a trainable r × r core and a learnable scale per adapted matrix.
 
     dW_{l,m} = s_{l,m} · A_{l,m} · C_{l,m} · B_{l,m}        A: d_in × r, B: r × d_out frozen; C: r × r, s: scalar
-    #params = M · L · (r² + 1)
+    #params = M · L · (r² + 1)        (r² + 1 per adapted matrix)
 
 In engine terms P = A and Q = s · C · B, so the forward is a rank-r LoRA with one extra r × r product.
 A and B are drawn from `projection_seed` with torch's CPU generator, in a fixed order (matrix by matrix, layer by
@@ -53,23 +53,35 @@ class TLoraConfig(TensorAdapterConfig):
 
 
 class TLoraFactors(Factorization):
-    """Per matrix kind m: frozen A_m (L, d_in, r) and B_m (L, r, d_out); trainable C (L, M, r, r), s (L, M)."""
+    """One row per adapted matrix: frozen A_m (L_m, d_in, r) and B_m (L_m, r, d_out) per matrix kind m (L_m: the
+    layers that have kind m); trainable C (S, r, r) and s (S,) over the S adapted matrices, kind by kind, so a kind
+    present in some layers only (a decoder's cross-attention) holds no value that cannot train."""
 
     def __init__(self, config: TLoraConfig, layout: TensorLayout) -> None:
         super().__init__(config, layout)
-        r, L, M = config.r, layout.num_layers, layout.num_matrices
+        r = config.r
         self.rank = r
         self.seed = config.projection_seed
         self.sizes: dict[int, tuple[int, int]] = {}
+        layers: dict[int, set[int]] = {}
         for slots in layout.slots.values():
             for slot in slots:
                 self.sizes[slot.matrix] = (slot.in_features, slot.out_features)
-        for m in range(M):
+                layers.setdefault(slot.matrix, set()).add(slot.layer)
+        self.rows: dict[tuple[int, int], tuple[int, int]] = {}  # (layer, matrix) -> (row of C and s, row of A_m)
+        self.spans: dict[int, tuple[int, int]] = {}  # matrix -> its rows of C and s
+        start = 0
+        for m in sorted(layers):
+            ordered = sorted(layers[m])
+            self.spans[m] = (start, start + len(ordered))
+            for j, layer in enumerate(ordered):
+                self.rows[(layer, m)] = (start + j, j)
+            start += len(ordered)
             d_in, d_out = self.sizes[m]
-            self.register_buffer(f"A{m}", torch.empty(L, d_in, r), persistent=config.save_projection)
-            self.register_buffer(f"B{m}", torch.empty(L, r, d_out), persistent=config.save_projection)
-        self.C = nn.Parameter(torch.empty(L, M, r, r))
-        self.s = nn.Parameter(torch.empty(L, M))
+            self.register_buffer(f"A{m}", torch.empty(len(ordered), d_in, r), persistent=config.save_projection)
+            self.register_buffer(f"B{m}", torch.empty(len(ordered), r, d_out), persistent=config.save_projection)
+        self.C = nn.Parameter(torch.empty(start, r, r))
+        self.s = nn.Parameter(torch.empty(start))
         # Created on the meta device (low_cpu_mem_usage) with projections that are not in the file: they are
         # rebuilt from the seed on first use, whenever the buffers have left the meta device.
         self._draw_pending = self.C.is_meta and not config.save_projection
@@ -86,7 +98,7 @@ class TLoraFactors(Factorization):
 
     @torch.no_grad()
     def draw_projections(self) -> None:
-        """Regenerate the frozen A and B from the seed (CPU generator, fixed order)."""
+        """Regenerate the frozen A and B from the seed (CPU generator, fixed order: kind by kind, layer by layer)."""
         generator = torch.Generator().manual_seed(self.seed)
         for m, (d_in, _) in sorted(self.sizes.items()):
             A, B = getattr(self, f"A{m}"), getattr(self, f"B{m}")
@@ -99,18 +111,22 @@ class TLoraFactors(Factorization):
 
     def maps(self, slot: Slot) -> tuple[Tensor, Tensor]:
         self._draw_if_pending()
-        l, m = slot.layer, slot.matrix
-        A, B = getattr(self, f"A{m}")[l], getattr(self, f"B{m}")[l]
-        return A, (self.s[l, m] * self.C[l, m]) @ B
+        i, j = self.rows[(slot.layer, slot.matrix)]
+        A, B = getattr(self, f"A{slot.matrix}")[j], getattr(self, f"B{slot.matrix}")[j]
+        return A, (self.s[i] * self.C[i]) @ B
 
     def maps_many(self, slots: list[Slot]) -> list[tuple[Tensor, Tensor]]:
-        """All layers' Q = s · C · B of a matrix kind in one batched product, handed out by `unbind`."""
+        """Every layer's Q = s · C · B of a matrix kind in one batched product, handed out by `unbind`."""
         self._draw_if_pending()
-        Q = {
-            m: ((self.s[:, m, None, None] * self.C[:, m]) @ getattr(self, f"B{m}")).unbind(0)
-            for m in sorted({slot.matrix for slot in slots})
-        }
-        return [(getattr(self, f"A{slot.matrix}")[slot.layer], Q[slot.matrix][slot.layer]) for slot in slots]
+        Q = {}
+        for m in sorted({slot.matrix for slot in slots}):
+            start, end = self.spans[m]
+            Q[m] = ((self.s[start:end, None, None] * self.C[start:end]) @ getattr(self, f"B{m}")).unbind(0)
+        out = []
+        for slot in slots:
+            j = self.rows[(slot.layer, slot.matrix)][1]
+            out.append((getattr(self, f"A{slot.matrix}")[j], Q[slot.matrix][j]))
+        return out
 
     def _draw_if_pending(self) -> None:
         if self._draw_pending and not self.A0.is_meta:
@@ -118,5 +134,6 @@ class TLoraFactors(Factorization):
             self.draw_projections()
 
 
-def tlora_num_params(L: int, M: int, r: int) -> int:
-    return M * L * (r * r + 1)
+def tlora_num_params(L: int, M: int, r: int, matrices: int | None = None) -> int:
+    """M * L * (r^2 + 1); `matrices`: the number of adapted matrices when not every layer has every kind."""
+    return (M * L if matrices is None else matrices) * (r * r + 1)

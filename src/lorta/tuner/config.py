@@ -190,9 +190,10 @@ def _check_field_types(config: TensorAdapterConfig) -> None:
 def _check_model_shape(shape: dict[str, Any] | None) -> None:
     for key in _SHAPE_FIELDS:
         value = (shape or {}).get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise AdapterConfigError(
-                f"model_shape[{key!r}] must be a positive integer (the base model's size), got {value!r}"
+                f"model_shape[{key!r}] must be a non-negative integer (the base model's size; 0: not known), got "
+                f"{value!r}"
             )
 
 
