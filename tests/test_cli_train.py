@@ -445,3 +445,41 @@ def test_default_train_job(tmp_path: Path) -> None:
     assert m["accuracy"] > 0.70, m["accuracy"]
     assert m["wall_time_s"] < 600, m["wall_time_s"]
     assert m["n_test"] == 2555 and m["adapter_params"] == LORTA_R16_MINILM
+
+
+# --------------------------------------------------------------------------------------------------
+# Installed without the optional packages (pip install lorta, no extras)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_without_matplotlib_the_run_writes_everything_but_the_plot(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: find_spec None, import fails
+    out = tmp_path / "run"
+    code, printed, _ = lorta(["train", *TINY, "--out", str(out)], capsys)
+    assert code == 0
+    assert "note: the loss plot (loss.png) will not be written: matplotlib is not installed" in printed
+    assert "pip install 'matplotlib'" in printed and "not written (pip install matplotlib)" in printed
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and not (out / "loss.png").exists()
+    assert metrics_of(out)["loss_plot"] is None and metrics_of(out)["accuracy"] >= 0
+
+
+def test_a_missing_required_package_fails_before_any_work(tmp_path, capsys, monkeypatch) -> None:
+    from lorta import tasks
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the job started working before checking its packages")
+
+    monkeypatch.setattr(tasks, "load_data", no_data)
+    monkeypatch.setitem(sys.modules, "trl", None)
+    out = tmp_path / "dpo"
+    code, _, err = lorta(["train", "--task", "dpo", *TINY, "--out", str(out)], capsys)
+    assert code == 2
+    assert "needs trl>=0.20 for the DPO trainer" in err and "pip install 'trl>=0.20'" in err
+    assert not out.exists()
+
+
+def test_a_gguf_model_without_the_gguf_package_says_how_to_install_it(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("LORTA_CACHE", str(tmp_path / "cache"))  # nothing converted yet
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    code, _, err = lorta(["train", "--model", "smollm2", *TINY, "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "pip install 'gguf>=0.10'" in err

@@ -52,6 +52,10 @@ _STALE_TMP_SECONDS = 6 * 3600
 _SOURCE_RECORD = "lorta_source.json"
 
 
+class MissingDependencyError(ImportError):
+    """A package the chosen job needs is not installed; the message gives the exact pip command."""
+
+
 class ModelNotFoundError(FileNotFoundError):
     """A model name/path could not be resolved; the message says how to fix it (e.g. which pip command)."""
 
@@ -199,6 +203,11 @@ def _convert_gguf(gguf: Path) -> Path:
     target = _gguf_cache_path(gguf)
     if _is_complete(target):
         return target
+    if importlib.util.find_spec("gguf") is None:
+        raise MissingDependencyError(
+            f"reading {gguf.name} needs the gguf package (transformers dequantises GGUF files with it), which is not "
+            "installed. Install it with: pip install 'gguf>=0.10' (or pip install 'lorta[cli,data]')"
+        )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,13 @@ import torch
 from torch import nn
 
 from .data import DataError, TextDataset, TextSplit, load_rotten_tomatoes, load_table, make_preference_pairs
-from .models import PACKAGED_MODELS, load_for_causal_lm, load_for_classification, resolve_model
+from .models import (
+    PACKAGED_MODELS,
+    MissingDependencyError,
+    load_for_causal_lm,
+    load_for_classification,
+    resolve_model,
+)
 
 __all__ = [
     "ADAPTER_METHODS",
@@ -57,6 +63,41 @@ REFERENCE_LORA_RANK = 8
 PROMPT = "Review: {text}\nIs this review positive or negative?\nAnswer:"
 
 Echo = Callable[[str], None]
+
+
+# (module, pip requirement, what needs it): checked before a job does any work.
+_JOB_NEEDS: dict[str, list[tuple[str, str, str]]] = {
+    "classify": [("tqdm", "tqdm", "progress bars")],
+    "prompt": [("tqdm", "tqdm", "progress bars")],
+    "dpo": [("tqdm", "tqdm", "progress bars"), ("trl", "trl>=0.20", "the DPO trainer")],
+}
+_OPTIONAL_OUTPUTS = [("matplotlib", "matplotlib", "the loss plot (loss.png)")]
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_requirements(kind: str, needs_optional: Sequence[tuple[str, str, str]] = _OPTIONAL_OUTPUTS) -> list[str]:
+    """Raise MissingDependencyError (with the pip command) for a missing package the job needs; return a note
+    for each optional output that will be skipped because its package is missing."""
+    missing = [(m, req, what) for m, req, what in _JOB_NEEDS[kind] if not _installed(m)]
+    if missing:
+        packages = " ".join(f"'{req}'" for _, req, _ in missing)
+        needs = "; ".join(f"{req} for {what}" for _, req, what in missing)
+        raise MissingDependencyError(
+            f"this {kind} job needs {needs}, which is not installed. Install it with: pip install {packages} "
+            "(or everything the jobs use: pip install 'lorta[cli,data]')"
+        )
+    return [
+        f"{what} will not be written: {m} is not installed (pip install '{req}')"
+        for m, req, what in needs_optional if not _installed(m)
+    ]
 
 
 class UsageError(ValueError):
@@ -852,6 +893,9 @@ def run_job(options: TrainOptions, echo: Echo = print, started: float | None = N
 
     start = time.time() if started is None else started
     o, kind, path = resolve_options(options)
+    skipped = check_requirements(kind)  # before any work: a missing package fails now, with its pip command
+    for note in skipped:
+        echo(f"note: {note}")
     if o.quiet:
         _silence_library_bars()
     set_seed(o.seed)
@@ -862,14 +906,22 @@ def run_job(options: TrainOptions, echo: Echo = print, started: float | None = N
     run = JOB_RUNNERS[kind](o, path, ds, echo)
     trainer, model, tokenizer = run.pop("trainer"), run.pop("model"), run.pop("tokenizer")
     metrics = _metrics(o, kind, path, ds, model, loss_curve(trainer), run)
-    if trainer.is_world_process_zero():
-        save_trained(model, tokenizer, out, o)
-        title = f"{o.method} r={o.rank} · {o.model} · {o.task} · acc {run['accuracy']:.3f}"
-        plot_loss(metrics["loss_curve"], out / "loss.png", title)
     metrics["wall_time_s"] = time.time() - start
-    if trainer.is_world_process_zero():
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    metrics["loss_plot"] = None if skipped else str(out / "loss.png")
+    if trainer.is_world_process_zero():  # the adapter and metrics first; the optional plot last
+        save_trained(model, tokenizer, out, o)
+        write_atomically(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        if not skipped:
+            title = f"{o.method} r={o.rank} · {o.model} · {o.task} · acc {run['accuracy']:.3f}"
+            plot_loss(metrics["loss_curve"], out / "loss.png", title)
     return metrics
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write a file whole or not at all (a temporary file next to it, then one rename)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _metrics(

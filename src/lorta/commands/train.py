@@ -118,9 +118,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from ..data import DataError
     from ..layout import LayoutError
     from ..models import ModelNotFoundError
-    from ..tasks import UsageError
+    from ..tasks import MissingDependencyError, UsageError
 
-    return (DataError, ModelNotFoundError, UsageError, LayoutError)
+    return (DataError, ModelNotFoundError, UsageError, LayoutError, MissingDependencyError)
 
 
 def _quiet_environment() -> None:
@@ -207,7 +207,7 @@ def summary(m: dict[str, Any]) -> str:
         f"evaluation {_fmt_time(m['eval_time_s'])})",
         f"{kind:<21} {saved}",
         f"metrics               {out / 'metrics.json'}",
-        f"loss curve            {out / 'loss.png'}",
+        f"loss curve            {m.get('loss_plot') or 'not written (pip install matplotlib)'}",
     ]
     return "\n".join(lines)
 
@@ -271,7 +271,8 @@ def run_compare(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(f"\n{(root / 'compare.md').read_text(encoding='utf-8')}")
-    print(f"wrote {root / 'compare.md'}, {root / 'compare.png'}, {root / 'compare.json'}")
+    plot = f"{root / 'compare.png'}, " if (root / "compare.png").exists() else ""
+    print(f"wrote {root / 'compare.md'}, {plot}{root / 'compare.json'}")
     return 0
 
 
@@ -312,7 +313,8 @@ def write_compare(rows: Sequence[dict[str, Any]], root: Path, command: str, tota
     (root / "compare.md").write_text(text, encoding="utf-8")
     (root / "compare.json").write_text(json.dumps({"command": command, "rows": list(rows)}, indent=2) + "\n",
                                        encoding="utf-8")
-    plot_compare(rows, root / "compare.png", what)
+    if first.get("loss_plot") is not None:  # matplotlib is installed (run_job checked it before training)
+        plot_compare(rows, root / "compare.png", what)
 
 
 def plot_compare(rows: Sequence[dict[str, Any]], path: Path, ylabel: str) -> None:
