@@ -25,12 +25,12 @@ from conftest import make_inputs, make_model, output_of
 from filelock import FileLock
 from peft import PeftModel
 from safetensors.torch import load_file
+from tolerance import BACKWARD_TERMS, FORWARD_TERMS, assert_close, eps
 
 sys.path.insert(0, str(Path(__file__).parent / "dist_scripts"))
 import train_factors  # noqa: E402
 
 SCRIPT = Path(__file__).parent / "dist_scripts" / "train_factors.py"
-TOL = 1e-5
 
 TORCHRUN_SCENARIOS = [
     "ddp-lorta-sgd", "ddp-tenslora-tucker-sgd", "ddp-tlora-sgd", "ddp-lorta-adamw",
@@ -130,22 +130,32 @@ def check_matches_single_process(out: Path, scenario: str) -> None:
     reference = single(method, optim)
     want = train_factors.factors_of(reference)
     got = [load_file(out / scenario / f"factors-rank{r}.safetensors") for r in range(2)]
-    assert max_diff(got[0], got[1]) <= 1e-7, "the ranks ended with different factors"
-    assert max_diff(got[0], want) <= TOL, f"{scenario}: DDP vs single process {max_diff(got[0], want):.3g}"
+    assert max_diff(got[0], got[1]) == 0, "the ranks ended with different factors"  # one all-reduced gradient
     start = train_factors.factors_of(train_factors.build(method))
-    moved = {k: (want[k] - start[k]).abs().max().item() for k in want}
-    assert max(moved.values()) > 1e-3, "training did not move the factors: the comparison would be vacuous"
+    moved = max((want[k] - start[k]).abs().max().item() for k in want)
+    assert moved > 1e-3, "training did not move the factors: the comparison would be vacuous"
+    # DDP's gradient is the mean of two half-batch gradients, the single process's one full-batch gradient: the
+    # same sums in another order (BACKWARD_TERMS rounding units), so every update, and the total movement, agrees
+    # to that relative precision (for AdamW too: m / sqrt(v) is scale-free); plus the rounding of the factors.
+    magnitude = max(float(v.abs().max()) for v in want.values())
+    tol = BACKWARD_TERMS * eps(torch.float32) * moved + 4 * eps(torch.float32) * magnitude
+    diff = max_diff(got[0], want)
+    assert diff <= tol, f"{scenario}: DDP vs single process {diff:.3g} > {tol:.3g}"
     # the mean of the ranks' losses is the single process's loss at every step (same parameters each step)
     losses = torch.tensor([r["losses"] for r in ranks]).mean(0)
     ids = train_factors.global_batch()
-    first = train_factors.build(method)(input_ids=ids, labels=ids).loss.item()
-    assert abs(losses[0].item() - first) <= 1e-5
-    # the adapter rank 0 saved loads anywhere: exactly its factors, and the single-process model's outputs (logits
-    # amplify the float32 factor differences checked above about 30x, hence the looser tolerance there)
+    first = train_factors.build(method)(input_ids=ids, labels=ids).loss.detach()
+    assert_close(losses[0], first, FORWARD_TERMS)
+    # the adapter rank 0 saved loads anywhere: exactly its factors, hence exactly the outputs of a model holding them
     loaded = PeftModel.from_pretrained(make_model("llama"), out / scenario / "adapter")
     assert max_diff(train_factors.factors_of(loaded), got[0]) == 0
+    holder = train_factors.build(method)
+    holder.base_model.lorta_factors["default"].load_state_dict(
+        {k.removeprefix("base_model.lorta_factors.default."): v for k, v in got[0].items()}, strict=False
+    )
+    holder.eval()
     inputs = make_inputs("llama")
-    torch.testing.assert_close(output_of(loaded, inputs), output_of(reference, inputs), atol=10 * TOL, rtol=TOL)
+    torch.testing.assert_close(output_of(loaded, inputs), output_of(holder, inputs), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("scenario", ["ddp-lorta-sgd", "ddp-tenslora-tucker-sgd", "ddp-tlora-sgd", "ddp-lorta-adamw"])
@@ -168,7 +178,11 @@ def test_fsdp2_fully_shard_equals_single_process(torchrun_out, scenario):
 def test_fsdp2_and_ddp_give_the_same_factors(torchrun_out):
     ddp = load_file(torchrun_out / "ddp-lorta-sgd" / "factors-rank0.safetensors")
     fsdp = load_file(torchrun_out / "fsdp2-lorta-sgd" / "factors-rank0.safetensors")
-    assert max_diff(ddp, fsdp) <= TOL
+    start = train_factors.factors_of(train_factors.build("lorta"))
+    moved = max((ddp[k] - start[k]).abs().max().item() for k in ddp)
+    magnitude = max(float(v.abs().max()) for v in ddp.values())
+    # two reductions of the same gradients in other orders (see check_matches_single_process)
+    assert max_diff(ddp, fsdp) <= BACKWARD_TERMS * eps(torch.float32) * moved + 4 * eps(torch.float32) * magnitude
 
 
 @pytest.mark.parametrize("scenario", sorted(REFUSED))

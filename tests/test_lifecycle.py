@@ -12,6 +12,7 @@ from conftest import ARCHITECTURES, CAUSAL, make_inputs, make_model, output_of
 from methods import METHODS
 from peft import PeftModel, get_peft_model
 from reference import adapted_modules
+from tolerance import BACKWARD_TERMS, FORWARD_TERMS, HALF_TERMS, assert_close
 
 import lorta
 from lorta.tuner import TensorAdapterLayer
@@ -83,7 +84,7 @@ def test_save_load_round_trip(arch, method, low_cpu_mem_usage, tmp_path):
         warnings.simplefilter("always")
         loaded = PeftModel.from_pretrained(make_model(arch), tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
     assert not [w for w in caught if "missing adapter keys" in str(w.message) or "unexpected" in str(w.message)]
-    torch.testing.assert_close(output_of(loaded, inputs), want, atol=1e-6, rtol=1e-6)
+    assert_close(output_of(loaded, inputs), want, FORWARD_TERMS)
     assert not any(p.requires_grad for p in loaded.parameters())  # inference mode by default
     assert all(not p.is_meta for p in loaded.parameters())
 
@@ -95,21 +96,24 @@ def test_merge_unmerge_merge_and_unload(arch, method):
     inputs = make_inputs(arch)
     base_before = base_weights(model)
     unmerged = output_of(model, inputs)
+    deltas = {n: m.delta_weight("default").detach() for n, m in model.base_model.model.named_modules()
+              if isinstance(m, TensorAdapterLayer)}
     model.base_model.merge_adapter()
-    torch.testing.assert_close(output_of(model, inputs), unmerged, atol=1e-5, rtol=1e-5)
+    assert_close(output_of(model, inputs), unmerged, FORWARD_TERMS)  # W x + (x P) Q vs (W + P Q) x
     merged_weights = base_weights(model)
     with pytest.warns(UserWarning, match="[Aa]lready merged"):
         model.base_model.merge_adapter()  # idempotent: the second merge does nothing
     for n, w in base_weights(model).items():
         assert torch.equal(w, merged_weights[n]), n
     model.base_model.unmerge_adapter()
-    for n, w in base_weights(model).items():
-        torch.testing.assert_close(w, base_before[n], atol=1e-6, rtol=0)
-    torch.testing.assert_close(output_of(model, inputs), unmerged, atol=1e-5, rtol=1e-5)
+    delta_scale = max(float(d.abs().max()) for d in deltas.values())
+    for n, w in base_weights(model).items():  # (W + D) - D: two roundings at the magnitude |W| + |D|
+        assert_close(w, base_before[n], 2, scale=float(base_before[n].abs().max()) + delta_scale, msg=n)
+    assert_close(output_of(model, inputs), unmerged, FORWARD_TERMS)
     plain = model.merge_and_unload()
     assert not any(isinstance(m, TensorAdapterLayer) for m in plain.modules())
     assert not any("lorta" in n for n, _ in plain.named_parameters())
-    torch.testing.assert_close(output_of(plain, inputs), unmerged, atol=1e-5, rtol=1e-5)
+    assert_close(output_of(plain, inputs), unmerged, FORWARD_TERMS)
 
 
 @method_names
@@ -202,7 +206,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(arch, method):
     plain, checkpointed = grads(False), grads(True)
     assert plain.keys() == checkpointed.keys()
     for n in plain:
-        torch.testing.assert_close(checkpointed[n], plain[n], atol=1e-6, rtol=1e-5)
+        assert_close(checkpointed[n], plain[n], BACKWARD_TERMS, msg=n)
 
 
 @method_names
@@ -217,7 +221,7 @@ def test_half_precision_base_and_autocast(method, dtype):
     full = get_peft_model(make_model("llama"), METHODS[method](init_weights=False))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         auto = output_of(full, inputs)
-    torch.testing.assert_close(auto.float(), output_of(full, inputs), atol=0.1, rtol=0.1)
+    assert_close(auto.float(), output_of(full, inputs), HALF_TERMS, dtype=torch.bfloat16)
     loss = model(**inputs, labels=inputs["input_ids"]).loss
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in factors.parameters())
@@ -232,10 +236,14 @@ def test_generate_matches_merged_model(arch, method):
     ids = make_inputs(arch, batch=2, length=5)
     kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
-        unmerged = model.generate(**ids, **kwargs)
-        merged = model.merge_and_unload().generate(**ids, **kwargs)
-    assert unmerged.shape == (2, 11)
-    assert torch.equal(unmerged, merged)
+        out = model.generate(**ids, **kwargs, output_scores=True, return_dict_in_generate=True)
+        merged = model.merge_and_unload()
+        forced = merged(input_ids=out.sequences, attention_mask=torch.ones_like(out.sequences)).logits
+    assert out.sequences.shape == (2, 11)
+    # The merged model, teacher-forced on the tokens the adapted model generated, gives the same next-token
+    # logits at every step (comparing the generated tokens themselves would flip on a near tie on another CPU).
+    scores = torch.stack(out.scores, dim=1)  # (batch, new tokens, vocab)
+    assert_close(forced[:, 4:-1], scores, FORWARD_TERMS)
 
 
 @pytest.mark.slow
@@ -245,7 +253,7 @@ def test_torch_compile(method):
     inputs = make_inputs("llama")
     want = output_of(model, inputs)
     compiled = torch.compile(model)
-    torch.testing.assert_close(output_of(compiled, inputs), want, atol=1e-5, rtol=1e-5)
+    assert_close(output_of(compiled, inputs), want, FORWARD_TERMS)  # inductor fuses and reorders
     model.train()
     loss = compiled(**inputs, labels=inputs["input_ids"]).loss
     loss.backward()
@@ -260,12 +268,12 @@ def test_adapter_for_another_shape_is_refused(tmp_path):
 
 
 @method_names
-def test_inference_map_cache_follows_factor_updates(method):
-    """Without autograd the P/Q maps are cached; any change to a factor must invalidate them."""
+def test_inference_maps_follow_factor_updates(method):
+    """Without autograd the maps of one call are built in one batched pass; any change to a factor is seen."""
     model = adapted("llama", method, init_weights=False)
     inputs = make_inputs("llama")
     first = output_of(model, inputs)
-    torch.testing.assert_close(output_of(model, inputs), first, atol=0, rtol=0)  # served from the cache
+    torch.testing.assert_close(output_of(model, inputs), first, atol=0, rtol=0)  # the same computation again
     factors = model.base_model.lorta_factors["default"]
     with torch.no_grad():
         for p in factors.parameters():
@@ -274,14 +282,14 @@ def test_inference_map_cache_follows_factor_updates(method):
     with torch.enable_grad():
         fresh = model(**inputs).logits.detach()
     assert not torch.allclose(cached, first)
-    torch.testing.assert_close(cached, fresh, atol=1e-6, rtol=1e-6)
+    assert_close(cached, fresh, FORWARD_TERMS)  # a no-grad and a grad forward: the same maps, batched alike
     factors.load_state_dict({k: v * 0 for k, v in factors.state_dict().items()}, strict=False)
     with torch.enable_grad():
         fresh = model(**inputs).logits.detach()
-    torch.testing.assert_close(output_of(model, inputs), fresh, atol=1e-6, rtol=1e-6)
+    assert_close(output_of(model, inputs), fresh, FORWARD_TERMS)
 
 
-def test_inference_cache_is_dropped_by_a_training_step_with_fused_adamw():
+def test_inference_after_a_training_step_with_fused_adamw():
     """Fused AdamW updates parameters in place without bumping their version counter."""
     model = adapted("llama", "lorta")
     inputs = make_inputs("llama")
@@ -297,5 +305,5 @@ def test_inference_cache_is_dropped_by_a_training_step_with_fused_adamw():
     assert not torch.allclose(after, before)
     with torch.enable_grad():
         fresh = model(**inputs).logits.detach()
-    torch.testing.assert_close(after, fresh, atol=1e-6, rtol=1e-6)
+    assert_close(after, fresh, FORWARD_TERMS)
     assert versions  # (whatever the counters did)

@@ -18,13 +18,13 @@ import torch
 from conftest import make_inputs, make_model
 from methods import METHODS
 from peft import PeftModel, get_peft_model
+from tolerance import FORWARD_TERMS, HALF_TERMS, assert_close
 
 import lorta
 from lorta.tuner import TensorAdapterLayer
 from lorta.tuner.mixed import engine_for
 
 ROOT = Path(__file__).resolve().parents[1]
-ATOL = 1e-5
 method_names = pytest.mark.parametrize("method", sorted(METHODS))
 mixed_archs = pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 
@@ -68,7 +68,7 @@ def test_each_row_equals_its_adapter_alone(arch, method):
     inputs = make_inputs(arch, batch=len(names))
     got = mixed(model, inputs, names)
     want = rows_alone(model, inputs, names, base=make_model(arch))
-    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    assert_close(got, want, FORWARD_TERMS)
     with torch.no_grad():
         base = make_model(arch)(**inputs).logits
     assert torch.equal(got[1], base[1]) and torch.equal(got[5], base[5])  # "__base__" rows: exactly the base
@@ -82,7 +82,7 @@ def test_single_adapter_batches_and_all_base(method):
     inputs = make_inputs("llama", batch=3)
     for names in (["a2"] * 3, ["__base__"] * 3):
         want = rows_alone(model, inputs, names, base=make_model("llama"))
-        torch.testing.assert_close(mixed(model, inputs, names), want, atol=ATOL, rtol=0)
+        assert_close(mixed(model, inputs, names), want, FORWARD_TERMS)
     # the normal forward is unaffected by a mixed call before it
     model.set_adapter("a1")
     plain = model(**inputs).logits.detach()
@@ -101,7 +101,7 @@ def test_adapters_with_different_shapes_mix_in_one_batch():
     names = ["r5", "default", "heads", "qv", "__base__", "r5"]
     inputs = make_inputs("llama", batch=len(names))
     got = mixed(model, inputs, names)
-    torch.testing.assert_close(got, rows_alone(model, inputs, names, base=make_model("llama")), atol=ATOL, rtol=0)
+    assert_close(got, rows_alone(model, inputs, names, base=make_model("llama")), FORWARD_TERMS)
     assert len(engine_for(model.base_model._lorta_state).groups) == 4
 
 
@@ -117,7 +117,7 @@ def test_half_precision_base():
     got = mixed(model, inputs, names)
     want = rows_alone(model, inputs, names, base=make_model("llama", dtype=torch.bfloat16))
     assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got, want, atol=5e-2, rtol=2e-2)
+    assert_close(got, want, HALF_TERMS)  # bfloat16 bmm vs plain products
 
 
 def test_maps_are_not_cached_when_asked():
@@ -126,7 +126,7 @@ def test_maps_are_not_cached_when_asked():
     names = ["a3", "__base__", "a1", "a3", "default"]
     inputs = make_inputs("gpt2", batch=len(names))
     want = rows_alone(model, inputs, names, base=make_model("gpt2"))
-    torch.testing.assert_close(mixed(model, inputs, names), want, atol=ATOL, rtol=0)
+    assert_close(mixed(model, inputs, names), want, FORWARD_TERMS)
     memory = engine_for(model.base_model._lorta_state).memory()
     assert memory["map_bytes"] == 0 and memory["factor_bytes"] > 0
 
@@ -168,13 +168,13 @@ def test_cache_follows_factor_changes_and_adapter_set(arch):
     assert not torch.allclose(after[0], before[0])
     torch.testing.assert_close(after[1:], before[1:], atol=0, rtol=0)
     base = make_model(arch)
-    torch.testing.assert_close(after, rows_alone(model, inputs, names, base=base), atol=ATOL, rtol=0)
+    assert_close(after, rows_alone(model, inputs, names, base=base), FORWARD_TERMS)
     torch.manual_seed(7)
     model.add_adapter("new", METHODS["lorta"](init_weights=False))
     model.delete_adapter("a2")
     names = ["new", "a1", "__base__"]
-    torch.testing.assert_close(
-        mixed(model, inputs, names), rows_alone(model, inputs, names, base=base), atol=ATOL, rtol=0
+    assert_close(
+        mixed(model, inputs, names), rows_alone(model, inputs, names, base=base), FORWARD_TERMS
     )
     with pytest.raises(ValueError, match="non-existing adapter"):
         mixed(model, inputs, ["a2", "a1", "new"])
@@ -192,8 +192,8 @@ def test_modules_to_save_heads_follow_the_rows():
     model.eval()
     names = ["b", "default", "__base__", "b"]
     inputs = make_inputs("bert", batch=4)
-    torch.testing.assert_close(
-        mixed(model, inputs, names), rows_alone(model, inputs, names, base=make_model("bert")), atol=ATOL, rtol=0
+    assert_close(
+        mixed(model, inputs, names), rows_alone(model, inputs, names, base=make_model("bert")), FORWARD_TERMS
     )
 
 
@@ -283,7 +283,7 @@ def test_layer_accepts_a_plain_list():
             else:
                 layer.set_adapter(name)
                 want.append(layer(x[i : i + 1]))
-    torch.testing.assert_close(got, torch.cat(want), atol=ATOL, rtol=0)
+    assert_close(got, torch.cat(want), FORWARD_TERMS)
 
 
 # --------------------------------------------------------------------------------------------- bank
@@ -314,7 +314,7 @@ def test_bank_loads_a_folder_and_serves_mixed_batches(tmp_path, method):
         ref = base if name == "__base__" else PeftModel.from_pretrained(make_model("llama"), root / name)
         with torch.no_grad():
             want = ref(**{k: v[i : i + 1] for k, v in inputs.items()}).logits
-        torch.testing.assert_close(got[i : i + 1], want, atol=ATOL, rtol=0)
+        assert_close(got[i : i + 1], want, FORWARD_TERMS)
     memory = bank.memory()
     assert memory["adapters"] == 5 and memory["factor_bytes_per_adapter"] > 0 and memory["map_bytes"] > 0
     assert bank.bytes_per_adapter() == memory["bytes_per_adapter"] > 0
@@ -326,7 +326,7 @@ def test_bank_loads_a_folder_and_serves_mixed_batches(tmp_path, method):
     with pytest.raises(ValueError, match="non-existing adapter"):
         mixed(model, inputs, names)
     bank.add("again", root / "ad3")
-    torch.testing.assert_close(mixed(model, inputs, ["again", *names[1:]]), got, atol=ATOL, rtol=0)
+    assert_close(mixed(model, inputs, ["again", *names[1:]]), got, FORWARD_TERMS)
     for n, p in model.named_parameters():  # the base weights were never touched
         if n in base_before:
             assert p.data_ptr() == base_before[n][0] and torch.equal(p, base_before[n][1]), n
@@ -363,8 +363,8 @@ def test_bank_sources_and_errors(tmp_path):
         lorta.AdapterBank(make_model("gpt2"))
     names = ["ad2", "x", "__base__"]
     inputs = make_inputs("gpt2", batch=3)
-    torch.testing.assert_close(
-        mixed(model, inputs, names), rows_alone(model, inputs, names, base=make_model("gpt2")), atol=ATOL, rtol=0
+    assert_close(
+        mixed(model, inputs, names), rows_alone(model, inputs, names, base=make_model("gpt2")), FORWARD_TERMS
     )
 
 

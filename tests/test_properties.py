@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peft import get_peft_model
 from reference import adapted_modules, reference_lorta, reference_tenslora, reference_tlora
+from tolerance import FORWARD_TERMS, assert_close
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorta
@@ -125,12 +126,14 @@ def test_100_merge_unmerge_cycles_restore_the_base_weights(method, data):
     original = {n: m.get_base_layer().weight.detach().clone() for n, m in layers.items()}
     ids = torch.randint(0, 31, (2, 5), generator=torch.Generator().manual_seed(0))
     unmerged = logits(peft_model, ids)
-    for cycle in range(100):
+    delta = {n: float(m.delta_weight("default").abs().max()) for n, m in layers.items()}
+    cycles = 100
+    for cycle in range(cycles):
         peft_model.base_model.merge_adapter()
         if cycle == 0:
-            torch.testing.assert_close(logits(peft_model, ids), unmerged, atol=1e-5, rtol=1e-5)
+            assert_close(logits(peft_model, ids), unmerged, FORWARD_TERMS)
         peft_model.base_model.unmerge_adapter()
-    for name, module in layers.items():
-        drift = (module.get_base_layer().weight - original[name]).abs().max().item()
-        assert drift <= 1e-5, f"{name} drifted by {drift:.3g} after 100 cycles"
-    torch.testing.assert_close(logits(peft_model, ids), unmerged, atol=1e-5, rtol=1e-5)
+    for name, module in layers.items():  # each cycle rounds twice, at the magnitude |W| + |delta W|
+        scale = float(original[name].abs().max()) + delta[name]
+        assert_close(module.get_base_layer().weight.detach(), original[name], 2 * cycles, scale=scale, msg=name)
+    assert_close(logits(peft_model, ids), unmerged, FORWARD_TERMS + 2 * cycles)
