@@ -16,8 +16,8 @@ factorisation gives equal `input_key`s share P (LoRTA's A: one P for every q, k,
 a mode), and within one attention call x @ P is gathered and computed once for q, k and v.
 
 Caching. The engine (one per tuner, on its TunerState) keeps the stacked factors and the per-layer maps from
-call to call, and checks them once per forward or generate call against the adapters' current VALUES (the
-factors are stacked anew and compared bit for bit, a few microseconds per adapter): an optimizer step, a
+call to call, and checks them once per forward or generate call against the current VALUES of the adapters the
+call uses (flattened and compared bit for bit with the stacked copy, in one comparison): an optimizer step, a
 `p.data.copy_`, an adapter added or removed all rebuild the maps of the groups they touch, so a mixed batch never
 answers with maps of factors that are not the current ones. `cache_maps=False` keeps only the stacked factors and
 builds the maps of the batch's distinct adapters in each layer call (vectorised too): less memory, more work per
@@ -114,12 +114,24 @@ class Group:
                 k: torch.stack([dict(_tensors(f))[k].detach() for f in factors]) for k, _ in _tensors(self.template)
             }
 
-    def refresh(self, factors: list[nn.Module]) -> None:
-        """Compare the adapters' current values with the stacked ones; on any difference restack and drop the maps."""
-        fresh = self._stack(factors)
-        if all(torch.equal(fresh[k], v) for k, v in self.state.items()):
+    def refresh(self, factors: dict[str, nn.Module], used: Sequence[str] | None = None) -> None:
+        """Compare the current values of the adapters of this call (`used`; default all) with the stacked ones, a
+        few batched ops per factor name (none per adapter); copy in the rows that differ and drop the maps."""
+        names = [n for n in self.names if used is None or n in used]
+        if not names:
             return
-        self.state = fresh
+        rows = torch.tensor([self.local[n] for n in names], device=self.device)
+        members = [dict(_tensors(factors[n])) for n in names]
+        with torch.no_grad():
+            current = {k: torch.stack([m[k] for m in members]) for k in self.state}  # (no_grad: no graph)
+            changed = None
+            for key, stacked in self.state.items():
+                differs = (current[key] != stacked.index_select(0, rows)).flatten(1).any(1)
+                changed = differs if changed is None else changed | differs
+            if not bool(changed.any()):
+                return
+            for key, stacked in self.state.items():
+                stacked[rows[changed]] = current[key][changed]
         self.maps = weakref.WeakKeyDictionary()
         self.shared_P = {}
 
@@ -185,13 +197,14 @@ class MixedBatchEngine:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["factors"], state["cache_maps"])
 
-    def sync(self) -> None:
-        """Regroup when adapters were added, removed or replaced; restack the groups whose values changed."""
+    def sync(self, used: Sequence[str] | None = None) -> None:
+        """Regroup when adapters were added, removed or replaced; refresh the stacked values of the adapters `used`
+        by this call (default: all) that changed."""
         items = list(self.factors.items())
         state = tuple((n, _token(f)) for n, f in items)
         if state == self._state:
             for group in self.groups:
-                group.refresh([self.factors[n] for n in group.names])
+                group.refresh(self.factors, used)
             return
         entries: dict[tuple, list[tuple[str, nn.Module, tuple]]] = {}
         for name, f in items:
@@ -210,14 +223,15 @@ class MixedBatchEngine:
             names, mods, tokens = [m[0] for m in members], [m[1] for m in members], [m[2] for m in members]
             kept = old.get((tuple(names), tuple(tokens)))
             if kept is not None:
-                kept.refresh(mods)
+                kept.refresh(self.factors, used)
             groups.append(kept or Group(names, mods, tokens))
         self.groups = groups
         self.index = {n: (gi, i) for gi, g in enumerate(groups) for i, n in enumerate(g.names)}
         self._state = tuple((n, _token(f)) for n, f in self.factors.items())
 
     def rows(self, adapter_names: Sequence[str], expand: int = 1) -> MixedRows:
-        self.sync()
+        names = adapter_names if isinstance(adapter_names, Sequence) and not isinstance(adapter_names, str) else []
+        self.sync(set(names))
         return MixedRows(self, adapter_names, expand)
 
     def warm(self, layers: list[nn.Module]) -> None:
