@@ -71,7 +71,7 @@ class ModelSpec:
 MODEL_PRESETS: dict[str, ModelSpec] = {
     "llama-tiny": ModelSpec("llama", 64, 2, 4, 2, 128, 512),
     "llama-small": ModelSpec("llama", 256, 4, 4, 4, 704, 8192),
-    "llama-medium": ModelSpec("llama", 512, 8, 8, 8, 1408, 8192),  # DESIGN.md §5's yardstick model
+    "llama-medium": ModelSpec("llama", 512, 8, 8, 8, 1408, 8192),  # docs/design.md's yardstick model
     "llama-large": ModelSpec("llama", 1024, 12, 16, 16, 2816, 16384),
     "gpt2-tiny": ModelSpec("gpt2", 64, 2, 4, 4, 256, 512),
     "gpt2-small": ModelSpec("gpt2", 256, 4, 4, 4, 1024, 8192),

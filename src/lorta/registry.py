@@ -1,7 +1,7 @@
 """Register the family with PEFT so that get_peft_model / PeftModel.from_pretrained dispatch to it.
 
 PEFT's `register_peft_method` only accepts names already in its `PeftType` enum; on peft >= 0.21 a plain string
-key in the three type mappings works end to end (DESIGN.md §3), and that is what we use.
+key in the three type mappings works end to end (docs/design.md, "Living inside PEFT"), and that is what we use.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""LoRTA (seed 000, §3.2): all attention updates as ONE rank-r CP tensor.
+"""LoRTA (the LoRTA paper §3.2; docs/design.md, "The methods"): all attention updates as ONE rank-r CP tensor.
 
     dW[:, :, h, l, m] = A · Diag(C_H[h] ∘ C_L[l] ∘ C_M[m]) · Bᵀ
     A: d×r (model dim), B: d_h×r (head dim), C_H: H×r, C_L: L×r, C_M: M×r
@@ -11,14 +11,13 @@ CP tensor, without "matrices" every matrix has its own, without "heads" the head
 
 Factor storage: every factor carries two leading "group" axes (GL, GM) = (1 if layers is a mode else L,
 1 if matrices is a mode else M), so one code path serves every mode combination. Extra (non-attention)
-matrices get a head-side factor of their own, (GL, n, r), indexed like B.
+matrices get an own-side factor B_extra<m> (GL, n, r); a free extra (no side of size d) also A_extra<m>.
 
 Initialisation: A ~ U(-1/√d, 1/√d) (PEFT LoRA's A), B = 0 (so the update starts at exactly zero), and C_H, C_L,
 C_M random signs ±1 (`mode_factor_init="signs"`, the default). With C = 1 (`"ones"`) every head, layer and matrix
 starts on the same direction A·Bᵀ: q and k then move together (their product adds one positive-semidefinite
-attention pattern to every head of every layer), and on `lorta train` that collapses to a constant prediction at
-any lr >= 2e-3. Random signs give each head, layer and matrix its own mix of the r rank-one terms from the first
-step, at the same magnitudes: +3.2 to +3.8 points at the same seeds (README, "The lorta command").
+attention pattern to every head of every layer). Random signs give each head, layer and matrix its own mix of the
+r rank-one terms from the first step, at the same magnitudes (measured in the README, "The lorta command").
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""TensLoRA (seed 001): stack the updates along chosen modes and factor with Tucker (a rank per mode) or CP.
+"""TensLoRA: stack the updates along chosen modes and factor with Tucker (a rank per mode) or CP.
+
+(docs/design.md, "The methods")
 
 Modes of the update tensor: in (model dim d), out (head dim d_h if heads are stacked, else the whole output),
 and the stacked ones, att (heads H), qkv (matrices M), depth (layers L). A construction names the stacked

@@ -1,4 +1,6 @@
-"""TLoRA (seed 002): frozen random A and B, a trainable r × r core and a learnable scale per adapted matrix.
+"""TLoRA: frozen random A and B, a trainable r × r core and a learnable scale per adapted matrix.
+
+(docs/design.md, "The methods")
 
     dW_{l,m} = s_{l,m} · A_{l,m} · C_{l,m} · B_{l,m}        A: d_in × r, B: r × d_out frozen; C: r × r, s: scalar
     #params = M · L · (r² + 1)        (r² + 1 per adapted matrix)
