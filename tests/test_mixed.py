@@ -1,6 +1,7 @@
 """Mixed-adapter batches (`adapter_names=`, one adapter per row), the adapter bank and the benchmark's smoke run.
 
-The bar: every row of a mixed batch equals that row run alone with its adapter (1e-5), "__base__" rows equal the
+The bar: every row of a mixed batch equals that row run alone with its adapter (to float32 rounding, see
+tests/tolerance.py), "__base__" rows equal the
 bare model, for every method of the family and for llama (GQA), gpt2 (fused Conv1D) and bert.
 """
 

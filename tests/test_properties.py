@@ -4,8 +4,8 @@
    the papers' formulas (tests/reference.py) to a relative error of 1e-10, for LoRTA (any modes, targets, rsLoRA),
    TensLoRA (any construction, Tucker or CP, a rank per mode) and TLoRA; shapes cover GQA (KV heads dividing the
    heads) and H * head_dim != hidden size.
-2. In float32, 100 merge / unmerge cycles leave every base weight within 1e-5 of the original, and the merged
-   model computes what the unmerged one does.
+2. In float32, 100 merge / unmerge cycles leave every base weight within 2 roundings per cycle of the original,
+   and the merged model computes what the unmerged one does.
 """
 
 from __future__ import annotations
