@@ -563,6 +563,7 @@ class Options:
     profile_steps: int = 0
     parts: set[str] = field(default_factory=lambda: set(PARTS))
     skip: set[str] = field(default_factory=set)
+    quantize: str | None = None
 
 
 _FUSED_QKV = {"c_attn", "qkv_proj", "wqkv", "w_pack"}
@@ -761,6 +762,20 @@ def run_merged(variants: list[Variant], base: nn.Module, ids: torch.Tensor, opts
     return rows
 
 
+def quantized_base(base: nn.Module, opts: Options) -> nn.Module:
+    """The float base saved and loaded back through bitsandbytes (8-bit LLM.int8, or nf4 computing in --dtype)."""
+    from lorta.models import quantization_config
+
+    config = quantization_config(opts.quantize)
+    if opts.quantize == "4bit":
+        config.bnb_4bit_compute_dtype = opts.dtype
+    with tempfile.TemporaryDirectory() as tmp:
+        base.save_pretrained(tmp)
+        quantized = type(base).from_pretrained(tmp, quantization_config=config, device_map=str(opts.device))
+    quantized.requires_grad_(False)
+    return quantized.eval()
+
+
 def bench_model(name: str, opts: Options, methods: list[str], notes: list[str]) -> dict[str, Any]:
     """Every figure for one model: guard, training, memory, inference, I/O, merged inference."""
     spec = MODEL_PRESETS[name]
@@ -816,6 +831,12 @@ def bench_model(name: str, opts: Options, methods: list[str], notes: list[str]) 
                 note(notes, f"{name}: {key} failed the correctness guard; its rows are dropped")
                 opts.skip.add(f"{name}:{key}")
     gc.collect()
+
+    # the guard ran on the float base (the same math); the timed variants sit on the quantised one
+    if opts.quantize:
+        base = quantized_base(base, opts)
+        entry["quantize"] = opts.quantize
+        print(f"[bench] {name}: base quantised to {opts.quantize} (bitsandbytes)", flush=True)
 
     # 2. training step + memory
     variants = make_variants(base, family, opts, methods, opts.ranks, notes, name)
@@ -1091,6 +1112,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{meta['transformers']}, peft {meta['peft']}, lorta {meta['lorta']}, threads {meta['threads']}, "
         f"dtype {meta['dtype']}",
         f"- load average at start/end: {meta['loadavg_start']} / {meta.get('loadavg_end')}",
+        *([f"- base quantised: {result['args']['quantize']} (bitsandbytes)"] if result["args"].get("quantize") else []),
         f"- repeats {meta['reps']} after {meta['warmup']} warm-up, alternated; "
         "cells are median [q1, q3] in ms",
     ]
@@ -1213,6 +1235,9 @@ def parse_args(argv: list[str]) -> tuple[Options, argparse.Namespace]:
     )
     p.add_argument("--parts", default=",".join(PARTS), help=f"which figures to take, from {','.join(PARTS)}")
     p.add_argument(
+        "--quantize", choices=["8bit", "4bit"], help="time every variant over a bitsandbytes-quantised base"
+    )
+    p.add_argument(
         "--out", default="benchmarks/results", help="output folder for results.json and results.md"
     )
     args = p.parse_args(argv)
@@ -1247,6 +1272,7 @@ def parse_args(argv: list[str]) -> tuple[Options, argparse.Namespace]:
         profile_memory=not args.no_profile_memory,
         profile_steps=max(0, args.profile),
         parts={x for x in args.parts.split(",") if x},
+        quantize=args.quantize,
     )
     return opts, args
 

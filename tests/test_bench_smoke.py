@@ -82,3 +82,25 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert _positive(train["lorta/r4"]["memory_ratio_vs_lora"])
         # LoRTA's parameter count is far below LoRA's at the same rank
         assert train["lorta/r4"]["params"] < train["lora/r4"]["params"]
+
+
+def test_bench_smoke_over_a_quantised_base(tmp_path: Path) -> None:
+    import pytest
+
+    pytest.importorskip("bitsandbytes")
+    bench = _load_bench()
+    threads = torch.get_num_threads()
+    try:
+        rc = bench.main(["--smoke", "--models", "llama-tiny", "--methods", "lora,lorta", "--quantize", "4bit",
+                         "--threads", "1", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+        sys.modules.pop("lorta_bench_script", None)
+    assert rc == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert "base quantised: 4bit" in (tmp_path / "results.md").read_text()
+    (model,) = result["models"]
+    assert model["quantize"] == "4bit"
+    for method in ("lora", "lorta"):
+        assert _positive(model["train"][f"{method}/r4"]["step_s"]["median"])
+        assert _positive(model["merged"][f"{method}/r4"]["prefill_s"]["median"])

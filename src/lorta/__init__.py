@@ -9,6 +9,7 @@ from .layout import LayoutError, ModelShape
 from .methods.lorta import LortaConfig, LortaFactors
 from .methods.tenslora import TensLoraConfig, TensLoraFactors
 from .methods.tlora import TLORA_DEFAULT_TARGETS, TLoraConfig, TLoraFactors
+from .quantized import QuantizedMergeError
 from .registry import register
 from .tuner import TensorAdapterConfig, TensorAdapterModel, make_tuner
 
@@ -25,6 +26,7 @@ __all__ = [
     "LortaConfig",
     "LortaModel",
     "ModelShape",
+    "QuantizedMergeError",
     "TensorAdapterConfig",
     "TensorAdapterModel",
     "TensLoraConfig",

@@ -335,6 +335,11 @@ def module_features(module: nn.Module) -> tuple[int, int]:
     if type(module).__name__ == "Conv1D":
         rows, cols = module.weight.shape
         return rows, cols
+    from .quantized import features
+
+    quantized = features(module)  # a quantised linear layer that is not an nn.Linear subclass (HQQ)
+    if quantized is not None:
+        return quantized
     raise LayoutError(
         f"cannot adapt a {type(module).__name__}: lorta adapts torch.nn.Linear and transformers Conv1D modules"
     )

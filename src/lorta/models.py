@@ -304,17 +304,54 @@ def _finish_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         generation_config.pad_token_id = tokenizer.pad_token_id
 
 
+QUANTIZE_CHOICES = ("8bit", "4bit")
+
+
+def quantization_config(quantize: str | None, keep: tuple[str, ...] = ()) -> Any:
+    """bitsandbytes' config for `lorta train --quantize`: LLM.int8 ("8bit") or QLoRA's nf4 with double quantisation
+    ("4bit", computing in bfloat16 on a GPU that has it, float32 otherwise); `keep` stays unquantised (the
+    classification head, which trains)."""
+    if quantize is None:
+        return None
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize={quantize!r} is not one of {list(QUANTIZE_CHOICES)}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise MissingDependencyError(
+            f"--quantize {quantize} loads the base through bitsandbytes, which is not installed. Install it with: "
+            "pip install 'bitsandbytes>=0.45' (or pip install 'lorta[quant]')"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(keep) or None)
+    compute = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute,
+        llm_int8_skip_modules=list(keep) or None,
+    )
+
+
+def _quantized_kwargs(quantize: str | None, keep: tuple[str, ...] = ()) -> dict[str, Any]:
+    config = quantization_config(quantize, keep)
+    if config is None:
+        return {}
+    return {"quantization_config": config, "device_map": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
 def load_for_classification(
     name_or_path: str | os.PathLike[str],
     num_labels: int,
     dtype: torch.dtype = torch.float32,
     *,
     label_names: list[str] | None = None,
+    quantize: str | None = None,
+    keep: tuple[str, ...] = ("classifier", "score"),
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a sequence classifier with a fresh, randomly initialised head of ``num_labels`` outputs.
 
     Seed the RNG (``torch.manual_seed``) before calling to make the head reproducible.
-    ``label_names`` (optional) are stored as ``id2label``/``label2id`` in the model config.
+    ``label_names`` (optional) are stored as ``id2label``/``label2id`` in the model config. ``quantize`` ("8bit",
+    "4bit") loads the base quantised with bitsandbytes, the head (``keep``) in float.
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -329,7 +366,8 @@ def load_for_classification(
     path = resolve_model(name_or_path)
     with _quiet_transformers():
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, dtype=dtype, local_files_only=True, **kwargs
+            path, num_labels=num_labels, dtype=dtype, local_files_only=True, **kwargs,
+            **_quantized_kwargs(quantize, keep),
         )
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     _finish_tokenizer(model, tokenizer)
@@ -337,14 +375,17 @@ def load_for_classification(
 
 
 def load_for_causal_lm(
-    name_or_path: str | os.PathLike[str], dtype: torch.dtype = torch.float32
+    name_or_path: str | os.PathLike[str], dtype: torch.dtype = torch.float32, quantize: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal language model and its tokenizer (GGUF inputs go through the conversion cache)."""
+    """Load a causal language model and its tokenizer (GGUF inputs go through the conversion cache); ``quantize``
+    ("8bit", "4bit") loads it quantised with bitsandbytes (the LM head stays in float, as transformers keeps it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name_or_path)
     with _quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, local_files_only=True, **_quantized_kwargs(quantize)
+        )
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     _finish_tokenizer(model, tokenizer)
     return model, tokenizer

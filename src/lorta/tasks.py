@@ -34,6 +34,7 @@ from torch import nn
 from .data import DataError, TextDataset, TextSplit, load_rotten_tomatoes, load_table, make_preference_pairs
 from .models import (
     PACKAGED_MODELS,
+    QUANTIZE_CHOICES,
     MissingDependencyError,
     load_for_causal_lm,
     load_for_classification,
@@ -72,6 +73,7 @@ _JOB_NEEDS: dict[str, list[tuple[str, str, str]]] = {
     "dpo": [("tqdm", "tqdm", "progress bars"), ("trl", "trl>=0.20", "the DPO trainer")],
 }
 _OPTIONAL_OUTPUTS = [("matplotlib", "matplotlib", "the loss plot (loss.png)")]
+_QUANTIZE_NEEDS = [("bitsandbytes", "bitsandbytes>=0.45", "--quantize (the quantised base)")]
 
 
 def _installed(module: str) -> bool:
@@ -83,10 +85,13 @@ def _installed(module: str) -> bool:
         return False
 
 
-def check_requirements(kind: str, needs_optional: Sequence[tuple[str, str, str]] = _OPTIONAL_OUTPUTS) -> list[str]:
+def check_requirements(
+    kind: str, needs_optional: Sequence[tuple[str, str, str]] = _OPTIONAL_OUTPUTS, quantize: str | None = None
+) -> list[str]:
     """Raise MissingDependencyError (with the pip command) for a missing package the job needs; return a note
     for each optional output that will be skipped because its package is missing."""
-    missing = [(m, req, what) for m, req, what in _JOB_NEEDS[kind] if not _installed(m)]
+    needs = [*_JOB_NEEDS[kind], *(_QUANTIZE_NEEDS if quantize else [])]
+    missing = [(m, req, what) for m, req, what in needs if not _installed(m)]
     if missing:
         packages = " ".join(f"'{req}'" for _, req, _ in missing)
         needs = "; ".join(f"{req} for {what}" for _, req, what in missing)
@@ -194,6 +199,7 @@ class TrainOptions:
     modes: tuple[str, ...] = DEFAULT_MODES
     mode_init: str = "signs"
     targets: tuple[str, ...] | None = None
+    quantize: str | None = None
     quiet: bool = False
 
 
@@ -248,6 +254,11 @@ def resolve_options(options: TrainOptions) -> tuple[TrainOptions, str, Path]:
     if kind == "dpo" and options.method == "full":
         raise UsageError("--task dpo trains adapters (the reference model is the base model with the adapter off); "
                          f"choose one of {', '.join(ADAPTER_METHODS)}")
+    if options.quantize is not None and options.quantize not in QUANTIZE_CHOICES:
+        raise UsageError(f"--quantize {options.quantize}: choose one of {', '.join(QUANTIZE_CHOICES)}")
+    if options.quantize is not None and options.method == "full":
+        raise UsageError("--quantize stores the base weights in 8 or 4 bits, which do not train: use an adapter "
+                         f"method ({', '.join(ADAPTER_METHODS)}) or head-only, or drop --quantize for full")
     unknown = sorted(set(options.modes) - set(DEFAULT_MODES))
     if unknown:
         raise UsageError(f"unknown LoRTA mode(s) {unknown}; --modes takes a subset of {','.join(DEFAULT_MODES)}")
@@ -470,7 +481,12 @@ def is_head(name: str) -> bool:
 
 
 def prepare_model(model: nn.Module, o: TrainOptions, task_type: str) -> nn.Module:
-    """Wrap an adapter method with PEFT, or set requires_grad for full / head-only training."""
+    """Wrap an adapter method with PEFT, or set requires_grad for full / head-only training. A quantised base first
+    goes through PEFT's prepare_model_for_kbit_training (float32 norms, input gradients), as for QLoRA."""
+    if o.quantize is not None:
+        import peft
+
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if o.method in ADAPTER_METHODS:
         import peft
 
@@ -809,7 +825,9 @@ def _classify(o: TrainOptions, path: Path, ds: TextDataset, echo: Echo) -> dict[
     from transformers import DataCollatorWithPadding
 
     trainer_cls, _ = _trainer_classes()
-    model, tokenizer = load_for_classification(path, ds.num_labels, label_names=ds.label_names)
+    model, tokenizer = load_for_classification(
+        path, ds.num_labels, label_names=ds.label_names, quantize=o.quantize
+    )
     model = prepare_model(model, o, "SEQ_CLS")
     train = ordered_train_set(_classify_features(tokenizer, ds.train, o.max_length), o)
     ckpt = Path(o.out) / "checkpoints"
@@ -828,7 +846,7 @@ def _classify(o: TrainOptions, path: Path, ds: TextDataset, echo: Echo) -> dict[
 
 def _prompt(o: TrainOptions, path: Path, ds: TextDataset, echo: Echo) -> dict[str, Any]:
     trainer_cls, _ = _trainer_classes()
-    model, tokenizer = load_for_causal_lm(path)
+    model, tokenizer = load_for_causal_lm(path, quantize=o.quantize)
     answers = _answer_ids(tokenizer, ds.label_names)
     model = prepare_model(model, o, "CAUSAL_LM")
     train = ordered_train_set(_prompt_features(tokenizer, ds.train, answers, o.max_length), o)
@@ -853,7 +871,7 @@ def _dpo(o: TrainOptions, path: Path, ds: TextDataset, echo: Echo) -> dict[str, 
 
     train_pairs = make_preference_pairs(ds, "train", seed=o.seed, max_pairs=o.max_train)
     test_pairs = make_preference_pairs(ds, "test", seed=o.seed, max_pairs=o.max_test)
-    model, tokenizer = load_for_causal_lm(path)
+    model, tokenizer = load_for_causal_lm(path, quantize=o.quantize)
     model = prepare_model(model, o, "CAUSAL_LM")
     ckpt = Path(o.out) / "checkpoints"
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()  # TRL's default bf16 crawls on most CPUs
@@ -893,7 +911,7 @@ def run_job(options: TrainOptions, echo: Echo = print, started: float | None = N
 
     start = time.time() if started is None else started
     o, kind, path = resolve_options(options)
-    skipped = check_requirements(kind)  # before any work: a missing package fails now, with its pip command
+    skipped = check_requirements(kind, quantize=o.quantize)  # before any work: a missing package fails now
     for note in skipped:
         echo(f"note: {note}")
     if o.quiet:
@@ -943,6 +961,7 @@ def _metrics(
         **run,
         "train_loss": curve[-1][1] if curve else None, "loss_curve": curve,
         "out": o.out, "saved": str(saved_path(Path(o.out), o)),
+        "quantize": o.quantize, "base_bytes": base_bytes(model), "peak_rss_mb": peak_rss_mb(),
     }
     if o.method == "tenslora":
         metrics.update(construction=o.construction, decomposition=o.decomposition)
@@ -951,6 +970,26 @@ def _metrics(
     if o.method in ADAPTER_METHODS:
         metrics["targets"] = adapted_modules(model)
     return metrics
+
+
+def base_bytes(model: nn.Module) -> int:
+    """Bytes of the frozen weights (quantised storage as stored: int8, packed 4-bit plus their scales)."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.requires_grad or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far, in MB (Linux reports kilobytes, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
 def adapted_modules(model: nn.Module) -> list[str]:

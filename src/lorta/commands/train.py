@@ -94,6 +94,8 @@ def _shared_arguments(p: argparse.ArgumentParser) -> None:
         "q,k,v,o; LoRTA on a classifier: q,k,v)", type=_modes)
     add("--construction", "TensLoRA: stacked modes", choices=CONSTRUCTIONS, default="att_qkv_depth")
     add("--decomposition", "TensLoRA: tucker or cp", choices=DECOMPOSITIONS, default="tucker")
+    add("--quantize", "load the base in 8 or 4 bits (bitsandbytes LLM.int8 / nf4 with double quantisation), "
+        "QLoRA-style; the adapter trains in float32", choices=("8bit", "4bit"))
     add("--seed", "seed of the split, subsets, data order and initialisation", type=int, default=0)
     add("--quiet", "no progress bars", action="store_true")
 
@@ -205,6 +207,8 @@ def summary(m: dict[str, Any]) -> str:
         f"{what:<21} {m['accuracy']:.2%}  on {examples} never seen in training{baseline}",
         f"wall time             {_fmt_time(m['wall_time_s'])}  (training {_fmt_time(m['train_time_s'])}, "
         f"evaluation {_fmt_time(m['eval_time_s'])})",
+        f"memory                peak RSS {m['peak_rss_mb']:,.0f} MB; frozen base weights "
+        f"{m['base_bytes'] / 2**20:,.1f} MB{' (' + m['quantize'] + ')' if m.get('quantize') else ''}",
         f"{kind:<21} {saved}",
         f"metrics               {out / 'metrics.json'}",
         f"loss curve            {m.get('loss_plot') or 'not written (pip install matplotlib)'}",

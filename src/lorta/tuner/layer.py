@@ -18,6 +18,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import Tensor, nn
 
+from .. import quantized
 from ..layout import Slot, module_features
 from .maps import module_maps
 from .mixed import mixed_forward
@@ -50,6 +51,8 @@ class TensorAdapterLayer(BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self.in_features, self.out_features = module_features(self.get_base_layer())
         self.fan_in_fan_out = type(self.get_base_layer()).__name__ == "Conv1D"
+        # PEFT's quantisation backend of a quantised base layer (None: a float layer); see lorta.quantized
+        self.quantization_backend = quantized.backend_for(self.get_base_layer(), kwargs.pop("quantization", None))
         self.kwargs = kwargs
 
     # The tuner's state (factors, maps, shared inputs) is a plain reference, not a submodule, so each factor is
@@ -61,7 +64,8 @@ class TensorAdapterLayer(BaseTunerLayer):
         self, adapter_name: str, slots: list[Slot], scaling: float, dropout: float, out_order: list[int] | None = None
     ) -> None:
         if out_order is not None and self.lorta_out_order is None:
-            self.lorta_out_order = torch.tensor(out_order, device=self.get_base_layer().weight.device)
+            device = quantized.compute_dtype_and_device(self.get_base_layer())[1]
+            self.lorta_out_order = torch.tensor(out_order, device=device)
         self.lorta_slots[adapter_name] = slots
         self.lorta_scaling[adapter_name] = scaling
         self.lorta_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -72,7 +76,7 @@ class TensorAdapterLayer(BaseTunerLayer):
         bank = self._lorta_state.factors
         factors = bank[adapter_name] if adapter_name in bank else None
         if factors is not None:
-            factors.move_off_meta(device or self.get_base_layer().weight.device)
+            factors.move_off_meta(device or quantized.compute_dtype_and_device(self.get_base_layer())[1])
 
     def _active_here(self) -> list[str]:
         return [a for a in self.active_adapters if a in self.lorta_slots]
@@ -86,13 +90,22 @@ class TensorAdapterLayer(BaseTunerLayer):
         return delta if self.fan_in_fan_out else delta.t()
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """W += scale * (P @ Q)^T for each adapter; with safe_merge the result is checked before it is written."""
+        """W += scale * (P @ Q)^T for each adapter; with safe_merge the result is checked before it is written.
+        A quantised base weight is dequantised, updated in float32 and re-quantised (lorta.quantized)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
         base = self.get_base_layer()
         for name in adapter_names:
             if name not in self.lorta_slots:
+                continue
+            if self.quantization_backend is not None:
+                quantized.check_mergeable(self.quantization_backend, f"adapter {name!r}")
+                merged = quantized.dense_weight(self) + self.delta_weight(name).float()
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise ValueError(nan_message(name, "its merged weight holds NaN or Inf values"))
+                quantized.write_weight(self, merged)
+                self.merged_adapters.append(name)
                 continue
             weight = base.weight
             delta = self.delta_weight(name).to(device=weight.device)
@@ -106,14 +119,19 @@ class TensorAdapterLayer(BaseTunerLayer):
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
+        """W -= scale * (P @ Q)^T; over a quantised base, within its re-quantisation error."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        weight = self.get_base_layer().weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            if name in self.lorta_slots:
-                weight.data.sub_(self.delta_weight(name).to(device=weight.device, dtype=weight.dtype))
+            if name not in self.lorta_slots:
+                continue
+            if self.quantization_backend is not None:
+                quantized.write_weight(self, quantized.dense_weight(self) - self.delta_weight(name).float())
+                continue
+            weight = self.get_base_layer().weight
+            weight.data.sub_(self.delta_weight(name).to(device=weight.device, dtype=weight.dtype))
 
     def _add_adapter_output(self, result: Tensor, x: Tensor, name: str) -> Tensor:
         """result + scale * (dropout(x) @ P) @ Q; one fused addmm when the dtypes agree (no extra mul/add)."""

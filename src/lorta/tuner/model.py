@@ -22,6 +22,13 @@ from torch import nn
 
 from ..factorization import Factorization
 from ..layout import ARCHITECTURES, DEFAULT_TARGETS, OUT_HEADS, LayoutError, ModelShape, TensorLayout, build_layout
+from ..quantized import (
+    check_mergeable,
+    compute_dtype_and_device,
+    dense_weight,
+    keep_trainable_layout,
+    quantization_kwargs,
+)
 from .config import AdapterFileError, TensorAdapterConfig
 from .layer import Linear, TensorAdapterLayer, nan_message
 from .maps import Maps, module_maps
@@ -69,9 +76,10 @@ class TensorAdapterModel(BaseTuner):
 
         # As PEFT's own layers: the factors take the base layers' dtype, and PeftModel upcasts them to float32
         # afterwards unless autocast_adapter_dtype=False (see _cast_adapter_dtype).
-        reference = next(iter(_base(m) for m in _targets_in(model, layout))).weight
-        dtype = reference.dtype if reference.dtype.is_floating_point else torch.float32
-        device = torch.device("meta") if low_cpu_mem_usage else reference.device
+        dtype, device = compute_dtype_and_device(next(iter(_base(m) for m in _targets_in(model, layout))))
+        device = torch.device("meta") if low_cpu_mem_usage else device
+        object.__setattr__(self, "_quantization", quantization_kwargs(model) if _quantized(model) else {})
+        keep_trainable_layout(model)  # bitsandbytes' CPU inference packing of 4-bit weights has no backward
         with torch.device(device):
             factors = self.factorization_cls(config, layout)
         factors.to(dtype=dtype)
@@ -130,7 +138,7 @@ class TensorAdapterModel(BaseTuner):
         if isinstance(target, TensorAdapterLayer):
             target.update_layer(adapter_name, slots, scaling, config.lora_dropout, order)
             return
-        new_module = Linear(target, adapter_name)
+        new_module = Linear(target, adapter_name, quantization=self._quantization)
         new_module.attach(self._lorta_state)
         new_module.update_layer(adapter_name, slots, scaling, config.lora_dropout, order)
         self._replace_module(parent, target_name, new_module, target)
@@ -200,7 +208,9 @@ class TensorAdapterModel(BaseTuner):
         layer = probe() if probe is not None else None
         if layer is None or "lorta_factors" not in self._modules:
             return
-        weight = layer.get_base_layer().weight
+        weight = getattr(layer.get_base_layer(), "weight", None)
+        if not isinstance(weight, torch.Tensor):  # a quantised layer without a weight tensor (HQQ)
+            return
         sharded_layers = _is_dtensor(weight)
         for name in self.active_adapters:
             bank = self.lorta_factors[name] if name in self.lorta_factors else None
@@ -254,9 +264,18 @@ class TensorAdapterModel(BaseTuner):
         object.__setattr__(self, "_lorta_ddp_checked", id(ddp))
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self._check_mergeable(adapter_names)
         if safe_merge:
             self._check_merge_is_finite(adapter_names)
         super().merge_adapter(adapter_names, safe_merge=safe_merge)
+
+    def _check_mergeable(self, adapter_names: list[str] | None) -> None:
+        """Every adapted layer's base can take the merge (a quantised one must be re-quantisable), before any is
+        merged: a refusal never leaves a half-merged model."""
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        for key, module in self.model.named_modules():
+            if isinstance(module, TensorAdapterLayer) and any(n in module.lorta_slots for n in names):
+                check_mergeable(module.quantization_backend, f"{key} (adapters {list(names)})")
 
     def _check_merge_is_finite(self, adapter_names: list[str] | None) -> None:
         """safe_merge is all or nothing: check every factor, then every merged weight, before writing any."""
@@ -274,13 +293,15 @@ class TensorAdapterModel(BaseTuner):
                 todo = [a for a in names if a in module.lorta_slots and a not in module.merged_adapters]
                 if not todo:
                     continue
-                weight = module.get_base_layer().weight
-                merged = weight.detach().float() if weight.dtype != torch.float64 else weight.detach().clone()
+                weight = dense_weight(module)  # float32 (dequantised for a quantised base)
+                stored = module.get_base_layer().weight.dtype if module.quantization_backend is None else weight.dtype
+                if stored == torch.float64:
+                    weight = module.get_base_layer().weight.detach().clone()
                 for name in todo:
-                    merged = merged + module.delta_weight(name).to(device=merged.device, dtype=merged.dtype)
-                if not torch.isfinite(merged.to(weight.dtype)).all():
+                    weight = weight + module.delta_weight(name).to(device=weight.device, dtype=weight.dtype)
+                if not torch.isfinite(weight.to(stored)).all():
                     raise ValueError(nan_message(
-                        ", ".join(todo), f"merging it into {key} gives NaN or Inf in its {weight.dtype} weight"
+                        ", ".join(todo), f"merging it into {key} gives NaN or Inf in its {stored} weight"
                     ))
 
     @classmethod
@@ -298,11 +319,22 @@ class TensorAdapterModel(BaseTuner):
             model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
         )
 
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """Unloading puts a wrapped layer's own base layer back whole; PEFT's version would re-assign its `weight`,
+        which a quantised layer such as HQQ's does not have."""
+        if new_module is getattr(child, "base_layer", None):
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
         merge = kwargs.get("merge", args[0] if args else True)
         safe_merge = kwargs.get("safe_merge", args[2] if len(args) > 2 else False)
+        adapter_names = kwargs.get("adapter_names", args[3] if len(args) > 3 else None)
+        if merge:
+            self._check_mergeable(adapter_names)
         if merge and safe_merge:
-            self._check_merge_is_finite(kwargs.get("adapter_names", args[3] if len(args) > 3 else None))
+            self._check_merge_is_finite(adapter_names)
         model = super()._unload_and_optionally_merge(*args, **kwargs)
         self._remove_hooks()
         return model
@@ -322,7 +354,7 @@ class TensorAdapterModel(BaseTuner):
         state = self._lorta_state
         probe = getattr(self, "_lorta_probe", None)
         layer = probe() if probe is not None else None
-        device_type = layer.get_base_layer().weight.device.type if layer is not None else "cpu"
+        device_type = compute_dtype_and_device(layer.get_base_layer())[1].type if layer is not None else "cpu"
         skip = (
             not self.batched_maps or torch.compiler.is_compiling() or layer is None or layer.disable_adapters
             or layer.merged or state.mixed_call
@@ -364,6 +396,11 @@ class TensorAdapterModel(BaseTuner):
     def num_adapter_parameters(self, adapter_name: str = "default") -> int:
         """Trainable parameters of one adapter: each shared factor counted once."""
         return self.lorta_factors[adapter_name].num_trainable()
+
+def _quantized(model: nn.Module) -> bool:
+    """Whether transformers loaded `model` through a quantiser (torchao needs its config to re-quantise)."""
+    return getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False)
+
 
 def _base(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
