@@ -483,3 +483,16 @@ def test_a_gguf_model_without_the_gguf_package_says_how_to_install_it(tmp_path, 
     monkeypatch.setitem(sys.modules, "gguf", None)
     code, _, err = lorta(["train", "--model", "smollm2", *TINY, "--out", str(tmp_path / "x")], capsys)
     assert code == 2 and "pip install 'gguf>=0.10'" in err
+
+
+@pytest.mark.parametrize("quantize", ["8bit", "4bit"])
+def test_quantized_base_run(tmp_path, capsys, quantize) -> None:
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / quantize
+    code, printed, err = lorta(["train", *TINY, "--quantize", quantize, "--out", str(out)], capsys)
+    assert code == 0, err
+    m = metrics_of(out)
+    assert m["quantize"] == quantize and m["peak_rss_mb"] > 0 and 0 < m["base_bytes"] < 90 * 2**20
+    assert f"({quantize})" in printed and (out / "adapter" / "adapter_model.safetensors").is_file()
+    code, _, err = lorta(["train", *TINY, "--method", "full", "--quantize", quantize, "--out", str(out / "f")], capsys)
+    assert code == 2 and "do not train" in err

@@ -25,7 +25,7 @@ pytest.importorskip("bitsandbytes")
 pytest.importorskip("torchao")
 warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
 
-BACKENDS = ["bnb-8bit", "bnb-nf4", "torchao-int8", "hqq-4bit"]
+BACKENDS = ["bnb-8bit", "bnb-nf4", "bnb-fp4", "torchao-int8", "hqq-4bit"]
 METHOD_NAMES = ["lorta", "tenslora-tucker", "tlora"]
 IDS = torch.tensor([[5, 17, 3, 44, 8], [60, 2, 91, 33, 12]])
 
@@ -53,6 +53,10 @@ def load(path: str, backend: str | None) -> torch.nn.Module:
         "bnb-8bit": lambda: BitsAndBytesConfig(load_in_8bit=True),
         "bnb-nf4": lambda: BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                              bnb_4bit_compute_dtype=torch.float32, bnb_4bit_use_double_quant=True),
+        "bnb-fp4": lambda: BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4",
+                                             bnb_4bit_compute_dtype=torch.float32),
+        "bnb-nf4-bf16": lambda: BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                  bnb_4bit_compute_dtype=torch.bfloat16),
         "torchao-int8": lambda: TorchAoConfig(_torchao_int8()),
     }
     with warnings.catch_warnings():
@@ -214,3 +218,29 @@ def test_a_base_that_cannot_be_requantised_refuses_to_merge_and_stays_untouched(
         model.merge_and_unload()
     assert all(torch.equal(v, before[k]) for k, v in base_state(model).items())
     assert_close(logits(model), out, 0)  # still adapted, unmerged
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_kbit_preparation_gradient_checkpointing_and_a_bfloat16_compute_dtype(float_dir, method):
+    from peft import prepare_model_for_kbit_training
+
+    base = prepare_model_for_kbit_training(load(float_dir, "bnb-nf4-bf16"), use_gradient_checkpointing=True)
+    model = get_peft_model(base, METHODS[method](init_weights=False))
+    factors = model.base_model.lorta_factors["default"]
+    assert {p.dtype for p in factors.parameters()} == {torch.float32}  # upcast, as PEFT does for LoRA
+    model.train()
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    for name, p in factors.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    kept = get_peft_model(load(float_dir, "bnb-nf4-bf16"), METHODS[method](), autocast_adapter_dtype=False)
+    assert {p.dtype for p in kept.base_model.lorta_factors["default"].parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("backend", ["bnb-8bit", "bnb-nf4"])
+def test_safe_merge_of_broken_factors_leaves_the_quantised_weights_alone(float_dir, backend):
+    model = get_peft_model(load(float_dir, backend), lorta.LortaConfig(r=3, init_weights=False))
+    before = base_state(model)
+    model.base_model.lorta_factors["default"].A.data[0] = torch.nan
+    with pytest.raises(ValueError, match="^NaNs detected in the merged weights. The adapter default seems to be"):
+        model.merge_and_unload(safe_merge=True)
+    assert all(torch.equal(v, before[k]) for k, v in base_state(model).items())
