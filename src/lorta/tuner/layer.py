@@ -46,7 +46,8 @@ class TensorAdapterLayer(BaseTunerLayer):
         self.lorta_dropout = nn.ModuleDict({})
         self.lorta_slots: dict[str, list[Slot]] = {}
         self.lorta_scaling: dict[str, float] = {}
-        self.lorta_out_order: torch.Tensor | None = None  # interleaved fused q/k/v output (layout.out_orders)
+        # an interleaved fused q/k/v output's column order (layout.out_orders); a buffer, so it follows .to(device)
+        self.register_buffer("lorta_out_order", None, persistent=False)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.in_features, self.out_features = module_features(self.get_base_layer())
