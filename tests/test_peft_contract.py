@@ -8,6 +8,7 @@ import torch
 from conftest import make_inputs, make_model, output_of
 from methods import METHODS
 from peft import PeftModel, get_peft_model
+from tolerance import FORWARD_TERMS, assert_close
 
 method_names = pytest.mark.parametrize("method", sorted(METHODS))
 
@@ -90,3 +91,25 @@ def test_peft_type_is_a_string_with_a_value():
     config = METHODS["lorta"]()
     assert config.peft_type == "LORTA" and config.peft_type.value == "LORTA"
     assert json.loads(json.dumps(config.to_dict()))["peft_type"] == "LORTA"
+
+
+@method_names
+def test_peft_convert_to_lora_reproduces_the_adapter(method):
+    """PEFT's own converter (peft.convert_to_lora: an SVD of each layer's dense delta) sees every lorta layer; at a
+    rank no lower than the update's (each matrix's P @ Q has rank <= 3 here) it loses only the SVD's rounding."""
+    from peft import LoraConfig, convert_to_lora
+
+    model = get_peft_model(make_model("llama"), METHODS[method](init_weights=False)).eval()
+    inputs = make_inputs("llama")
+    want = output_of(model, inputs)
+    assert model.supports_lora_conversion()
+    lora_config, state_dict = convert_to_lora(model, rank=8)
+    assert isinstance(lora_config, LoraConfig) and state_dict
+    lora = get_peft_model(make_model("llama"), lora_config)
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(lora, state_dict)
+    assert not result.unexpected_keys
+    # an SVD of a d x d matrix (d <= 64) is backward stable to ~d eps ||delta||, entering the forward like one more
+    # reduction of length d per layer: well inside a second forward's worth of terms.
+    assert_close(output_of(lora.eval(), inputs), want, terms=2 * FORWARD_TERMS)

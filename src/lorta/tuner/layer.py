@@ -90,6 +90,13 @@ class TensorAdapterLayer(BaseTunerLayer):
         delta = (P @ Q) * self.lorta_scaling[adapter_name]
         return delta if self.fan_in_fan_out else delta.t()
 
+    # PEFT's LoRA conversion API (peft.convert_to_lora / save_as_lora): every lorta update is a dense delta.
+    def get_delta_weight(self, adapter_name: str) -> Tensor:
+        return self.delta_weight(adapter_name)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return adapter_name in self.lorta_slots
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """W += scale * (P @ Q)^T for each adapter; with safe_merge the result is checked before it is written.
         A quantised base weight is dequantised, updated in float32 and re-quantised (lorta.quantized)."""
