@@ -389,3 +389,68 @@ def load_for_causal_lm(
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     _finish_tokenizer(model, tokenizer)
     return model, tokenizer
+
+
+_TASK_CLASSES = {
+    "SEQ_CLS": "AutoModelForSequenceClassification", "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+}
+
+
+def load_adapted(
+    adapter_dir: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[Any, PreTrainedTokenizerBase | None]:
+    """A saved lorta adapter on its base model, in float: (PeftModel, the base's tokenizer or None).
+
+    `base` (a catalogue name, a Hugging Face folder or a .gguf file) defaults to the adapter's
+    base_model_name_or_path; the model class follows the adapter's task_type (a classifier gets as many labels as
+    its saved head has rows). The adapter's shape is checked against the base before anything is built.
+    """
+    import transformers
+    from peft import PeftModel
+
+    from .saving import LORTA_PEFT_TYPES
+
+    folder = Path(adapter_dir)
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        raise ModelNotFoundError(f"{folder} holds no adapter_config.json, so it is not a saved adapter; pass the "
+                                 "folder save_pretrained (or lorta train's run/adapter) wrote")
+    config = json.loads(config_file.read_text())
+    if config.get("peft_type") not in LORTA_PEFT_TYPES:
+        raise ModelNotFoundError(f"{folder} holds a {config.get('peft_type')} adapter, not a lorta one "
+                                 f"({sorted(LORTA_PEFT_TYPES)})")
+    name = base if base is not None else config.get("base_model_name_or_path")
+    if not name:
+        raise ModelNotFoundError(f"{config_file} names no base model (base_model_name_or_path); pass --base MODEL")
+    path = resolve_model(name)
+    model_config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    kwargs: dict[str, Any] = {}
+    class_name = _TASK_CLASSES.get(config.get("task_type") or "")
+    if class_name is None:
+        archs = [a for a in (model_config.architectures or []) if hasattr(transformers, a)]
+        class_name = archs[0] if archs else "AutoModel"
+    if class_name == "AutoModelForSequenceClassification":
+        labels = _saved_head_rows(folder, config.get("modules_to_save") or [])
+        if labels:
+            kwargs["num_labels"] = labels
+    with _quiet_transformers():
+        model = getattr(transformers, class_name).from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return PeftModel.from_pretrained(model, folder).eval(), tokenizer
+
+
+def _saved_head_rows(folder: Path, heads: list[str]) -> int | None:
+    """Rows of the last weight of a saved classification head (its number of labels), if the adapter holds one."""
+    from safetensors import safe_open
+
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file() or not heads:
+        return None
+    with safe_open(str(weights), framework="pt") as handle:
+        keys = sorted(k for k in handle.keys() if k.endswith(".weight") and any(f".{h}." in k for h in heads))
+        return handle.get_slice(keys[-1]).get_shape()[0] if keys else None

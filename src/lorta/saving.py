@@ -32,6 +32,8 @@ import inspect
 import os
 import shutil
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from peft import PeftModel
@@ -67,6 +69,60 @@ def atomic_save(save: Any, model: Any, save_directory: str | os.PathLike, **kwar
             _swap_into_place(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_directory(
+    out_dir: str | os.PathLike[str], write: Callable[[str], None], overwrite: bool = False
+) -> Path:
+    """Create `out_dir` whole or not at all: `write(tmp)` fills a fresh temporary sibling, which then takes the
+    name. An existing `out_dir` is refused unless `overwrite`, and then replaced in one step (never merged)."""
+    target = os.path.realpath(os.fspath(out_dir))
+    if os.path.lexists(target):
+        if not os.path.isdir(target):
+            raise FileExistsError(f"{out_dir} exists and is not a directory; choose another output path")
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} already exists; choose another output folder or pass --overwrite "
+                                  "(overwrite=True) to replace it")
+        if _holds_cwd(target):
+            raise FileExistsError(f"{out_dir} holds the working directory and cannot be replaced; run from elsewhere")
+    parent, base = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = _unique_name(parent, base, "tmp")
+    os.mkdir(tmp)
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+        _swap_into_place(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Path(target)
+
+
+def write_file(out: str | os.PathLike[str], write: Callable[[str], None], overwrite: bool = False) -> Path:
+    """Create the file `out` whole or not at all: `write(tmp)` writes a temporary sibling, flushed, then renamed
+    over `out` (refused when `out` exists, unless `overwrite`)."""
+    target = os.path.realpath(os.fspath(out))
+    if os.path.lexists(target):
+        if os.path.isdir(target):
+            raise FileExistsError(f"{out} is a directory; choose a file path")
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists; choose another path or pass --overwrite (overwrite=True)")
+    parent, base = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = _unique_name(parent, base, "tmp")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+        _fsync_dir(parent)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return Path(target)
 
 
 def _unique_name(parent: str, base: str, kind: str) -> str:
