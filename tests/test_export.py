@@ -452,7 +452,7 @@ def test_cli_bad_input_says_what_and_writes_nothing(saved, capsys, tmp_path_fact
     fails(str(root / "nothing"), out, "--base", base, match="holds no adapter_config.json")
     lora = get_peft_model(make_model("llama"), LoraConfig(target_modules=["q_proj"]))
     lora.save_pretrained(root / "lora")
-    fails(str(root / "lora"), out, "--base", base, match="holds a LORA adapter, not a lorta one")
+    fails(str(root / "lora"), out, "--base", base, match="holds a LORA adapter; expected one of")
     fails(adapter, out, "--base", str(root / "missing"), match="is neither a packaged model")
     other = tmp_path_factory.mktemp("other")
     make_model("mistral").save_pretrained(other)  # another shape

@@ -5,6 +5,8 @@
 
 from . import saving  # noqa: F401
 from .bank import AdapterBank, load_adapters  # noqa: F401  (mixed-adapter serving; see lorta.bank)
+from .export import ExportError, export_gguf, export_lora, export_merged
+from .import_lora import ImportLoraError, import_lora, save_imported
 from .layout import LayoutError, ModelShape
 from .methods.lorta import LortaConfig, LortaFactors
 from .methods.tenslora import TensLoraConfig, TensLoraFactors
@@ -22,6 +24,8 @@ register("TLORA", TLoraConfig, TLoraModel)
 
 __version__ = "0.1.0"
 __all__ = [
+    "ExportError",
+    "ImportLoraError",
     "LayoutError",
     "LortaConfig",
     "LortaModel",
@@ -33,4 +37,9 @@ __all__ = [
     "TensLoraModel",
     "TLoraConfig",
     "TLoraModel",
+    "export_gguf",
+    "export_lora",
+    "export_merged",
+    "import_lora",
+    "save_imported",
 ]

@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("train", "params", "export")  # modules in lorta.commands; each has register(subparsers)
+COMMANDS = ("train", "params", "export", "import_lora")  # modules in lorta.commands; each has register(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -399,28 +399,34 @@ _TASK_CLASSES = {
 
 
 def load_adapted(
-    adapter_dir: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch.float32
+    adapter_dir: str | os.PathLike[str], base: str | os.PathLike[str] | None = None,
+    dtype: torch.dtype = torch.float32, peft_types: Collection[str] | None = None,
 ) -> tuple[Any, PreTrainedTokenizerBase | None]:
-    """A saved lorta adapter on its base model, in float: (PeftModel, the base's tokenizer or None).
+    """A saved adapter on its base model, in float: (PeftModel, the base's tokenizer or None).
 
     `base` (a catalogue name, a Hugging Face folder or a .gguf file) defaults to the adapter's
     base_model_name_or_path; the model class follows the adapter's task_type (a classifier gets as many labels as
-    its saved head has rows). The adapter's shape is checked against the base before anything is built.
+    its saved head has rows). `peft_types` are the adapter kinds accepted (default: lorta's own). An adapter that
+    does not fit the base raises AdapterFileError naming both.
     """
     import transformers
     from peft import PeftModel
 
     from .saving import LORTA_PEFT_TYPES
+    from .tuner.config import AdapterFileError
 
+    kinds = sorted(peft_types if peft_types is not None else LORTA_PEFT_TYPES)
     folder = Path(adapter_dir)
     config_file = folder / "adapter_config.json"
     if not config_file.is_file():
         raise ModelNotFoundError(f"{folder} holds no adapter_config.json, so it is not a saved adapter; pass the "
                                  "folder save_pretrained (or lorta train's run/adapter) wrote")
-    config = json.loads(config_file.read_text())
-    if config.get("peft_type") not in LORTA_PEFT_TYPES:
-        raise ModelNotFoundError(f"{folder} holds a {config.get('peft_type')} adapter, not a lorta one "
-                                 f"({sorted(LORTA_PEFT_TYPES)})")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise AdapterFileError(f"{config_file} is not readable JSON ({exc}); save the adapter again") from exc
+    if config.get("peft_type") not in kinds:
+        raise ModelNotFoundError(f"{folder} holds a {config.get('peft_type')} adapter; expected one of {kinds}")
     name = base if base is not None else config.get("base_model_name_or_path")
     if not name:
         raise ModelNotFoundError(f"{config_file} names no base model (base_model_name_or_path); pass --base MODEL")
@@ -441,7 +447,15 @@ def load_adapted(
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError):
         tokenizer = None
-    return PeftModel.from_pretrained(model, folder).eval(), tokenizer
+    try:
+        adapted = PeftModel.from_pretrained(model, folder)
+    except (RuntimeError, ValueError) as exc:
+        if isinstance(exc, AdapterFileError):
+            raise
+        raise AdapterFileError(f"the adapter in {folder} does not fit the base model {name} ({path}): "
+                               f"{str(exc).strip().splitlines()[0][:300]}; pass --base with the model it was "
+                               "trained on") from exc
+    return adapted.eval(), tokenizer
 
 
 def _saved_head_rows(folder: Path, heads: list[str]) -> int | None:

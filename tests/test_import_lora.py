@@ -1,0 +1,230 @@
+"""import-lora: a tensor adapter fitted to a PEFT LoRA's updates. The fit's objective (evaluated from r x r
+products) equals the dense float64 error of the papers' formulas; a LoRA that is itself an exported tensor adapter
+is recovered at the same rank on every architecture shape; heads and biases carry over; the saved adapter is a
+normal lorta adapter; bad input is refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_inputs, make_model, output_of
+from peft import LoraConfig, PeftModel, get_peft_model
+from tolerance import MAP_TERMS, eps
+
+import lorta
+from lorta.export import export_lora
+from lorta.import_lora import ImportLoraError, LoraUpdate, import_lora, lora_updates, squared_errors
+from lorta.tuner.layer import TensorAdapterLayer
+from lorta.tuner.maps import module_maps
+
+TARGETS = {"bert": ["query", "key", "value"], "gpt2": ["c_attn"]}
+# An exact-rank CP fit converges to the float32 rounding floor of the saved factors; 1e-4 (relative, of the
+# updates) leaves ALS and Adam a wide margin on any BLAS, while a fit that fails is off by O(1).
+RECOVERED = 1e-4
+
+def _random_lora(arch: str, r: int = 3, seed: int = 0, **kwargs) -> PeftModel:
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights=False, target_modules=TARGETS.get(arch), **kwargs)
+    return get_peft_model(make_model(arch), config)
+
+def _lorta_as_lora(arch: str, tmp_path, config) -> tuple[PeftModel, torch.Tensor]:
+    tensor_model = get_peft_model(make_model(arch), config).eval()
+    want = output_of(tensor_model, make_inputs(arch))
+    export_lora(tensor_model, tmp_path / "lora")
+    return PeftModel.from_pretrained(make_model(arch), tmp_path / "lora"), want
+
+def _dense_error(model, updates: dict[str, LoraUpdate]) -> dict[str, torch.Tensor]:
+    """The papers' formula in float64: || scale * P Q - (s B A)^T ||_F^2 per module, from dense matrices."""
+    out = {}
+    for path, layer in model.base_model.model.named_modules():
+        if isinstance(layer, TensorAdapterLayer):
+            factors = layer._lorta_state.factors["default"]
+            P, Q, _ = module_maps(factors, layer.lorta_slots["default"], layer.lorta_out_order)
+            delta = layer.lorta_scaling["default"] * P @ Q
+            out[path] = ((delta - updates[path].U @ updates[path].V) ** 2).sum()
+    return out
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+@pytest.mark.parametrize("method", ["lorta", "tenslora", "tlora"])
+def test_fit_objective_is_the_dense_error(arch, method):
+    lora = _random_lora(arch)
+    updates = lora_updates(lora)
+    configs = {"lorta": lorta.LortaConfig(r=4, init_weights=False), "tlora": lorta.TLoraConfig(r=4, init_weights=False),
+               "tenslora": lorta.TensLoraConfig(r=3, init_weights=False)}
+    config = configs[method]
+    config.target_modules = sorted(updates)
+    model = get_peft_model(make_model(arch), config)
+    model.base_model.lorta_factors["default"].double()
+    fast, dense = squared_errors(model, updates), _dense_error(model, updates)
+    assert set(fast) == set(updates)
+    for path in fast:
+        scale = float(dense[path]) + updates[path].norm2
+        assert abs(float(fast[path] - dense[path])) <= MAP_TERMS * eps(torch.float64) * scale, path
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2", "bert"])
+def test_an_exported_lorta_adapter_is_recovered_at_its_rank(arch, tmp_path):
+    config = lorta.LortaConfig(r=3, lora_alpha=6, init_weights=False)
+    lora, want = _lorta_as_lora(arch, tmp_path, config)
+    model, report = import_lora(lora, "lorta", rank=3)
+    assert report.overall <= RECOVERED, report.table()
+    assert max(report.per_module.values()) <= 10 * RECOVERED, report.table()
+    assert report.tensor_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    got = output_of(model, make_inputs(arch))
+    # outputs move by at most the update's error times the model's sensitivity; far below the adapter's effect
+    base = output_of(make_model(arch), make_inputs(arch))
+    assert float((got - want).abs().max()) <= 0.01 * float((want - base).abs().max())
+
+def test_tensLoRA_recovers_its_own_export(tmp_path):
+    lora, _ = _lorta_as_lora("llama", tmp_path, lorta.TensLoraConfig(r=2, lora_alpha=4, init_weights=False))
+    _, report = import_lora(lora, "tenslora", rank=4, seed=0, steps=1000)
+    # Adam from the random start (relative error ~1) into a Tucker model that holds the exported one
+    assert report.overall <= 1e-2, report.table()
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_tlora_is_exact_at_the_loras_rank_and_eckart_young_below(arch):
+    lora = _random_lora(arch, r=3)
+    updates = lora_updates(lora)
+    model, report = import_lora(lora, "tlora", rank=3)
+    assert report.overall <= 1e3 * eps(torch.float32), report.table()  # float32 factors, O(1) rounding steps
+    lora = _random_lora(arch, r=3)
+    _, report = import_lora(lora, "tlora", rank=2)
+    for path, layer in model.base_model.model.named_modules():  # the optimum: the discarded singular values
+        if isinstance(layer, TensorAdapterLayer):
+            dense = updates[path].dense()
+            slots = layer.lorta_slots["default"]
+            order = layer.lorta_out_order
+            if order is not None:
+                dense = dense[:, torch.argsort(order)]
+            optimum = sum(float((torch.linalg.svdvals(dense[:, s.out_offset:s.out_offset + s.out_features])[2:] ** 2
+                                 ).sum()) for s in slots)
+            want = (optimum / float((dense ** 2).sum())) ** 0.5
+            assert abs(report.per_module[path] - want) <= 1e-4 + 1e-3 * want, path
+
+def test_fitting_more_rank_fits_a_random_lora_better():
+    errors = []
+    for rank in (2, 8, 32):
+        _, report = import_lora(_random_lora("llama", r=2), "lorta", rank=rank, steps=100)
+        errors.append(report.overall)
+    assert errors[0] > errors[1] > errors[2], errors
+    assert errors[0] < 1.0  # the fit beats the zero adapter
+
+def test_heads_and_biases_are_carried_over(tmp_path):
+    lora = _random_lora("bert", bias="all")
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_()
+    carried = {k: v.clone() for k, v in lora.state_dict().items() if k.endswith(".bias")}
+    model, _ = import_lora(lora, "lorta", rank=4)
+    state = model.state_dict()
+    for key, value in carried.items():
+        assert torch.equal(state[key.replace(".base_layer", "")] if key not in state else state[key], value), key
+
+def test_classifier_head_is_carried_and_the_saved_adapter_reloads(tmp_path):
+    import transformers
+
+    torch.manual_seed(0)
+    base = transformers.BertForSequenceClassification(make_model("bert").config)
+    base.save_pretrained(tmp_path / "base")
+    config = LoraConfig(r=2, init_lora_weights=False, target_modules=TARGETS["bert"], task_type="SEQ_CLS",
+                        modules_to_save=["classifier"])
+    lora = get_peft_model(base, config)
+    with torch.no_grad():
+        lora.base_model.model.classifier.modules_to_save["default"].weight.normal_()
+    head = lora.base_model.model.classifier.modules_to_save["default"].weight.clone()
+    model, report = import_lora(lora, "lorta", rank=4)
+    assert torch.equal(model.base_model.model.classifier.modules_to_save["default"].weight, head)
+    lorta.save_imported(model, tmp_path / "out", report)
+    saved = json.loads((tmp_path / "out" / "import_report.json").read_text())
+    assert saved["overall"] == report.overall and saved["method"] == "lorta"
+    again = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "base")
+    loaded = PeftModel.from_pretrained(again, tmp_path / "out").eval()
+    inputs = make_inputs("bert")
+    assert torch.equal(output_of(loaded, inputs), output_of(model, inputs))
+
+def test_not_a_plain_lora_is_refused():
+    with pytest.raises(ImportLoraError, match="use_dora=True"):
+        import_lora(_random_lora("llama", use_dora=True))
+    tensor = get_peft_model(make_model("llama"), lorta.LortaConfig(r=2))
+    with pytest.raises(ImportLoraError, match="takes a LoRA adapter; adapter 'default' is LORTA"):
+        import_lora(tensor)
+    embedding = get_peft_model(make_model("llama"), LoraConfig(target_modules=["embed_tokens", "q_proj"]))
+    with pytest.raises(ImportLoraError, match="embedding LoRA"):
+        import_lora(embedding)
+    with pytest.raises(ImportLoraError, match="method='loha' is not one of"):
+        import_lora(_random_lora("llama"), "loha")
+
+# ----------------------------------------------------------------------------------------------- the CLI
+def _cli(*argv: str) -> int:
+    from lorta.cli import main
+
+    return main(list(argv))
+
+@pytest.fixture
+def saved_lora(tmp_path):
+    base = make_model("llama")
+    base.save_pretrained(tmp_path / "base")
+    tensor_model = get_peft_model(base, lorta.LortaConfig(r=2, lora_alpha=4, init_weights=False)).eval()
+    export_lora(tensor_model, tmp_path / "lora")
+    return tmp_path
+
+def test_cli_imports_and_reports(saved_lora, capsys):
+    root = saved_lora
+    assert _cli("import-lora", str(root / "lora"), str(root / "out"), "--rank", "2", "--base", str(root / "base")) == 0
+    printed = capsys.readouterr().out
+    assert "relative error" in printed and "model.layers.0.self_attn.q_proj" in printed
+    report = json.loads((root / "out" / "import_report.json").read_text())
+    assert report["overall"] <= RECOVERED
+    config = json.loads((root / "out" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORTA" and config["r"] == 2
+    # the imported adapter exports again (lorta export defaults to the base it names)
+    assert _cli("export", str(root / "out"), str(root / "again")) == 0
+    assert (root / "again" / "adapter_model.safetensors").is_file()
+
+def test_cli_bad_input_says_what_and_writes_nothing(saved_lora, capsys, tmp_path_factory):
+    root = saved_lora
+    lora, out, base = str(root / "lora"), str(root / "out"), str(root / "base")
+
+    def fails(*argv: str, match: str) -> None:
+        assert _cli("import-lora", *argv) == 2
+        assert match in capsys.readouterr().err
+        assert not (root / "out").exists()
+
+    fails(str(root / "nothing"), out, "--base", base, match="holds no adapter_config.json")
+    get_peft_model(make_model("llama"), lorta.LortaConfig(r=2)).save_pretrained(root / "tensor")
+    fails(str(root / "tensor"), out, "--base", base, match="holds a LORTA adapter; expected one of ['LORA']")
+    other = tmp_path_factory.mktemp("other")
+    make_model("gpt2").save_pretrained(other)  # another shape, other module names
+    fails(lora, out, "--base", str(other), match="does not fit the base model")
+    wider = tmp_path_factory.mktemp("wider")
+    make_model("mistral").save_pretrained(wider)  # the same module names, other sizes
+    fails(lora, out, "--base", str(wider), match="does not fit the base model")
+    dora = get_peft_model(make_model("llama"), LoraConfig(target_modules=["q_proj"], use_dora=True))
+    dora.save_pretrained(root / "dora")
+    fails(str(root / "dora"), out, "--base", base, match="use_dora=True")
+    (root / "out").mkdir()
+    (root / "out" / "keep.txt").write_text("mine")
+    assert _cli("import-lora", lora, out, "--base", base) == 2
+    assert "already exists; choose another output folder or pass --overwrite" in capsys.readouterr().err
+    assert (root / "out" / "keep.txt").read_text() == "mine"
+    for bad, says in ((("--method", "loha"), "invalid choice: 'loha'"), (("--rank", "0"), "must be a positive"),
+                      (("--steps", "-1"), "must be 0 or more")):
+        with pytest.raises(SystemExit):
+            _cli("import-lora", lora, str(root / "x"), *bad)
+        assert says in capsys.readouterr().err
+    assert not (root / "x").exists()
+
+def test_a_failed_write_leaves_nothing(saved_lora, monkeypatch):
+    root = saved_lora
+
+    def broken(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(PeftModel, "save_pretrained", broken)
+    with pytest.raises(OSError, match="disk full"):
+        _cli("import-lora", str(root / "lora"), str(root / "out"), "--base", str(root / "base"), "--steps", "5")
+    assert not (root / "out").exists()
+    assert [p.name for p in root.iterdir() if "out" in p.name] == []
