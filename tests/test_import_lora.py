@@ -15,7 +15,17 @@ from tolerance import MAP_TERMS, eps
 
 import lorta
 from lorta.export import export_lora
-from lorta.import_lora import ImportLoraError, LoraUpdate, import_lora, lora_updates, squared_errors
+from lorta.import_lora import (
+    ImportLoraError,
+    LoraUpdate,
+    Slices,
+    best_cp,
+    cp_als,
+    import_lora,
+    lora_updates,
+    squared_errors,
+    tensor_slices,
+)
 from lorta.tuner.layer import TensorAdapterLayer
 from lorta.tuner.maps import module_maps
 
@@ -62,6 +72,84 @@ def test_fit_objective_is_the_dense_error(arch, method):
     for path in fast:
         scale = float(dense[path]) + updates[path].norm2
         assert abs(float(fast[path] - dense[path])) <= MAP_TERMS * eps(torch.float64) * scale, path
+
+def _random_slices(shape, r, observed, seed=0) -> tuple[Slices, torch.Tensor, torch.Tensor]:
+    """Random rank-r slices at the `observed` (h, l, m) and the dense tensor and mask they stand for."""
+    g = torch.Generator().manual_seed(seed)
+    d, d_h = shape[:2]
+    index = torch.tensor(observed)
+    X = torch.randn(len(index), d, r, generator=g, dtype=torch.float64)
+    Y = torch.randn(len(index), r, d_h, generator=g, dtype=torch.float64)
+    dense, mask = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
+    for s, (h, layer, m) in enumerate(observed):
+        dense[:, :, h, layer, m], mask[:, :, h, layer, m] = X[s] @ Y[s], 1
+    return Slices(shape, X, Y, index), dense, mask
+
+
+def _cp_dense(factors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.einsum("ak,ek,hk,lk,mk->aehlm", *factors)
+
+
+def test_cp_als_takes_tensorlys_steps_without_the_dense_tensor():
+    tensorly = pytest.importorskip("tensorly")  # a test dependency: the reference, not used by lorta
+    from tensorly.cp_tensor import CPTensor
+    from tensorly.decomposition import parafac
+
+    shape, rank = (12, 4, 3, 2, 2), 5
+    observed = [(h, layer, m) for h in range(3) for layer in range(2) for m in range(2)]
+    data, dense, _ = _random_slices(shape, 2, observed)
+    assert data.norm2 == pytest.approx(float((dense ** 2).sum()), rel=64 * eps(torch.float64))
+    g = torch.Generator().manual_seed(1)
+    init = [torch.randn(n, rank, generator=g, dtype=torch.float64) for n in shape]
+    ours, history = cp_als(data, rank, iterations=3, init=init, tol=0)
+    with tensorly.backend_context("pytorch"):
+        reference = parafac(dense, rank=rank, init=CPTensor((torch.ones(rank, dtype=torch.float64), init)),
+                            n_iter_max=3, tol=0, normalize_factors=False)
+    for got, want in zip(ours, reference.factors, strict=True):
+        # three sweeps of normal equations; each solve may amplify rounding by the Gram's condition number
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+    error = float((_cp_dense(ours) - dense).norm() / dense.norm())
+    assert history[-1] == pytest.approx(error, rel=1e-6)  # its own error bookkeeping is the dense error
+
+
+def test_cp_als_leaves_unobserved_slices_out_and_recovers_an_exact_cp():
+    shape, rank = (10, 4, 4, 3, 2), 3
+    g = torch.Generator().manual_seed(2)
+    truth = [torch.randn(n, rank, generator=g, dtype=torch.float64) for n in shape]
+    dense = _cp_dense(truth)
+    # GQA-like: matrix 1 observes every second head only; layer 2 lacks matrix 1
+    observed = [(h, layer, m) for h in range(4) for layer in range(3) for m in range(2)
+                if m == 0 or (h % 2 == 0 and layer < 2)]
+    X, Y = [], []
+    for h, layer, m in observed:  # the slices of the exact CP, as rank-`rank` products
+        X.append(truth[0] * (truth[2][h] * truth[3][layer] * truth[4][m]))
+        Y.append(truth[1].t())
+    data = Slices(shape, torch.stack(X), torch.stack(Y), torch.tensor(observed))
+    factors, history = best_cp(data, rank, iterations=2000, seed=0)
+    # ALS never increases the error; the bookkeeping ||T||^2 - 2<T, CP> + ||CP||^2 cancels to ~sqrt(eps) near zero
+    floor = 64 * eps(torch.float64) ** 0.5
+    steps = zip(history, history[1:], strict=False)
+    assert all(b <= a + floor for a, b in steps), "ALS must not increase the error"
+    mask = torch.zeros(shape, dtype=torch.float64)
+    for h, layer, m in observed:
+        mask[:, :, h, layer, m] = 1
+    fitted = _cp_dense(factors)
+    assert float(((fitted - dense) * mask).norm() / (dense * mask).norm()) <= 1e-6
+    assert history[-1] <= 1e-6
+    # from a start that stalls in a swamp (this one does), the restarts are what recovers it
+    _, stalled = cp_als(data, rank, iterations=300, seed=1, tol=0)
+    assert stalled[-1] > 1e-2
+
+
+def test_tensor_slices_are_the_updates_of_every_layout(tmp_path):
+    for arch in ("llama", "gpt2", "bert", "gemma3"):  # GQA, fused interleave-free c_attn, o as input heads
+        lora = _random_lora(arch)
+        updates = lora_updates(lora)
+        model = get_peft_model(make_model(arch), lorta.LortaConfig(r=2, target_modules=sorted(updates)))
+        data = tensor_slices(model, updates)
+        assert data is not None
+        assert data.norm2 == pytest.approx(sum(u.norm2 for u in updates.values()), rel=1e3 * eps(torch.float64))
+
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2", "bert"])
 def test_an_exported_lorta_adapter_is_recovered_at_its_rank(arch, tmp_path):
@@ -118,7 +206,7 @@ def test_heads_and_biases_are_carried_over(tmp_path):
             if name.endswith(".bias"):
                 p.normal_()
     carried = {k: v.clone() for k, v in lora.state_dict().items() if k.endswith(".bias")}
-    model, _ = import_lora(lora, "lorta", rank=4)
+    model, _ = import_lora(lora, "lorta", rank=4, steps=20)
     state = model.state_dict()
     for key, value in carried.items():
         assert torch.equal(state[key.replace(".base_layer", "")] if key not in state else state[key], value), key

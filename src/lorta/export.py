@@ -1,4 +1,4 @@
-"""Deployment: a tensor adapter written as what serving engines load (docs/design.md, "Export").
+"""Deployment: a tensor adapter written as what serving engines load (docs/design.md, "Export and import").
 
 Every adapted module's update is `scale * (P @ Q)^T` with P: d_in x r', Q: r' x d_out, so it IS a rank-r' LoRA:
 lora_A = P^T, lora_B = scale * Q^T, with lora_alpha = r (LoRA's scaling alpha / r is then 1). The export takes that

@@ -10,10 +10,11 @@ the code that runs it. Each term is evaluated from r x r products (||PQ||^2 = tr
 tr(U^T P Q V^T)): no dense d x d update is formed while fitting.
 
 Starts, then Adam through the maps: LoRTA (its three modes over attention matrices) starts from a CP
-decomposition by alternating least squares (TensorLy's `parafac`, masked where GQA's K/V heads and absent matrices
-leave the tensor unobserved) of the stacked updates dW[:, :, h, l, m]; TLoRA's start is closed-form (its frozen
-A, B become each update's singular bases, C its singular values: the best rank-r fit per matrix); TensLoRA and
-LoRTA ablations start from their random initialisation.
+decomposition by alternating least squares of the stacked updates dW[:, :, h, l, m] (cp_als: exact least squares
+over the observed slices, where GQA's K/V heads and absent matrices leave the tensor unobserved, computed through
+the LoRA's own factors, never the dense tensor; TensorLy's `parafac` is its reference in the tests); TLoRA's
+start is closed-form (its frozen A, B become each update's singular bases, C its singular values: the best rank-r
+fit per matrix); TensLoRA and LoRTA ablations start from their random initialisation.
 """
 
 from __future__ import annotations
@@ -174,54 +175,137 @@ def relative_errors(model: nn.Module, updates: dict[str, LoraUpdate]) -> tuple[d
     return per_module, math.sqrt(num / den) if den > 0 else math.sqrt(num)
 
 
-def cp_start(model: nn.Module, updates: dict[str, LoraUpdate], seed: int, iterations: int) -> bool:
-    """LoRTA's factors from a masked CP-ALS (TensorLy) of the stacked updates dW[:, :, h, l, m]; False where the
-    adapter is not LoRTA's 5-mode tensor over attention matrices (the Adam fit then starts from the random init).
+@dataclass
+class Slices:
+    """The observed frontal slices T[:, :, h, l, m] = X_s @ Y_s (d x d_h, rank <= r) of the update tensor: the
+    LoRA's own factors per head, so CP-ALS never forms the dense d x d_h x H x L x M tensor. Slices absent (GQA's
+    unshared K/V heads, matrices a layer lacks) are unobserved, and the fit leaves them out exactly."""
 
-    A fused module's update is split back into its matrices (undoing an interleaved output order); GQA's K/V and
-    matrices a layer lacks leave their entries unobserved (masked), so ALS fits only what the LoRA defines.
-    """
+    shape: tuple[int, int, int, int, int]  # (d, d_h, H, L, M)
+    X: Tensor  # S x d x r
+    Y: Tensor  # S x r x d_h
+    index: Tensor  # S x 3: (h, l, m) of each slice
+
+    @property
+    def norm2(self) -> float:
+        """||T||^2 over the observed slices: sum_s tr(X_s^T X_s Y_s Y_s^T)."""
+        return float(((self.X.transpose(1, 2) @ self.X) * (self.Y @ self.Y.transpose(1, 2))).sum())
+
+
+def tensor_slices(model: nn.Module, updates: dict[str, LoraUpdate]) -> Slices | None:
+    """The LoRA's updates as LoRTA's 5-way tensor (Slices); None where the adapter is not LoRTA's full tensor over
+    attention matrices. A fused module's update is split back into its matrices (undoing an interleave)."""
     factors = model.base_model.lorta_factors["default"]
-    layout = factors.layout
     if type(factors).__name__ != "LortaFactors" or not (
         factors.share_heads and factors.share_layers and factors.share_matrices
     ):
-        return False
+        return None
     layers = _layers(model)
     for module in layers.values():
         slots = module.lorta_slots["default"]
         if any(s.role not in (OUT_HEADS, IN_HEADS) for s in slots) or (
             len(slots) > 1 and any(s.role != OUT_HEADS for s in slots)
         ):
-            return False
-    tl, parafac = _tensorly()
-    shape = layout.shape
-    d, d_h, H, L, M = layout.model_dim, shape.head_dim, shape.num_heads, layout.num_layers, layout.num_matrices
-    tensor = torch.zeros(d, d_h, H, L, M, dtype=torch.float64)
-    mask = torch.zeros_like(tensor)
+            return None
+    layout = factors.layout
+    d, d_h = layout.model_dim, layout.shape.head_dim
+    r = max(u.U.shape[1] for u in updates.values())
+    X, Y, index = [], [], []
     for path, module in layers.items():
-        delta = _concatenated(module, updates[path].dense())
+        U, V = updates[path].U, _concatenated(module, updates[path].V)
+        pad = r - U.shape[1]
+        U, V = nn.functional.pad(U, (0, pad)), nn.functional.pad(V, (0, 0, 0, pad))  # zero rank: same update
         for slot in module.lorta_slots["default"]:
             for j in range(slot.n_heads):
-                h = j * slot.head_stride
-                if slot.role == OUT_HEADS:
+                if slot.role == OUT_HEADS:  # the head's output columns: U @ V[:, cols]
                     start = slot.out_offset + j * d_h
-                    block = delta[:, start:start + d_h]
-                else:
-                    block = delta[j * d_h:(j + 1) * d_h].t()
-                tensor[:, :, h, slot.layer, slot.matrix] = block
-                mask[:, :, h, slot.layer, slot.matrix] = 1
-    tl.set_backend("numpy")
-    observed = None if bool(mask.all()) else mask.numpy()  # unmasked ALS is the faster path where all is seen
-    cp = parafac(tensor.numpy(), rank=factors.rank, mask=observed, init="random", random_state=seed,
-                 n_iter_max=iterations, tol=1e-12, normalize_factors=True)
-    weights = torch.from_numpy(cp.weights).double()
-    columns = [torch.from_numpy(f).double() for f in cp.factors]
+                    X.append(U), Y.append(V[:, start:start + d_h])
+                else:  # the head's input rows, transposed: (U[rows] @ V)^T = V^T @ U[rows]^T
+                    X.append(V.t()), Y.append(U[j * d_h:(j + 1) * d_h].t())
+                index.append((j * slot.head_stride, slot.layer, slot.matrix))
+    shape = (d, d_h, layout.shape.num_heads, layout.num_layers, layout.num_matrices)
+    return Slices(shape, torch.stack(X), torch.stack(Y), torch.tensor(index))
+
+
+def cp_als(
+    data: Slices, rank: int, iterations: int = 500, seed: int = 0, tol: float = 1e-10,
+    init: list[Tensor] | None = None,
+) -> tuple[list[Tensor], list[float]]:
+    """CP by alternating least squares over the observed slices: (factors [A, B, C_H, C_L, C_M], relative error
+    after each sweep). Each step solves its factor's normal equations exactly (no imputation of unobserved
+    slices); every contraction goes through the slices' rank-r factors, so a sweep costs O(S r R (d + d_h) + S R^2)
+    for S slices, not O(R) times the dense tensor's size as a dense MTTKRP does."""
+    generator = torch.Generator().manual_seed(seed)
+    F = [f.clone() for f in init] if init is not None else [
+        torch.randn(n, rank, generator=generator, dtype=torch.float64) / math.sqrt(n) for n in data.shape
+    ]
+    X, Y, index = data.X, data.Y, data.index
+    total = data.norm2
+    history: list[float] = []
+
+    def coefficients(skip: int) -> Tensor:  # S x R: the product of the mode factors' rows, one mode left out
+        out = torch.ones(len(index), rank, dtype=torch.float64)
+        for mode in (2, 3, 4):
+            if mode != skip:
+                out = out * F[mode][index[:, mode - 2]]
+        return out
+
+    def ridge(G: Tensor) -> Tensor:  # keeps a factor row no slice observes (and exact degeneracies) solvable
+        diag = G.diagonal(dim1=-2, dim2=-1)
+        return G + torch.diag_embed(diag.amax(-1, keepdim=True).clamp_min(1e-300).expand_as(diag) * 1e-13)
+
+    for _ in range(iterations):
+        c = coefficients(-1)
+        YB = Y @ F[1]  # S x r x R
+        rhs = torch.einsum("sdr,srk,sk->dk", X, YB, c)
+        F[0] = torch.linalg.solve(ridge((c.t() @ c) * (F[1].t() @ F[1])), rhs.t()).t()
+        XA = X.transpose(1, 2) @ F[0]
+        rhs = torch.einsum("sre,srk,sk->ek", Y, XA, c)
+        F[1] = torch.linalg.solve(ridge((c.t() @ c) * (F[0].t() @ F[0])), rhs.t()).t()
+        YB = Y @ F[1]
+        z = (XA * YB).sum(1)  # S x R: A_k^T T_s B_k
+        gram = (F[0].t() @ F[0]) * (F[1].t() @ F[1])
+        for mode in (2, 3, 4):
+            c = coefficients(mode)
+            rows = index[:, mode - 2]
+            n = data.shape[mode]
+            G = torch.zeros(n, rank, rank, dtype=torch.float64).index_add_(0, rows, c[:, :, None] * c[:, None, :])
+            rhs = torch.zeros(n, rank, dtype=torch.float64).index_add_(0, rows, c * z)
+            F[mode] = torch.linalg.solve(ridge(G * gram), rhs.unsqueeze(-1)).squeeze(-1)
+        c = coefficients(-1)
+        error2 = total - 2 * float((c * z).sum()) + float(((c @ gram) * c).sum())
+        history.append(math.sqrt(max(error2, 0.0) / total) if total > 0 else 0.0)
+        if len(history) > 1 and abs(history[-2] - history[-1]) <= tol * max(history[-1], 1e-12):
+            break
+    return F, history
+
+
+def best_cp(
+    data: Slices, rank: int, iterations: int = 500, seed: int = 0, restarts: int = 4, probe: int = 30
+) -> tuple[list[Tensor], list[float]]:
+    """cp_als from `restarts` random starts, `probe` sweeps each, then the best one run to `iterations`: CP-ALS
+    can stall in a swamp (diverging, cancelling rank-one terms) from one start and not from another."""
+    starts = [cp_als(data, rank, min(probe, iterations), seed + i) for i in range(max(1, restarts))]
+    factors, history = min(starts, key=lambda start: start[1][-1])
+    if iterations > probe:
+        factors, more = cp_als(data, rank, iterations - probe, init=factors)
+        history = history + more
+    return factors, history
+
+
+def cp_start(model: nn.Module, updates: dict[str, LoraUpdate], seed: int, iterations: int) -> bool:
+    """LoRTA's factors from CP-ALS of the stacked updates dW[:, :, h, l, m] (cp_als); False where the adapter is
+    not LoRTA's 5-mode tensor over attention matrices (the Adam fit then starts from the random init)."""
+    data = tensor_slices(model, updates)
+    if data is None:
+        return False
+    factors = model.base_model.lorta_factors["default"]
+    columns, _ = best_cp(data, factors.rank, iterations, seed)
     # balance: every factor column gets the same norm, the rank-one term's size split five ways
-    size = weights.abs().clamp_min(1e-30) ** (1 / 5)
-    columns = [c * size for c in columns]
-    columns[0] = columns[0] * torch.sign(weights)
-    scale = next(iter(layers.values())).lorta_scaling["default"]
+    norms = torch.stack([c.norm(dim=0) for c in columns]).clamp_min(1e-300)
+    size = norms.prod(0) ** (1 / 5)
+    columns = [c / n * size for c, n in zip(columns, norms, strict=True)]
+    scale = next(iter(_layers(model).values())).lorta_scaling["default"]
     with torch.no_grad():
         dtype = factors.A.dtype
         factors.A.copy_((columns[0] / scale).to(dtype).view_as(factors.A))
@@ -285,18 +369,6 @@ def _complete(basis: Tensor, r: int, generator: torch.Generator) -> Tensor:
     return torch.cat([basis, torch.linalg.qr(extra)[0]], dim=1)
 
 
-def _tensorly() -> tuple[Any, Any]:
-    try:
-        import tensorly
-        from tensorly.decomposition import parafac
-    except ImportError as exc:
-        from .models import MissingDependencyError
-
-        raise MissingDependencyError("import-lora fits CP tensors with TensorLy, which is not installed: "
-                                     "pip install 'tensorly>=0.8' (or pip install 'lorta[cli]')") from exc
-    return tensorly, parafac
-
-
 def refine(model: nn.Module, updates: dict[str, LoraUpdate], steps: int, lr: float = 1e-2) -> list[float]:
     """Adam on the total squared error relative to the LoRA's, through the maps; keeps the best factors seen."""
     factors = model.base_model.lorta_factors["default"]
@@ -327,7 +399,7 @@ def refine(model: nn.Module, updates: dict[str, LoraUpdate], steps: int, lr: flo
 
 def import_lora(
     lora_model: nn.Module, method: str = "lorta", rank: int = 16, steps: int | None = None, seed: int = 0,
-    als_iterations: int = 200, **config_kwargs: Any,
+    als_iterations: int = 500, **config_kwargs: Any,
 ) -> tuple[nn.Module, ImportReport]:
     """Fit a tensor adapter to a PeftModel's LoRA adapter "default"; returns (the PeftModel of the base with the
     tensor adapter, the report). The LoRA model is consumed: its LoRA layers are unloaded from the base."""

@@ -12,8 +12,9 @@ DESCRIPTION = """\
 Fit a tensor adapter to an existing PEFT LoRA adapter's updates and save it as a lorta adapter:
 
   each LoRA module's update s * B @ A is fitted by least squares: LoRTA by a CP decomposition of the stacked
-  updates (TensorLy's ALS), then Adam through lorta's own maps; TLoRA in closed form (its frozen A, B become each
-  update's singular bases: exact at --rank >= the LoRA's rank, the best rank-R fit per matrix below it);
+  updates (alternating least squares through the LoRA's own factors), then Adam through lorta's own maps;
+  TLoRA in closed form (its frozen A, B become each update's singular bases: exact at --rank >= the LoRA's
+  rank, the best rank-R fit per matrix below it);
   TensLoRA by Adam from its initialisation. The relative error ||fit - LoRA|| / ||LoRA|| is printed per module
   and overall, and saved with the adapter (import_report.json). A LoRTA fit is only as good as the structure the
   LoRA's layers share: a LoRA trained alone needs a high rank (see README, "Import a LoRA").
