@@ -9,12 +9,12 @@ through the tensor adapter's own maps P_m, Q_m, so every method, architecture an
 the code that runs it. Each term is evaluated from r x r products (||PQ||^2 = tr(P^T P Q Q^T), <PQ, UV> =
 tr(U^T P Q V^T)): no dense d x d update is formed while fitting.
 
-Starts, then Adam through the maps: LoRTA (its three modes over attention matrices) starts from a CP
-decomposition by alternating least squares of the stacked updates dW[:, :, h, l, m] (cp_als: exact least squares
-over the observed slices, where GQA's K/V heads and absent matrices leave the tensor unobserved, computed through
-the LoRA's own factors, never the dense tensor; TensorLy's `parafac` is its reference in the tests); TLoRA's
-start is closed-form (its frozen A, B become each update's singular bases, C its singular values: the best rank-r
-fit per matrix); TensLoRA and LoRTA ablations start from their random initialisation.
+Starts: LoRTA (its three modes over attention matrices) from CP by alternating least squares of the stacked
+updates dW[:, :, h, l, m] (cp_als: exact least squares over the observed slices, where GQA's K/V heads and absent
+matrices leave the tensor unobserved, computed through the LoRA's own factors, never the dense tensor; TensorLy's
+`parafac` is its reference in the tests); TLoRA in closed form (its frozen A, B become each update's singular
+bases, C its singular values: the best rank-r fit per matrix). Both already solve the least squares; TensLoRA and
+LoRTA ablations start from their random initialisation and are fitted by Adam through the maps.
 """
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ def tensor_slices(model: nn.Module, updates: dict[str, LoraUpdate]) -> Slices | 
 
 
 def cp_als(
-    data: Slices, rank: int, iterations: int = 500, seed: int = 0, tol: float = 1e-10,
+    data: Slices, rank: int, iterations: int = 500, seed: int = 0, tol: float = 1e-6,
     init: list[Tensor] | None = None,
 ) -> tuple[list[Tensor], list[float]]:
     """CP by alternating least squares over the observed slices: (factors [A, B, C_H, C_L, C_M], relative error
@@ -425,8 +425,8 @@ def import_lora(
         started = cp_start(model, updates, seed, als_iterations) if method == "lorta" else False
     if not started:
         _shrink_start(model, updates)
-    if steps is None:  # TLoRA's closed form is already the optimum of what can train (C, s)
-        steps = 0 if method == "tlora" else 300 if started else 3000
+    if steps is None:  # LoRTA's ALS and TLoRA's closed form already solve the same least squares
+        steps = 0 if started else 3000
     history = refine(model, updates, steps)
     if carried:
         own = get_peft_model_state_dict(model)

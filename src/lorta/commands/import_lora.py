@@ -12,7 +12,7 @@ DESCRIPTION = """\
 Fit a tensor adapter to an existing PEFT LoRA adapter's updates and save it as a lorta adapter:
 
   each LoRA module's update s * B @ A is fitted by least squares: LoRTA by a CP decomposition of the stacked
-  updates (alternating least squares through the LoRA's own factors), then Adam through lorta's own maps;
+  updates (alternating least squares through the LoRA's own factors);
   TLoRA in closed form (its frozen A, B become each update's singular bases: exact at --rank >= the LoRA's
   rank, the best rank-R fit per matrix below it);
   TensLoRA by Adam from its initialisation. The relative error ||fit - LoRA|| / ||LoRA|| is printed per module
@@ -45,8 +45,8 @@ def register(subparsers: Any) -> None:
                    help="the base model: a Hugging Face folder, a .gguf file or a catalogue name "
                         "(default: the LoRA's base_model_name_or_path)")
     p.add_argument("--steps", type=_non_negative, default=None,
-                   help="Adam steps of the fit (default: 300 after LoRTA's CP start, 0 after TLoRA's closed form, "
-                        "3000 otherwise)")
+                   help="Adam steps after the start (default: 0 after LoRTA's ALS and TLoRA's closed form, which "
+                        "already solve the least squares; 3000 for TensLoRA and LoRTA ablations)")
     p.add_argument("--seed", type=int, default=0, help="seed of the start (default: 0)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.set_defaults(func=run)
