@@ -299,7 +299,7 @@ def test_cli_bad_input_says_what_and_writes_nothing(saved_lora, capsys, tmp_path
     assert "already exists; choose another output folder or pass --overwrite" in capsys.readouterr().err
     assert (root / "out" / "keep.txt").read_text() == "mine"
     for bad, says in ((("--method", "loha"), "invalid choice: 'loha'"), (("--rank", "0"), "must be a positive"),
-                      (("--steps", "-1"), "must be 0 or more")):
+                      (("--steps", "-1"), "must be an integer >= 0"), (("--steps", "many"), "must be an integer >= 0")):
         with pytest.raises(SystemExit):
             _cli("import-lora", lora, str(root / "x"), *bad)
         assert says in capsys.readouterr().err

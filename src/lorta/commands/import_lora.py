@@ -32,6 +32,7 @@ EPILOG = """examples:
 
 def register(subparsers: Any) -> None:
     from ..import_lora import METHODS
+    from .params import positive_int
 
     p = subparsers.add_parser(
         "import-lora", help="fit a LoRTA / TensLoRA / TLoRA adapter to a saved LoRA adapter",
@@ -40,7 +41,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("lora_dir", metavar="LORA_DIR", help="a saved PEFT LoRA adapter folder")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the lorta adapter folder to create")
     p.add_argument("--method", choices=METHODS, default="lorta", help="the tensor adapter to fit (default: lorta)")
-    p.add_argument("--rank", type=_positive, default=16, help="its rank r, every mode's for TensLoRA (default: 16)")
+    p.add_argument("--rank", type=positive_int, default=16, help="its rank r, every mode's for TensLoRA (default: 16)")
     p.add_argument("--base", metavar="MODEL", default=None,
                    help="the base model: a Hugging Face folder, a .gguf file or a catalogue name "
                         "(default: the LoRA's base_model_name_or_path)")
@@ -76,15 +77,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def _non_negative(text: str) -> int:
-    value = int(text)
+    """An integer >= 0 (Adam steps; 0 keeps the start as it is)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
     if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
     return value
