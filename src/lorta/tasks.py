@@ -2,11 +2,14 @@
 
 Three jobs, picked from the model and ``--task``:
 
-- ``classify`` (an encoder such as MiniLM, ``--task sentiment``): a sequence classifier with a fresh head; the
-  adapter and the head are trained with cross-entropy; accuracy is the argmax on the held-out split.
-- ``prompt`` (a causal LM such as SmolLM2, ``--task sentiment``): the prompt asks for the sentiment and the
-  loss is on the answer tokens only; accuracy compares the log-likelihoods of the label words
-  (" positive" vs " negative") given the prompt.
+- ``classify`` (an encoder such as MiniLM, ``--task sentiment`` or ``party``): a sequence classifier with a fresh
+  head; the adapter and the head are trained with cross-entropy; accuracy is the argmax on the held-out split.
+- ``prompt`` (a causal LM such as SmolLM2, ``--task sentiment`` or ``party``): the prompt asks for the label and
+  the loss is on the answer tokens only; accuracy compares the log-likelihoods of the label words
+  (" positive" vs " negative", " Democratic" vs " Republican") given the prompt.
+
+Tasks: ``sentiment`` (Rotten Tomatoes snippets, split by movie, or the user's ``--data`` table), ``party`` (the
+2012 convention speeches' paragraphs, split by speaker), ``dpo`` (preference pairs from Rotten Tomatoes).
 - ``dpo`` (a causal LM, ``--task dpo``): TRL's DPOTrainer on preference pairs; the reference model is the base
   model (TRL's reference for a PeftModel passed with ``ref_model=None``); reports held-out reward accuracy.
 
@@ -31,7 +34,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import DataError, TextDataset, TextSplit, load_rotten_tomatoes, load_table, make_preference_pairs
+from .data import (
+    DataError,
+    TextDataset,
+    TextSplit,
+    load_convention_speeches,
+    load_rotten_tomatoes,
+    load_table,
+    make_preference_pairs,
+)
 from .models import (
     PACKAGED_MODELS,
     QUANTIZE_CHOICES,
@@ -55,13 +66,18 @@ __all__ = [
     "run_job",
 ]
 
-METHODS = ("lorta", "lora", "tenslora", "tlora", "full", "head-only")
-ADAPTER_METHODS = ("lorta", "lora", "tenslora", "tlora")
-TASKS = ("sentiment", "dpo")
+METHODS = ("lorta", "lora", "vera", "tenslora", "tlora", "full", "head-only")
+ADAPTER_METHODS = ("lorta", "lora", "vera", "tenslora", "tlora")
+PEFT_METHODS = ("lora", "vera")  # PEFT's own, as baselines
+TASKS = ("sentiment", "party", "dpo")
 JOBS = ("classify", "prompt", "dpo")
 HEAD_MODULES = ("classifier", "score")  # what PEFT's SEQ_CLS task puts in modules_to_save
 REFERENCE_LORA_RANK = 8
-PROMPT = "Review: {text}\nIs this review positive or negative?\nAnswer:"
+# The prompt job's question per task; the answers are the label names (" positive", " Republican", ...).
+PROMPTS = {
+    "sentiment": "Review: {text}\nIs this review positive or negative?\nAnswer:",
+    "party": "Convention speech: {text}\nWas this said at the Democratic or the Republican convention?\nAnswer:",
+}
 
 Echo = Callable[[str], None]
 
@@ -136,6 +152,7 @@ class Recipe:
 CLASSIFY_RECIPES: dict[str, Recipe] = {
     "lorta": Recipe(16, 32.0, 3e-3, 1e-2, targets=("q", "k", "v")),
     "lora": Recipe(8, 16.0, 1e-3, 2e-3),
+    "vera": Recipe(256, None, 1e-2, 1e-2),
     "tenslora": Recipe(8, 16.0, 2e-3, 1e-2),
     "tlora": Recipe(16, 16.0, 1e-2, 2e-3),
     "full": Recipe(None, None, 1e-4, 2e-3),
@@ -145,6 +162,7 @@ CLASSIFY_RECIPES: dict[str, Recipe] = {
 LM_RECIPES: dict[str, Recipe] = {
     "lorta": Recipe(16, 16.0, 1e-3, 0.0),
     "lora": Recipe(8, 16.0, 5e-4, 0.0),
+    "vera": Recipe(256, None, 5e-3, 0.0),
     "tenslora": Recipe(8, 16.0, 1e-3, 0.0),
     "tlora": Recipe(16, 16.0, 2e-3, 0.0),
     "full": Recipe(None, None, 1e-5, 0.0),
@@ -241,6 +259,11 @@ def resolve_options(options: TrainOptions) -> tuple[TrainOptions, str, Path]:
         raise UsageError(f"unknown method {options.method!r}; choose one of {', '.join(METHODS)}")
     if options.task not in TASKS:
         raise UsageError(f"unknown task {options.task!r}; choose one of {', '.join(TASKS)}")
+    if options.task == "party" and options.data is not None:
+        raise UsageError("--task party reads the 2012 convention speeches; --data replaces the sentiment data only "
+                         "(use --task sentiment --data FILE for your own table)")
+    if options.method == "vera" and options.alpha is not None:
+        raise UsageError("--alpha: VeRA has no alpha (its vectors d and b learn each matrix's scale); drop --alpha")
     model = options.model or ("smollm2" if options.task == "dpo" else "minilm")
     path = resolve_model(model)
     options = dataclasses.replace(options, model=model)
@@ -344,12 +367,16 @@ def load_data(o: TrainOptions, subset: bool = True) -> TextDataset:
     """Rotten Tomatoes (default) or the user's CSV/JSONL table, split by group; with ``subset``, --max-train and
     --max-test take seeded class-balanced subsets (DPO applies them to the pairs instead)."""
     limits = {"max_train": o.max_train, "max_test": o.max_test} if subset else {}
+    if o.task == "party":
+        return load_convention_speeches(seed=o.seed, **limits)
     if o.data is None:
         return load_rotten_tomatoes(seed=o.seed, **limits)
     return load_table(o.data, text_column=o.text_column, label_column=o.label_column, seed=o.seed, **limits)
 
 
 def describe_data(o: TrainOptions) -> str:
+    if o.task == "party":
+        return "2012 convention speech paragraphs (Democratic/Republican)"
     return "Rotten Tomatoes snippets (fresh/rotten)" if o.data is None else str(o.data)
 
 
@@ -473,6 +500,10 @@ def peft_config(o: TrainOptions, task_type: str, model_type: str) -> Any:
             construction=o.construction, decomposition=o.decomposition, ranks=o.rank, **common
         )
     common.setdefault("target_modules", default_targets(model_type))
+    if o.method == "vera":  # seeded random projections, saved with the adapter (PEFT's default)
+        common.pop("lora_alpha")
+        return peft.VeraConfig(r=o.rank, vera_dropout=common.pop("lora_dropout"), projection_prng_key=o.seed,
+                               **common)
     return peft.LoraConfig(r=o.rank, **common)
 
 
@@ -725,21 +756,22 @@ def _answer_ids(tokenizer: Any, label_names: Sequence[str]) -> list[list[int]]:
     return ids
 
 
-def _prompt_ids(tokenizer: Any, text: str, max_text_tokens: int) -> list[int]:
+def _prompt_ids(tokenizer: Any, text: str, max_text_tokens: int, template: str) -> list[int]:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) > max_text_tokens:
         text = tokenizer.decode(ids[:max_text_tokens])
-    return tokenizer(PROMPT.format(text=text))["input_ids"]
+    return tokenizer(template.format(text=text))["input_ids"]
 
 
 def _prompt_features(
-    tokenizer: Any, split: TextSplit, answers: list[list[int]], max_length: int
+    tokenizer: Any, split: TextSplit, answers: list[list[int]], max_length: int, template: str
 ) -> list[dict[str, Any]]:
     """Prompt + answer tokens; labels are -100 on the prompt so the loss is on the answer only."""
-    max_text = max(8, max_length - 24 - max(len(a) for a in answers))
+    question = len(tokenizer(template.format(text=""))["input_ids"])
+    max_text = max(8, max_length - max(24, question + 2) - max(len(a) for a in answers))  # room for the question
     feats = []
     for text, label in zip(split.texts, split.labels, strict=True):
-        prompt = _prompt_ids(tokenizer, text, max_text)
+        prompt = _prompt_ids(tokenizer, text, max_text, template)
         answer = answers[label]
         feats.append({
             "input_ids": prompt + answer,
@@ -800,10 +832,11 @@ def score_answers(
 
 
 def evaluate_prompt(
-    model: nn.Module, tokenizer: Any, split: TextSplit, answers: list[list[int]], max_length: int, quiet: bool
+    model: nn.Module, tokenizer: Any, split: TextSplit, answers: list[list[int]], max_length: int, quiet: bool,
+    template: str,
 ) -> dict[str, float]:
     """Accuracy of the most likely label word, and the mean negative log-likelihood of the true answer."""
-    feats = _prompt_features(tokenizer, split, answers, max_length)
+    feats = _prompt_features(tokenizer, split, answers, max_length, template)
     prompts = [f["input_ids"][: f["prompt_len"]] for f in feats]
     scores = score_answers(model, prompts, answers, tokenizer.pad_token_id, quiet=quiet)
     labels = torch.tensor(split.labels)
@@ -849,7 +882,8 @@ def _prompt(o: TrainOptions, path: Path, ds: TextDataset, echo: Echo) -> dict[st
     model, tokenizer = load_for_causal_lm(path, quantize=o.quantize)
     answers = _answer_ids(tokenizer, ds.label_names)
     model = prepare_model(model, o, "CAUSAL_LM")
-    train = ordered_train_set(_prompt_features(tokenizer, ds.train, answers, o.max_length), o)
+    template = PROMPTS[o.task]
+    train = ordered_train_set(_prompt_features(tokenizer, ds.train, answers, o.max_length, template), o)
     ckpt = Path(o.out) / "checkpoints"
     args = training_arguments(o, ckpt, train_sampling_strategy="sequential", remove_unused_columns=False)
     pad_id = tokenizer.pad_token_id
@@ -859,7 +893,7 @@ def _prompt(o: TrainOptions, path: Path, ds: TextDataset, echo: Echo) -> dict[st
     )
     train_s = _train(trainer, o, ckpt, echo)
     start = time.perf_counter()
-    result = evaluate_prompt(model, tokenizer, ds.test, answers, o.max_length, o.quiet)
+    result = evaluate_prompt(model, tokenizer, ds.test, answers, o.max_length, o.quiet, template)
     result.update(train_time_s=train_s, eval_time_s=time.perf_counter() - start, label_words=[
         tokenizer.decode(a) for a in answers])
     return {**result, "trainer": trainer, "model": model, "tokenizer": tokenizer}
@@ -962,6 +996,7 @@ def _metrics(
         "train_loss": curve[-1][1] if curve else None, "loss_curve": curve,
         "out": o.out, "saved": str(saved_path(Path(o.out), o)),
         "quantize": o.quantize, "base_bytes": base_bytes(model), "peak_rss_mb": peak_rss_mb(),
+        "options": run_identity(o),
     }
     if o.method == "tenslora":
         metrics.update(construction=o.construction, decomposition=o.decomposition)
@@ -970,6 +1005,13 @@ def _metrics(
     if o.method in ADAPTER_METHODS:
         metrics["targets"] = adapted_modules(model)
     return metrics
+
+
+def run_identity(o: TrainOptions) -> dict[str, Any]:
+    """The resolved options that decide a run's result (not where it is written or how it reports): what
+    ``lorta compare --resume`` matches a finished run by."""
+    skip = {"out", "resume", "quiet", "save_steps"}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(o).items() if k not in skip}
 
 
 def base_bytes(model: nn.Module) -> int:

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..frontier import DEFAULT_BUDGETS
+from ..frontier import DEFAULT_METHODS as DEFAULT_FRONTIER_METHODS
 from ..methods.tenslora import CONSTRUCTIONS, DECOMPOSITIONS
 from ..tasks import DEFAULT_MODES
 
@@ -59,8 +61,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     compare.add_argument("--methods", default=DEFAULT_COMPARE_METHODS, help=f"comma-separated: {','.join(METHODS)}")
     compare.add_argument("--ranks", default=None, help="comma-separated ranks (default: each method's default rank)")
+    compare.add_argument(
+        "--frontier", nargs="?", const=",".join(map(str, DEFAULT_BUDGETS)), default=None, metavar="BUDGETS",
+        help="accuracy-vs-parameters frontier instead of a grid: each method at the largest rank within each "
+        f"adapter-parameter budget, at every --seeds (default budgets {','.join(map(str, DEFAULT_BUDGETS))}; "
+        f"default methods {','.join(DEFAULT_FRONTIER_METHODS)})",
+    )
+    compare.add_argument("--seeds", default=None, help="--frontier: comma-separated seeds (default 0,1,2)")
+    compare.add_argument("--resume", action="store_true",
+                         help="reuse every run of the output folder that finished with the same options")
     _shared_arguments(compare)
-    compare.add_argument("--out", default=None, help="output folder (default runs/compare-<model>-<task>-seed<seed>)")
+    compare.add_argument("--out", default=None, help="output folder (default runs/compare-<model>-<task>-seed<seed>; "
+                         "with --frontier runs/frontier-<model>-<task>)")
     compare.set_defaults(func=run_compare)
 
 
@@ -72,7 +84,8 @@ def _shared_arguments(p: argparse.ArgumentParser) -> None:
 
     add("--model", "catalogue name (minilm, smollm2), a local HF folder or a .gguf file "
         "(default: minilm; smollm2 for --task dpo)")
-    add("--task", "sentiment classification or DPO", choices=TASKS, default="sentiment")
+    add("--task", "sentiment (Rotten Tomatoes), party (2012 convention speeches, split by speaker) or dpo",
+        choices=TASKS, default="sentiment")
     add("--data", "a CSV/JSONL table instead of Rotten Tomatoes (split by its group/movie column, else by text)")
     add("--text-column", "text column of --data", default="text")
     add("--label-column", "label column of --data", default="label")
@@ -244,7 +257,7 @@ def grid(methods: Sequence[str], ranks: Sequence[int] | None) -> list[tuple[str,
 def run_compare(args: argparse.Namespace) -> int:
     """``lorta compare``: train every (method, rank), then write compare.md, compare.png and compare.json."""
     _quiet_environment()
-    from ..tasks import METHODS, model_label, run_job
+    from ..tasks import METHODS, model_label
 
     try:
         methods = _parse_list(args.methods, "--methods")
@@ -255,6 +268,11 @@ def run_compare(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         print(f"error: unknown method(s) {unknown}; choose from {', '.join(METHODS)}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.frontier is not None:
+        return run_frontier(args, methods if args.methods != DEFAULT_COMPARE_METHODS else None, ranks)
+    if args.seeds is not None:
+        print("error: --seeds goes with --frontier; a grid runs at --seed", file=sys.stderr)
         return EXIT_USAGE
     model = args.model or ("smollm2" if args.task == "dpo" else "minilm")
     root = Path(args.out or Path("runs") / f"compare-{model_label(model)}-{args.task}-seed{args.seed}")
@@ -267,7 +285,7 @@ def run_compare(args: argparse.Namespace) -> int:
             label = f"{method}-r{rank}" if rank is not None else method
             print(f"== [{i}/{len(cells)}] {label}", flush=True)
             options = options_from(args, method=method, rank=rank, out=str(root / label), resume=False)
-            metrics = run_job(options)
+            metrics = _run_or_reuse(options, args.resume)
             print(summary(metrics), flush=True)
             rows.append({k: v for k, v in metrics.items() if k != "loss_curve"})
             write_compare(rows, root, command, time.perf_counter() - start)  # the table so far, after every run
@@ -345,3 +363,103 @@ def plot_compare(rows: Sequence[dict[str, Any]], path: Path, ylabel: str) -> Non
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _run_or_reuse(options: Any, resume: bool) -> dict[str, Any]:
+    """Train one run, or with --resume reuse its folder's finished run of the same options."""
+    from ..frontier import finished_run
+    from ..tasks import run_job
+
+    done = finished_run(Path(options.out), options) if resume else None
+    if done is not None:
+        print(f"reusing the finished run in {options.out}", flush=True)
+        return done
+    return run_job(options)
+
+
+# --------------------------------------------------------------------------------------------------
+# compare --frontier
+# --------------------------------------------------------------------------------------------------
+
+
+def run_frontier(args: argparse.Namespace, methods: list[str] | None, ranks: list[int] | None) -> int:
+    """``lorta compare --frontier``: plan the ranks per budget, train every (cell, seed) with the seeds outermost
+    (so an interrupted frontier is complete for its first seeds), then write frontier.md, .json and .png."""
+    from .. import frontier
+    from ..tasks import model_label
+
+    try:
+        budgets = _parse_list(args.frontier, "--frontier", int)
+        seeds = _parse_list(args.seeds or "0,1,2", "--seeds", int)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    problems = [f"--frontier budgets must be positive, got {b}" for b in budgets if b <= 0]
+    problems += ["--ranks does not go with --frontier, which picks the ranks from the budgets"] if ranks else []
+    problems += [f"--seeds repeats {s}" for s in sorted({s for s in seeds if seeds.count(s) > 1})]
+    if problems:
+        print(f"error: {'; '.join(problems)}", file=sys.stderr)
+        return EXIT_USAGE
+    methods = methods or list(DEFAULT_FRONTIER_METHODS)
+    model = args.model or ("smollm2" if args.task == "dpo" else "minilm")
+    root = Path(args.out or Path("runs") / f"frontier-{model_label(model)}-{args.task}")
+    command = ("lorta compare " + shlex.join(sys.argv[2:])).strip() if sys.argv[1:2] == ["compare"] else "lorta compare"
+    start = time.perf_counter()
+    try:
+        cells, unreachable = frontier.plan(options_from(args), methods, budgets)
+        for u in unreachable:
+            print(f"note: {u.method} cannot reach {u.budget:,} parameters (its rank 1 has {u.smallest:,})")
+        rows: list[dict[str, Any]] = []
+        total = len(cells) * len(seeds)
+        for i, (seed, cell) in enumerate(((s, c) for s in seeds for c in cells), start=1):
+            print(f"== [{i}/{total}] {cell.label} seed {seed}", flush=True)
+            out = root / f"{cell.label}-seed{seed}"
+            metrics = _run_or_reuse(options_from(args, method=cell.method, rank=cell.rank, seed=seed, out=str(out),
+                                                 resume=False), args.resume)
+            print(f"   {metrics['adapter_params']:,} adapter parameters, accuracy {metrics['accuracy']:.2%}",
+                  flush=True)
+            rows.append({k: v for k, v in metrics.items() if k != "loss_curve"})
+            write_frontier(rows, cells, unreachable, budgets, seeds, root, command, time.perf_counter() - start)
+    except _expected_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"\n{(root / 'frontier.md').read_text(encoding='utf-8')}")
+    plot = f"{root / 'frontier.png'}, " if (root / "frontier.png").exists() else ""
+    print(f"wrote {root / 'frontier.md'}, {plot}{root / 'frontier.json'}")
+    return 0
+
+
+def write_frontier(rows: Sequence[dict[str, Any]], cells: Sequence[Any], unreachable: Sequence[Any],
+                   budgets: Sequence[int], seeds: Sequence[int], root: Path, command: str, total_s: float) -> None:
+    """The frontier so far: frontier.md (table), frontier.json (plan and runs), frontier.png (when matplotlib is)."""
+    import dataclasses
+
+    from .. import frontier
+    from ..tasks import write_atomically
+
+    root.mkdir(parents=True, exist_ok=True)
+    points = frontier.summarise(cells, rows)
+    first = rows[0]
+    what = "held-out reward accuracy" if first["job"] == "dpo" else "held-out accuracy"
+    text = (
+        f"# lorta compare --frontier: {first['model']} · {first['task']} · {first['data']}\n\n"
+        f"`{command}`  \n{first['steps']} steps x {first['batch_size'] * first['grad_accum']} per run, seeds "
+        f"{', '.join(map(str, seeds))} ({len(rows)} of {len(cells) * len(seeds)} runs done); accuracy = {what}; "
+        f"budgets in adapter parameters, each method at its largest rank within the budget; head "
+        f"{first['head_params']:,} parameters; total wall time {_fmt_time(total_s)}.\n\n"
+        f"{frontier.table(points, unreachable, budgets, seeds)}\n"
+    )
+    write_atomically(root / "frontier.md", text)
+    data = {"command": command, "budgets": list(budgets), "seeds": list(seeds), "wall_time_s": total_s,
+            "cells": [dataclasses.asdict(c) for c in cells],
+            "unreachable": [dataclasses.asdict(u) for u in unreachable], "runs": list(rows)}
+    write_atomically(root / "frontier.json", json.dumps(data, indent=2) + "\n")
+    if _has_matplotlib():
+        title = f"{first['model']} · {first['task']} · {first['steps']} steps x {first['batch_size']}"
+        frontier.plot(points, root / "frontier.png", title, what)
+
+
+def _has_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
