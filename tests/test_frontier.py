@@ -199,3 +199,34 @@ def test_frontier_bad_input_exits_2(args: list[str], message: str, tmp_path: Pat
     code, _, err = lorta(["compare", *args, *TINY, "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_resume_fills_options_added_since_a_run_with_their_defaults(tmp_path: Path) -> None:
+    from lorta.tasks import resolve_options, run_identity
+
+    o = TrainOptions(max_train=48, max_test=32, steps=2, out=str(tmp_path))
+    identity = run_identity(resolve_options(o)[0])
+    older = {k: v for k, v in identity.items() if k != "mode_lr"}  # a run made before --mode-lr existed
+    (tmp_path / "metrics.json").write_text(json.dumps({"options": older, "accuracy": 0.5}), encoding="utf-8")
+    assert frontier.finished_run(tmp_path, o) == {"options": older, "accuracy": 0.5}
+    assert frontier.finished_run(tmp_path, TrainOptions(max_train=48, max_test=32, steps=2, mode_lr=1e-2)) is None
+    (tmp_path / "metrics.json").write_text("{not json", encoding="utf-8")
+    assert frontier.finished_run(tmp_path, o) is None
+
+
+def test_mode_lr_zero_freezes_the_mode_factors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--mode-lr puts C_H, C_L, C_M in their own optimizer group: at 0 they keep their initial random signs while
+    A and B train."""
+    from safetensors.torch import load_file
+
+    code, _, err = lorta(["train", "--mode-lr", "0", "--rank", "4", *TINY, "--out", str(tmp_path / "m")], capsys)
+    assert code == 0, err
+    assert metrics_of(tmp_path / "m")["mode_lr"] == 0.0
+    tensors = load_file(tmp_path / "m" / "adapter" / "adapter_model.safetensors")
+    by_factor = {k.rsplit(".", 1)[-1]: v for k, v in tensors.items() if "lorta_factors" in k}
+    for name in ("C_H", "C_L", "C_M"):
+        assert set(by_factor[name].unique().tolist()) <= {-1.0, 1.0}, name
+    assert by_factor["B"].abs().max() > 0  # B starts at zero and trained
+    code, _, err = lorta(["train", "--method", "lora", "--mode-lr", "1e-2", *TINY, "--out", str(tmp_path / "x")],
+                         capsys)
+    assert code == 2 and "--method lora has none" in err

@@ -201,5 +201,11 @@ def finished_run(out: Path, o: TrainOptions) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     resolved, _, _ = resolve_options(o)
-    return metrics if metrics.get("options") == run_identity(resolved) else None
+    stored = metrics.get("options")
+    if not isinstance(stored, dict):
+        return None
+    # An option added since that run was made has its default there (a new option's default keeps old behaviour).
+    defaults = run_identity(TrainOptions())
+    stored = {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
+    return metrics if stored == run_identity(resolved) else None
 

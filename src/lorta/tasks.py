@@ -72,6 +72,7 @@ PEFT_METHODS = ("lora", "vera")  # PEFT's own, as baselines
 TASKS = ("sentiment", "party", "dpo")
 JOBS = ("classify", "prompt", "dpo")
 HEAD_MODULES = ("classifier", "score")  # what PEFT's SEQ_CLS task puts in modules_to_save
+MODE_FACTORS = ("C_H", "C_L", "C_M")  # LoRTA's mode factors (--mode-lr)
 REFERENCE_LORA_RANK = 8
 # The prompt job's question per task; the answers are the label names (" positive", " Republican", ...).
 PROMPTS = {
@@ -200,6 +201,7 @@ class TrainOptions:
     alpha: float | None = None
     lr: float | None = None
     head_lr: float | None = None
+    mode_lr: float | None = None
     dropout: float = 0.0
     steps: int | None = None
     batch_size: int | None = None
@@ -274,6 +276,8 @@ def resolve_options(options: TrainOptions) -> tuple[TrainOptions, str, Path]:
             f"--method {options.method} needs a classification head, which the {kind} job on a causal LM does not "
             f"have; choose one of {', '.join(recipes)}"
         )
+    if kind == "dpo" and options.mode_lr is not None:
+        raise UsageError("--mode-lr is not supported with --task dpo (TRL's DPOTrainer builds its own optimizer)")
     if kind == "dpo" and options.method == "full":
         raise UsageError("--task dpo trains adapters (the reference model is the base model with the adapter off); "
                          f"choose one of {', '.join(ADAPTER_METHODS)}")
@@ -353,7 +357,9 @@ def _check_numbers(o: TrainOptions) -> None:
             raise UsageError(f"{flag} must be >= {low}, got {value}")
     if not 0.0 <= o.dropout < 1.0:
         raise UsageError(f"--dropout must be in [0, 1), got {o.dropout}")
-    for flag, value in (("--lr", o.lr), ("--head-lr", o.head_lr), ("--alpha", o.alpha)):
+    if o.mode_lr is not None and o.method != "lorta":
+        raise UsageError(f"--mode-lr sets the lr of LoRTA's mode factors C_H, C_L, C_M; --method {o.method} has none")
+    for flag, value in (("--lr", o.lr), ("--head-lr", o.head_lr), ("--mode-lr", o.mode_lr), ("--alpha", o.alpha)):
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise UsageError(f"{flag} must be a non-negative number, got {value}")
 
@@ -593,13 +599,17 @@ def _trainer_classes() -> tuple[type, type]:
     from transformers.trainer_callback import ProgressCallback
 
     class HeadLrTrainer(Trainer):
-        """AdamW with two groups: the adapter (args.learning_rate) and the classification head (head_lr)."""
+        """AdamW with up to three groups: the adapter (args.learning_rate), the classification head (head_lr) and
+        LoRTA's mode factors C_H, C_L, C_M (mode_lr)."""
 
         head_lr: float | None = None
+        mode_lr: float | None = None
 
         def _lr_of(self, name: str) -> float:
             if is_head(name) and self.head_lr is not None:
                 return self.head_lr
+            if self.mode_lr is not None and name.rsplit(".", 1)[-1] in MODE_FACTORS:
+                return self.mode_lr
             return self.args.learning_rate
 
         def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
@@ -869,7 +879,7 @@ def _classify(o: TrainOptions, path: Path, ds: TextDataset, echo: Echo) -> dict[
         model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
     )
-    trainer.head_lr = o.head_lr
+    trainer.head_lr, trainer.mode_lr = o.head_lr, o.mode_lr
     train_s = _train(trainer, o, ckpt, echo)
     start = time.perf_counter()
     result = evaluate_classifier(model, tokenizer, ds.test, o.max_length, quiet=o.quiet)
@@ -891,6 +901,7 @@ def _prompt(o: TrainOptions, path: Path, ds: TextDataset, echo: Echo) -> dict[st
         model=model, args=args, train_dataset=train, data_collator=lambda f: _pad_right(f, pad_id),
         processing_class=tokenizer,
     )
+    trainer.mode_lr = o.mode_lr
     train_s = _train(trainer, o, ckpt, echo)
     start = time.perf_counter()
     result = evaluate_prompt(model, tokenizer, ds.test, answers, o.max_length, o.quiet, template)
@@ -987,7 +998,7 @@ def _metrics(
     metrics: dict[str, Any] = {
         "method": o.method, "model": o.model, "task": o.task, "job": kind, "data": describe_data(o),
         "rank": o.rank, "seed": o.seed, "steps": o.steps, "batch_size": o.batch_size, "grad_accum": o.grad_accum,
-        "lr": o.lr, "head_lr": o.head_lr if kind == "classify" else None, "alpha": o.alpha,
+        "lr": o.lr, "head_lr": o.head_lr if kind == "classify" else None, "mode_lr": o.mode_lr, "alpha": o.alpha,
         "adapter_params": adapter, "head_params": head, "trainable_params": adapter + head,
         "lora_r8_params": lora_reference_parameters(path),
         "n_train": len(ds.train), "n_test": len(ds.test), "label_names": ds.label_names,

@@ -94,6 +94,7 @@ def _shared_arguments(p: argparse.ArgumentParser) -> None:
     add("--grad-accum", "gradient accumulation steps", type=int, default=1)
     add("--lr", "adapter learning rate (default: per method)", type=float)
     add("--head-lr", "classification head learning rate (default: per method)", type=float)
+    add("--mode-lr", "LoRTA: learning rate of the mode factors C_H, C_L, C_M (default: --lr)", type=float)
     add("--alpha", "scale = alpha / rank (default: per method)", type=float)
     add("--dropout", "adapter input dropout", type=float, default=0.0)
     add("--max-train", "class-balanced subset of the training split (DPO: pairs; default: all)", type=int)
