@@ -65,7 +65,7 @@ def reference_updates(model) -> dict[str, torch.Tensor]:
     out = {}
     for name, layer in model.base_model.model.named_modules():
         if isinstance(layer, TensorAdapterLayer):
-            factors = layer._lorta_state.factors["default"].double()
+            factors = layer.adapter_factors("default").double()
             P, Q, _ = module_maps(factors, layer.lorta_slots["default"], layer.lorta_out_order)
             out[name] = (P @ Q * layer.lorta_scaling["default"]).t()
             factors.float()

@@ -34,7 +34,7 @@ def test_backward_keeps_only_thin_tensors(arch, method):
     n_tokens = 45
     for name, module in adapted_modules(model).items():
         x = torch.randn(5, 9, module.in_features, requires_grad=True)
-        rank = sum(module._lorta_state.factors["default"].maps(s)[0].shape[1] for s in module.lorta_slots["default"])
+        rank = sum(module.adapter_factors("default").maps(s)[0].shape[1] for s in module.lorta_slots["default"])
         weight = module.get_base_layer().weight
         kept = [
             t for t in saved_tensors(lambda module=module, x=x: module(x))

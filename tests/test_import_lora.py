@@ -50,7 +50,7 @@ def _dense_error(model, updates: dict[str, LoraUpdate]) -> dict[str, torch.Tenso
     out = {}
     for path, layer in model.base_model.model.named_modules():
         if isinstance(layer, TensorAdapterLayer):
-            factors = layer._lorta_state.factors["default"]
+            factors = layer.adapter_factors("default")
             P, Q, _ = module_maps(factors, layer.lorta_slots["default"], layer.lorta_out_order)
             delta = layer.lorta_scaling["default"] * P @ Q
             out[path] = ((delta - updates[path].U @ updates[path].V) ** 2).sum()

@@ -103,7 +103,7 @@ def test_adapters_with_different_shapes_mix_in_one_batch():
     inputs = make_inputs("llama", batch=len(names))
     got = mixed(model, inputs, names)
     assert_close(got, rows_alone(model, inputs, names, base=make_model("llama")), FORWARD_TERMS)
-    assert len(engine_for(model.base_model._lorta_state).groups) == 4
+    assert len(engine_for(model.base_model.lorta_state).groups) == 4
 
 
 def test_half_precision_base():
@@ -123,12 +123,12 @@ def test_half_precision_base():
 
 def test_maps_are_not_cached_when_asked():
     model = many("gpt2", "tenslora-tucker", n=4)
-    engine_for(model.base_model._lorta_state).cache_maps = False
+    engine_for(model.base_model.lorta_state).cache_maps = False
     names = ["a3", "__base__", "a1", "a3", "default"]
     inputs = make_inputs("gpt2", batch=len(names))
     want = rows_alone(model, inputs, names, base=make_model("gpt2"))
     assert_close(mixed(model, inputs, names), want, FORWARD_TERMS)
-    memory = engine_for(model.base_model._lorta_state).memory()
+    memory = engine_for(model.base_model.lorta_state).memory()
     assert memory["map_bytes"] == 0 and memory["factor_bytes"] > 0
 
 

@@ -57,7 +57,7 @@ class AdapterBank:
             )
         self.model = model
         self.tuner = tuner
-        self.engine = engine_for(tuner._lorta_state)
+        self.engine = engine_for(tuner.lorta_state)
         self.engine.cache_maps = cache_maps
         self.file_bytes: dict[str, int] = {}
         self.load_stats: dict[str, Any] | None = None

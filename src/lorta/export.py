@@ -111,7 +111,7 @@ def lora_matrices(model: nn.Module, adapter_name: str = "default") -> dict[str, 
         for path, layer in base.named_modules():
             if not isinstance(layer, TensorAdapterLayer) or adapter_name not in layer.lorta_slots:
                 continue
-            factors = layer._lorta_state.factors[adapter_name]
+            factors = layer.adapter_factors(adapter_name)
             P, Q, _ = module_maps(factors, layer.lorta_slots[adapter_name], layer.lorta_out_order)
             scale = layer.lorta_scaling[adapter_name]
             found[path] = (P.t().contiguous(), (Q * scale).t().contiguous())

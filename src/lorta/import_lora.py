@@ -149,7 +149,7 @@ def squared_errors(model: nn.Module, updates: dict[str, LoraUpdate], adapter: st
     """|| scale P Q - U V ||_F^2 of each module, from r x r products (differentiable in the factors)."""
     errors = {}
     for path, layer in _layers(model).items():
-        factors = layer._lorta_state.factors[adapter]
+        factors = layer.adapter_factors(adapter)
         P, Q, _ = module_maps(factors, layer.lorta_slots[adapter], layer.lorta_out_order)
         target = updates[path]
         U, V = target.U.to(P.dtype), target.V.to(P.dtype)
@@ -165,7 +165,7 @@ def relative_errors(model: nn.Module, updates: dict[str, LoraUpdate]) -> tuple[d
     per_module, num, den = {}, 0.0, 0.0
     with torch.no_grad():
         for path, layer in _layers(model).items():
-            factors = layer._lorta_state.factors["default"]
+            factors = layer.adapter_factors("default")
             P, Q, _ = module_maps(factors, layer.lorta_slots["default"], layer.lorta_out_order)
             fit = (P.double() @ Q.double()) * layer.lorta_scaling["default"]
             want = updates[path].dense()

@@ -19,9 +19,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import Tensor, nn
 
 from .. import quantized
+from ..factorization import Factorization
 from ..layout import Slot, module_features
 from .maps import module_maps
 from .mixed import mixed_forward
+from .shared_input import add_product
 from .state import TunerState
 
 
@@ -61,6 +63,14 @@ class TensorAdapterLayer(BaseTunerLayer):
     def attach(self, state: TunerState) -> None:
         object.__setattr__(self, "_lorta_state", state)
 
+    @property
+    def lorta_state(self) -> TunerState:
+        return self._lorta_state
+
+    def adapter_factors(self, adapter_name: str) -> Factorization:
+        """The factorisation (on the tuner) that adapter `adapter_name` of this layer reads its maps from."""
+        return self._lorta_state.factors[adapter_name]
+
     def update_layer(
         self, adapter_name: str, slots: list[Slot], scaling: float, dropout: float, out_order: list[int] | None = None
     ) -> None:
@@ -85,8 +95,7 @@ class TensorAdapterLayer(BaseTunerLayer):
     def delta_weight(self, adapter_name: str) -> Tensor:
         """The dense update in the base weight's layout (out x in for Linear, in x out for Conv1D), scaled; built
         from the factors as they are now."""
-        factors = self._lorta_state.factors[adapter_name]
-        P, Q, _ = module_maps(factors, self.lorta_slots[adapter_name], self.lorta_out_order)
+        P, Q, _ = module_maps(self.adapter_factors(adapter_name), self.lorta_slots[adapter_name], self.lorta_out_order)
         delta = (P @ Q) * self.lorta_scaling[adapter_name]
         return delta if self.fan_in_fan_out else delta.t()
 
@@ -142,15 +151,11 @@ class TensorAdapterLayer(BaseTunerLayer):
             weight.data.sub_(self.delta_weight(name).to(device=weight.device, dtype=weight.dtype))
 
     def _add_adapter_output(self, result: Tensor, x: Tensor, name: str) -> Tensor:
-        """result + scale * (dropout(x) @ P) @ Q; one fused addmm when the dtypes agree (no extra mul/add)."""
+        """result + scale * (dropout(x) @ P) @ Q, x @ P shared by the matrices with the same input key."""
         state = self._lorta_state
         P, Q, key = state.maps(self, name)
-        u = state.inputs.project(x, P, (name, key), self.lorta_dropout[name])
-        scale = self.lorta_scaling[name]
-        if u.dtype == result.dtype == Q.dtype:
-            flat = torch.addmm(result.reshape(-1, result.shape[-1]), u.reshape(-1, u.shape[-1]), Q, alpha=scale)
-            return flat.view(result.shape)
-        return result + ((u @ Q) * scale).to(result.dtype)  # adapters in float32 over a half-precision base
+        u = state.inputs.project(x, P, (name, key) if key is not None else None, self.lorta_dropout[name])
+        return add_product(result, u, Q, self.lorta_scaling[name])
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         adapter_names = kwargs.pop("adapter_names", None)

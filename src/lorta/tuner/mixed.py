@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from .maps import module_maps
+from .shared_input import adapter_input, add_product
 
 BASE = "__base__"
 
@@ -341,10 +342,11 @@ def expand_size(kwargs: dict[str, Any], model: nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- forward
-def check_mixed_allowed(layer: nn.Module) -> None:
-    if layer.training:
+def check_mixed_allowed(training: bool, merged: bool) -> None:
+    """Per-row adapters need eval mode and unmerged weights (PEFT's LoRA refuses with these words)."""
+    if training:
         raise ValueError("Cannot pass `adapter_names` when the model is in training mode; call model.eval() first")
-    if layer.merged:
+    if merged:
         raise ValueError(
             "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first"
         )
@@ -352,19 +354,15 @@ def check_mixed_allowed(layer: nn.Module) -> None:
 
 def mixed_forward(layer: nn.Module, x: Tensor, adapter_names: Any, *args: Any, **kwargs: Any) -> Tensor:
     """The wrapped layer's forward with one adapter per row; `adapter_names` is a list or a MixedRows."""
-    check_mixed_allowed(layer)
-    if isinstance(adapter_names, MixedRows):
-        rows = adapter_names
-    else:
-        rows = engine_for(layer._lorta_state).rows(adapter_names)
+    check_mixed_allowed(layer.training, layer.merged)
+    state = layer.lorta_state
+    rows = adapter_names if isinstance(adapter_names, MixedRows) else engine_for(state).rows(adapter_names)
     plan = rows.resolve(x.shape[0])
     result = layer.base_layer(x, *args, **kwargs)
     if not plan:
         return result
     batch, d_in = x.shape[0], x.shape[-1]
     x3 = x.reshape(batch, -1, d_in)
-    cache = layer._lorta_state.inputs
-    share = cache.depth > 0 and not torch.compiler.is_compiling()
     for group, idx, uniform in plan:
         if rows.engine.cache_maps:
             maps = group.layer_maps(layer)
@@ -375,29 +373,18 @@ def mixed_forward(layer: nn.Module, x: Tensor, adapter_names: Any, *args: Any, *
             if layer.lorta_slots.get(group.names[0]) is None:
                 continue
             P_all, Q_all, key, idx, uniform = _batch_maps(group, layer, idx, uniform)
-        # q, k, v of one attention call with equal input keys: x @ P once (the scope clears it after the call)
-        entry_key = (id(x), ("mixed", id(rows), id(P_all), key))
-        hit = cache.entries.get(entry_key) if share and key is not None else None
-        if hit is not None and hit[0] is x:
-            u = hit[1]
-        else:
-            xc = x3 if torch.is_autocast_enabled(x.device.type) else x3.to(P_all.dtype)
+
+        def project(P_all: Tensor = P_all, idx: Tensor = idx, uniform: int | None = uniform,
+                    key: Hashable | None = key) -> Tensor:
+            xc = adapter_input(x3, P_all.dtype)
             if uniform is not None:  # every row uses one adapter: plain matmuls on its maps, no gather
-                u = xc @ P_all[uniform]
-            else:
-                u = torch.bmm(xc, _gather_P(rows, P_all, idx, key, batch))
-            if share and key is not None:
-                cache.entries[entry_key] = (x, u)  # holding x keeps its id from being reused in the scope
-        Q = Q_all[uniform] if uniform is not None else Q_all.index_select(0, idx)
-        res3 = result.reshape(batch, -1, result.shape[-1])
-        if u.dtype == result.dtype:  # the add fused into the product (no extra pass over the output)
-            if uniform is not None:
-                flat = torch.addmm(res3.reshape(-1, res3.shape[-1]), u.reshape(-1, u.shape[-1]), Q)
-                res3 = flat.view(res3.shape)
-            else:
-                res3 = torch.baddbmm(res3, u, Q)
-        else:  # float32 adapters over a half-precision base
-            res3 = res3 + (u @ Q if uniform is not None else torch.bmm(u, Q)).to(result.dtype)
+                return xc @ P_all[uniform]
+            return torch.bmm(xc, _gather_P(rows, P_all, idx, key, batch))
+
+        # q, k, v of one attention call with equal input keys: x @ P once (the scope clears it after the call)
+        u = state.inputs.shared(x, ("mixed", id(rows), id(P_all), key) if key is not None else None, project)
+        Q = Q_all[uniform] if uniform is not None else Q_all.index_select(0, idx)  # the scale is folded into Q
+        res3 = add_product(result.reshape(batch, -1, result.shape[-1]), u, Q)
         result = res3.view(result.shape)
     return result
 
@@ -427,8 +414,12 @@ def _batch_maps(
 
 # ---------------------------------------------------------------------------------------- the model's hook
 @contextmanager
-def mixed_batch_hooks(tuner: nn.Module, kwargs: dict[str, Any]) -> Iterator[None]:
-    """PEFT's `_enable_peft_forward_hooks` for the lorta tuner: hand the resolved rows to every wrapped layer.
+def mixed_batch_hooks(
+    state: Any, model: nn.Module, training: bool, layers: Sequence[nn.Module], wrappers: Sequence[nn.Module],
+    kwargs: dict[str, Any],
+) -> Iterator[None]:
+    """PEFT's `_enable_peft_forward_hooks` for the lorta tuner: hand the resolved rows to every wrapped layer
+    (`layers`) and the row names to every modules_to_save wrapper (`wrappers`, PEFT's own per-name loop).
 
     Names are checked and resolved once here (not per layer); the pre-hooks live only for this call.
     """
@@ -436,29 +427,16 @@ def mixed_batch_hooks(tuner: nn.Module, kwargs: dict[str, Any]) -> Iterator[None
     if adapter_names is None:
         yield
         return
-    from peft.utils.other import AuxiliaryTrainingWrapper
-
-    from .layer import TensorAdapterLayer
-
-    if tuner.training:
-        raise ValueError("Cannot pass `adapter_names` when the model is in training mode; call model.eval() first")
-    modules = [m for m in tuner.model.modules() if isinstance(m, (TensorAdapterLayer, AuxiliaryTrainingWrapper))]
-    layers = [m for m in modules if isinstance(m, TensorAdapterLayer)]
-    if any(layer.merged for layer in layers):
-        raise ValueError(
-            "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first"
-        )
-    if "lorta_factors" not in tuner._modules:
+    check_mixed_allowed(training, any(layer.merged for layer in layers))
+    if state is None:
         raise ValueError("Cannot pass `adapter_names`: this model holds no lorta adapter")
-    state = tuner._lorta_state
-    rows = engine_for(state).rows(adapter_names, expand_size(kwargs, tuner.model))
+    rows = engine_for(state).rows(adapter_names, expand_size(kwargs, model))
     handles = []
     state.mixed_call = True  # no single-adapter map frames in this call
     try:
         inject_rows, inject_names = partial(_inject_rows, rows=rows), partial(_inject_names, rows=rows)
-        for module in modules:  # modules_to_save wrappers get names (PEFT's own per-name loop), layers the rows
-            hook = inject_rows if isinstance(module, TensorAdapterLayer) else inject_names
-            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        handles += [m.register_forward_pre_hook(inject_rows, with_kwargs=True) for m in layers]
+        handles += [m.register_forward_pre_hook(inject_names, with_kwargs=True) for m in wrappers]
         yield
     finally:
         state.mixed_call = False

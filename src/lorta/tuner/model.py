@@ -32,6 +32,7 @@ from ..quantized import (
 from .config import AdapterFileError, TensorAdapterConfig
 from .layer import Linear, TensorAdapterLayer, nan_message
 from .maps import Maps, module_maps
+from .mixed import mixed_batch_hooks
 from .state import TunerState
 
 _SHAPE_KEYS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim")
@@ -379,7 +380,7 @@ class TensorAdapterModel(BaseTuner):
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         """PeftModel's forward/generate context: one call scope (its no-grad forwards share their maps) and, with
         per-row `adapter_names`, the mixed-batch routing (tuner/mixed.py)."""
-        from .mixed import mixed_batch_hooks
+        from peft.utils.other import AuxiliaryTrainingWrapper
 
         state = self.__dict__.get("_lorta_state")
         if state is None:
@@ -387,10 +388,17 @@ class TensorAdapterModel(BaseTuner):
             return
         state.frames.begin_call()
         try:
-            with mixed_batch_hooks(self, kwargs):
+            wrappers = [m for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
+            with mixed_batch_hooks(state if "lorta_factors" in self._modules else None, self.model, self.training,
+                                   self._lorta_layers, wrappers, kwargs):
                 yield
         finally:
             state.frames.end_call()
+
+    @property
+    def lorta_state(self) -> TunerState:
+        """What this tuner's wrapped layers share: the factors, the forward's maps, the mixed-batch engine."""
+        return self._lorta_state
 
     # ------------------------------------------------------------------------------------------- reporting
     def num_adapter_parameters(self, adapter_name: str = "default") -> int:

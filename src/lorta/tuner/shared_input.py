@@ -1,14 +1,16 @@
-"""Compute x @ A once for the matrices that share their input (q, k, v of one attention call).
+"""Compute x @ P once for the matrices that share their input (q, k, v of one attention call), and add the
+adapter's product to the base output in one fused kernel.
 
 HF attention modules call q_proj(x), k_proj(x) and v_proj(x) on the same tensor x. LoRTA gives the three the
 same input map A, so within one call of the attention module the projection x @ A (and its dropout mask) is
-computed once and reused. The scope is opened and closed by hooks on the attention module, so nothing is ever
-reused across calls, steps or recomputations (gradient checkpointing re-enters the scope and recomputes).
+computed once and reused, in the single-adapter forward and in mixed-adapter batches alike. The scope is opened
+and closed by hooks on the attention module, so nothing is ever reused across calls, steps or recomputations
+(gradient checkpointing re-enters the scope and recomputes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
@@ -28,17 +30,21 @@ class SharedInputCache:
         if self.depth == 0:
             self.entries.clear()
 
-    def project(self, x: Tensor, P: Tensor, key: Hashable | None, dropout: nn.Module) -> Tensor:
-        """dropout(x) @ P (x cast to P's dtype outside autocast), shared within the scope for the same x and key."""
-        if key is None or key[-1] is None or self.depth == 0 or torch.compiler.is_compiling():
-            return _project(x, P, dropout)
+    def shared(self, x: Tensor, key: Hashable | None, compute: Callable[[], Tensor]) -> Tensor:
+        """compute(), a product of x, computed once within the scope for the same x and key (None: not shared)."""
+        if key is None or self.depth == 0 or torch.compiler.is_compiling():
+            return compute()
         entry_key = (id(x), key)
         hit = self.entries.get(entry_key)
         if hit is not None and hit[0] is x:
             return hit[1]
-        u = _project(x, P, dropout)
+        u = compute()
         self.entries[entry_key] = (x, u)  # holding x keeps its id from being reused within the scope
         return u
+
+    def project(self, x: Tensor, P: Tensor, key: Hashable | None, dropout: nn.Module) -> Tensor:
+        """dropout(x) @ P, shared within the scope for the same x and key."""
+        return self.shared(x, key, lambda: _project(x, P, dropout))
 
     def hook(self, module: nn.Module) -> list[Any]:
         """Open the scope around `module`'s forward; returns the hook handles."""
@@ -48,7 +54,27 @@ class SharedInputCache:
         ]
 
 
+def adapter_input(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x as the adapter's maps take it: in their dtype, unless autocast decides the matmul's dtype."""
+    return x if torch.is_autocast_enabled(x.device.type) else x.to(dtype)
+
+
 def _project(x: Tensor, P: Tensor, dropout: nn.Module) -> Tensor:
-    if not torch.is_autocast_enabled(x.device.type):
-        x = x.to(P.dtype)
-    return dropout(x) @ P
+    return dropout(adapter_input(x, P.dtype)) @ P
+
+
+def add_product(result: Tensor, u: Tensor, Q: Tensor, scale: float = 1.0) -> Tensor:
+    """result + scale * u @ Q, the add fused into the product (addmm; baddbmm for a batch of Q, one per row)
+    when the dtypes agree; float32 adapters over a half-precision base add a cast copy instead.
+
+    result: (..., d_out) and u: (..., r) with Q: (r, d_out); or result: (B, T, d_out), u: (B, T, r), Q: (B, r, d_out).
+    """
+    fused = u.dtype == result.dtype == Q.dtype
+    if Q.dim() == 3:
+        if fused:
+            return torch.baddbmm(result, u, Q, alpha=scale)
+        return result + (torch.bmm(u, Q) * scale).to(result.dtype)
+    if fused:
+        flat = torch.addmm(result.reshape(-1, result.shape[-1]), u.reshape(-1, u.shape[-1]), Q, alpha=scale)
+        return flat.view(result.shape)
+    return result + ((u @ Q) * scale).to(result.dtype)
