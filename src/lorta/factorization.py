@@ -13,6 +13,7 @@ is the tuner's business (lorta.tuner.maps).
 from __future__ import annotations
 
 from collections.abc import Hashable
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +22,15 @@ from .layout import EXTRA_FREE, EXTRA_IN, EXTRA_OUT, EXTRA_ROLES, IN_HEADS, OUT_
 
 
 class Factorization(nn.Module):
-    """Base class: subclasses register their factors as flat parameters/buffers and implement `maps`."""
+    """Base class: subclasses register their factors as flat parameters/buffers and write their math once.
+
+    A method with head-structured matrices declares ``batched = True`` and implements `head_side` (the maps of G
+    slots with one role and the same heads, batched) and `extra_maps` (an extra matrix's maps); `maps` of one
+    slot is `head_side` of a group of one. A method with other structure (TLoRA) overrides `maps` and, for a
+    batched forward, `maps_many`.
+    """
+
+    batched: ClassVar[bool] = False
 
     def __init__(self, config, layout: TensorLayout) -> None:
         super().__init__()
@@ -30,6 +39,18 @@ class Factorization(nn.Module):
 
     def maps(self, slot: Slot) -> tuple[Tensor, Tensor]:
         """(P, Q) for one adapted matrix, unscaled."""
+        if slot.role in EXTRA_ROLES:
+            return self.extra_maps(slot)
+        P, Q = _pq(slot.role, *self.head_side(slot.role, slot.head_slice, slot_index(self, [slot])))
+        return P[0], Q[0]
+
+    def head_side(self, role: str, heads: slice, index: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The maps of G head-structured slots: (model-side factor (G, d, r'), head side (G, n_heads, d_h, r')), as
+        in `head_maps`. `index` holds the slots' group, layer and matrix indices ("gl", "gm", "l", "m")."""
+        raise NotImplementedError
+
+    def extra_maps(self, slot: Slot) -> tuple[Tensor, Tensor]:
+        """(P, Q) of an extra (non-attention) matrix."""
         raise NotImplementedError
 
     def input_key(self, slot: Slot) -> Hashable | None:
@@ -49,63 +70,66 @@ class Factorization(nn.Module):
             if buffer.is_meta:  # not in the file by design (e.g. TLoRA's seed-only projections): rebuilt on use
                 setattr(self, name, torch.empty_like(buffer, device=device))
 
-    def maps_many(self, slots: list[Slot]) -> list[tuple[Tensor, Tensor]]:
+    def maps_many(self, slots: list[Slot], indices: dict | None = None) -> list[tuple[Tensor, Tensor]]:
         """(P, Q) of many slots, equal to `maps` slot by slot.
 
         Head-structured slots with the same role and heads form a group of G matrices whose maps come from one
-        batched `group_maps` call (when the method has one) and are handed out by `unbind`; extra matrices are
-        built one by one.
+        `group_maps` call and are handed out by `unbind`; extra matrices are built one by one. `indices`: the
+        caller's memo of the groups' index tensors (they depend on the layout only, never on factor values).
         """
         out: list[tuple[Tensor, Tensor] | None] = [None] * len(slots)
         groups: dict[tuple[str, int, int], list[int]] = {}
-        batched = type(self).group_maps is not Factorization.group_maps
         for i, slot in enumerate(slots):
-            if not batched or slot.role in EXTRA_ROLES:
+            if not self.batched or slot.role in EXTRA_ROLES:
                 out[i] = self.maps(slot)
             else:
                 groups.setdefault((slot.role, slot.n_heads, slot.head_stride), []).append(i)
         for (role, n_heads, stride), members in groups.items():
-            index = self._slot_index([slots[i] for i in members])
-            model_factor, side = self.group_maps(role, slice(0, n_heads * stride, stride), index)
-            G, n_heads, d_h, rank = side.shape
-            if role == OUT_HEADS:
-                P, Q = model_factor, side.permute(0, 3, 1, 2).reshape(G, rank, n_heads * d_h)
-            else:
-                P, Q = side.reshape(G, n_heads * d_h, rank), model_factor.transpose(1, 2)
+            index = slot_index(self, [slots[i] for i in members], indices)
+            P, Q = _pq(role, *self.group_maps(role, slice(0, n_heads * stride, stride), index))
             for i, pair in zip(members, zip(P.unbind(0), Q.unbind(0), strict=True), strict=True):
                 out[i] = pair
         return out  # type: ignore[return-value]
 
     def group_maps(self, role: str, heads: slice, index: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Batched maps of G slots: (model-side factor (G, d, r'), head side (G, n_heads, d_h, r')), as in
-        `head_maps`. `index` holds the slots' group, layer and matrix indices ("gl", "gm", "l", "m")."""
-        raise NotImplementedError
+        """`head_side` of a batched forward's group of slots (one call per group)."""
+        return self.head_side(role, heads, index)
 
     def _groups(self, slot: Slot) -> tuple[int, int]:
         """The (layer group, matrix group) of a slot's factors (0 where that mode is shared)."""
         raise NotImplementedError
-
-    def _slot_index(self, slots: list[Slot]) -> dict[str, Tensor]:
-        """Group / layer / matrix index tensors of some slots, on the factors' device (memoised per slot tuple:
-        they depend on the layout only, never on factor values)."""
-        device = next(iter(self._tensors())).device
-        memo = self.__dict__.setdefault("_index_memo", {})
-        key = (tuple(id(s) for s in slots), device)
-        hit = memo.get(key)
-        if hit is None:
-            groups = [self._groups(s) for s in slots]
-            columns = {
-                "gl": [g[0] for g in groups], "gm": [g[1] for g in groups],
-                "l": [s.layer for s in slots], "m": [s.matrix for s in slots],
-            }
-            hit = memo[key] = (slots, {k: torch.tensor(v, device=device) for k, v in columns.items()})
-        return hit[1]
 
     def _tensors(self) -> list[Tensor]:
         return [t for t in (*self._parameters.values(), *self._buffers.values()) if t is not None]
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def slot_index(factors: Factorization, slots: list[Slot], memo: dict | None = None) -> dict[str, Tensor]:
+    """Group / layer / matrix index tensors of some slots, on the factors' device; memoised in `memo` (owned by
+    the caller) per slot tuple."""
+    device = next(iter(factors._tensors())).device
+    key = (tuple(id(s) for s in slots), device)
+    hit = memo.get(key) if memo is not None else None
+    if hit is None:
+        groups = [factors._groups(s) for s in slots]
+        columns = {
+            "gl": [g[0] for g in groups], "gm": [g[1] for g in groups],
+            "l": [s.layer for s in slots], "m": [s.matrix for s in slots],
+        }
+        hit = (slots, {k: torch.tensor(v, device=device) for k, v in columns.items()})  # slots held: ids stay theirs
+        if memo is not None:
+            memo[key] = hit
+    return hit[1]
+
+
+def _pq(role: str, model_factor: Tensor, side: Tensor) -> tuple[Tensor, Tensor]:
+    """(P, Q) of G head-structured slots, (G, d_in, r') and (G, r', d_out), from `head_side`'s two factors."""
+    G, n_heads, d_h, rank = side.shape
+    if role == OUT_HEADS:
+        return model_factor, side.permute(0, 3, 1, 2).reshape(G, rank, n_heads * d_h)
+    return side.reshape(G, n_heads * d_h, rank), model_factor.transpose(1, 2)
 
 
 def head_maps(role: str, model_factor: Tensor, head_basis: Tensor, core: Tensor) -> tuple[Tensor, Tensor]:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..factorization import Factorization, gather_groups, head_maps
-from ..layout import EXTRA_FREE, EXTRA_IN, EXTRA_ROLES, OUT_HEADS, Slot, TensorLayout
+from ..layout import EXTRA_FREE, EXTRA_IN, OUT_HEADS, Slot, TensorLayout
 from ..tuner.config import MethodType, TensorAdapterConfig
 
 LORTA_MODES = ("heads", "layers", "matrices")
@@ -80,6 +80,8 @@ class LortaFactors(Factorization):
     Only factors that some adapted matrix reads exist: no A when no matrix has a model-dimension side, no B or C_H
     without head-structured matrices (a model without attention heads).
     """
+
+    batched = True
 
     def __init__(self, config: LortaConfig, layout: TensorLayout) -> None:
         super().__init__(config, layout)
@@ -149,28 +151,18 @@ class LortaFactors(Factorization):
             c = self.C_M[gl, slot.matrix] if c is None else c * self.C_M[gl, slot.matrix]
         return c
 
-    def maps(self, slot: Slot) -> tuple[Tensor, Tensor]:
+    def extra_maps(self, slot: Slot) -> tuple[Tensor, Tensor]:
+        """An extra matrix: its own side B_extra, the shared (or its own free) input factor, C_L ∘ C_M as core."""
         gl, gm = self._groups(slot)
         c = self._layer_matrix_weights(slot, gl, gm)
-        if slot.role in EXTRA_ROLES:
-            basis = getattr(self, self.extra_names[slot.matrix])[gl][None]
-            core = c[None] if c is not None else torch.ones_like(basis[:, 0])
-            own_input = self.free_inputs.get(slot.matrix)
-            model_factor = getattr(self, own_input)[gl] if own_input else self._in_group(self.A, gl, gm)
-            return head_maps(slot.role, model_factor, basis, core)
-        A = self._in_group(self.A, gl, gm)
-        if self.share_heads:
-            core = self._in_group(self.C_H, gl, gm)[slot.head_slice]
-            core = core * c if c is not None else core
-            basis = self._in_group(self.B, gl, gm).expand(slot.n_heads, -1, -1)
-        else:
-            shape = self.layout.shape
-            basis = self.B[gl, gm].view(shape.num_heads, shape.head_dim, self.rank)[slot.head_slice]
-            core = (c if c is not None else torch.ones_like(basis[0, 0])).expand(slot.n_heads, -1)
-        return head_maps(slot.role, A, basis, core)
+        basis = getattr(self, self.extra_names[slot.matrix])[gl][None]
+        core = c[None] if c is not None else torch.ones_like(basis[:, 0])
+        own_input = self.free_inputs.get(slot.matrix)
+        model_factor = getattr(self, own_input)[gl] if own_input else self._in_group(self.A, gl, gm)
+        return head_maps(slot.role, model_factor, basis, core)
 
-    def group_maps(self, role: str, heads: slice, index: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Batched `maps` of G slots with the same role and heads:
+    def head_side(self, role: str, heads: slice, index: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """G slots with the same role and heads (G = 1: one matrix):
 
             core[g] = C_H[heads] ∘ C_L[l_g] ∘ C_M[m_g]      side[g] = B ∘ core[g]      (G, n_heads, d_h, r)
         """

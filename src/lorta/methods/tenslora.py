@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..factorization import Factorization, gather_groups, head_maps
-from ..layout import EXTRA_FREE, EXTRA_IN, EXTRA_ROLES, OUT_HEADS, Slot, TensorLayout
+from ..layout import EXTRA_FREE, EXTRA_IN, OUT_HEADS, Slot, TensorLayout
 from ..tuner.config import AdapterConfigError, MethodType, TensorAdapterConfig, _check_positive_int
 
 CONSTRUCTIONS = ("att", "qkv", "depth", "att_qkv", "att_depth", "qkv_depth", "att_qkv_depth")
@@ -118,6 +118,8 @@ class TensLoraFactors(Factorization):
     1/sqrt(r_att) (the size of a head's U_att row). A model without any head-structured matrix has no att mode.
     """
 
+    batched = True
+
     def __init__(self, config: TensLoraConfig, layout: TensorLayout) -> None:
         super().__init__(config, layout)
         shape = layout.shape
@@ -184,51 +186,32 @@ class TensLoraFactors(Factorization):
     def _groups(self, slot: Slot) -> tuple[int, int]:
         return (0 if self.stack_layers else slot.layer, 0 if self.stack_matrices else slot.matrix)
 
-    def _head_core(self, slot: Slot, gl: int, gm: int) -> Tensor:
-        """K[h] for the slot's heads: (n_heads, r_in, r_out) for Tucker, (n_heads, r) for CP's diagonal. An extra
-        matrix is one head whose att weights are ones."""
-        extra = slot.role in EXTRA_ROLES
-        n_heads = 1 if extra else slot.n_heads
+    def _extra_core(self, gl: int, gm: int, slot: Slot) -> Tensor:
+        """An extra matrix's core, as one head whose att weights are the unit vector: (1, r_in, r_out) for
+        Tucker, (1, r) for CP's diagonal."""
         if self.tucker:
             core = self.core[gl, gm]  # (r_in, r_out, [r_att], [r_qkv], [r_depth])
             if self.stack_layers:
                 core = core @ self.U_depth[gl, gm, slot.layer]
             if self.stack_matrices:
                 core = core @ self.U_qkv[gl, gm, slot.matrix]
-            if self.stack_heads and extra:
-                return (core.sum(-1) / math.sqrt(core.shape[-1]))[None]
-            if self.stack_heads:
-                return torch.einsum("ija,ha->hij", core, self.U_att[gl, gm, slot.head_slice])
-            return core.expand(n_heads, -1, -1)
+            return (core.sum(-1) / math.sqrt(core.shape[-1]))[None] if self.stack_heads else core[None]
         weights = next(self.parameters()).new_ones(self.ranks["in"])
         if self.stack_layers:
             weights = weights * self.U_depth[gl, gm, slot.layer]
         if self.stack_matrices:
             weights = weights * self.U_qkv[gl, gm, slot.matrix]
-        if self.stack_heads and not extra:
-            return self.U_att[gl, gm, slot.head_slice] * weights
-        if self.stack_heads:  # an extra matrix's att weights: the unit vector
-            weights = weights / math.sqrt(weights.shape[-1])
-        return weights.expand(n_heads, -1)
+        return (weights / math.sqrt(weights.shape[-1]) if self.stack_heads else weights)[None]
 
-    def maps(self, slot: Slot) -> tuple[Tensor, Tensor]:
+    def extra_maps(self, slot: Slot) -> tuple[Tensor, Tensor]:
         gl, gm = self._groups(slot)
-        core = self._head_core(slot, gl, gm)
-        if slot.role in EXTRA_ROLES:
-            basis = getattr(self, self.extra_names[slot.matrix])[gl][None]
-            own_input = self.free_inputs.get(slot.matrix)
-            model_factor = getattr(self, own_input)[gl] if own_input else self.U_in[gl, gm]
-            return head_maps(slot.role, model_factor, basis, core)
-        out = self.U_out[gl, gm]
-        if self.stack_heads:
-            basis = out.expand(slot.n_heads, -1, -1)
-        else:
-            shape = self.layout.shape
-            basis = out.view(shape.num_heads, shape.head_dim, out.shape[-1])[slot.head_slice]
-        return head_maps(slot.role, self.U_in[gl, gm], basis, core)
+        basis = getattr(self, self.extra_names[slot.matrix])[gl][None]
+        own_input = self.free_inputs.get(slot.matrix)
+        model_factor = getattr(self, own_input)[gl] if own_input else self.U_in[gl, gm]
+        return head_maps(slot.role, model_factor, basis, self._extra_core(gl, gm, slot))
 
-    def group_maps(self, role: str, heads: slice, index: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Batched `maps` of G slots with the same role and heads: each slot's head cores K[h] contracted at once."""
+    def head_side(self, role: str, heads: slice, index: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """G slots with the same role and heads (G = 1: one matrix): each slot's head cores K[h] contracted."""
         shape, G = self.layout.shape, len(index["l"])
         n_heads = len(range(shape.num_heads)[heads])
         gl, gm = index["gl"], index["gm"]

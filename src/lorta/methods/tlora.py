@@ -117,7 +117,7 @@ class TLoraFactors(Factorization):
         A, B = getattr(self, f"A{slot.matrix}")[j], getattr(self, f"B{slot.matrix}")[j]
         return A, (self.s[i] * self.C[i]) @ B
 
-    def maps_many(self, slots: list[Slot]) -> list[tuple[Tensor, Tensor]]:
+    def maps_many(self, slots: list[Slot], indices: dict | None = None) -> list[tuple[Tensor, Tensor]]:
         """Every layer's Q = s · C · B of a matrix kind in one batched product, handed out by `unbind`."""
         self._draw_if_pending()
         Q = {}

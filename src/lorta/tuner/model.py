@@ -164,6 +164,7 @@ class TensorAdapterModel(BaseTuner):
         layers = [m for m in self.model.modules() if isinstance(m, TensorAdapterLayer)]
         object.__setattr__(self, "_lorta_layers", layers)
         self._lorta_state.frames.drop()
+        self._lorta_state.indices.clear()
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """PEFT's contract: float16/bfloat16 adapter weights become float32 unless autocast_adapter_dtype=False."""
@@ -369,7 +370,8 @@ class TensorAdapterModel(BaseTuner):
             if factors is None:
                 continue
             modules = [(m, m.lorta_slots[name]) for m in self._lorta_layers if name in m.lorta_slots]
-            pairs = iter(factors.maps_many([slot for _, slots in modules for slot in slots]))
+            slots = [slot for _, module_slots in modules for slot in module_slots]
+            pairs = iter(factors.maps_many(slots, self._lorta_state.indices))
             for layer, slots in modules:
                 maps[(name, id(slots))] = module_maps(
                     factors, slots, layer.lorta_out_order, [next(pairs) for _ in slots]

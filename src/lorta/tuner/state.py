@@ -22,6 +22,7 @@ class TunerState:
         self.frames = MapFrames()
         self.mixed: Any = None  # MixedBatchEngine, created on first use
         self.mixed_call = False  # a call with per-row adapter_names is running
+        self.indices: dict = {}  # the factorisations' slot index tensors, by slot tuple (Factorization.maps_many)
 
     def maps(self, layer: Any, name: str) -> Maps:
         """(P, Q, key) of adapter `name` in `layer`: the running forward's, or built now."""
