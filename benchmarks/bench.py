@@ -214,47 +214,24 @@ def _lora_config(r: int, alpha: float, targets: list[str], shape: dict[str, Any]
     )
 
 
-def _lorta_config(r: int, alpha: float, targets: list[str], shape: dict[str, Any]) -> Any:
-    import lorta
+def _method_table() -> dict[str, Method]:
+    """PEFT LoRA, then every lorta method from its MethodSpec (and, for the batched ones, a variant that builds the
+    maps module by module: the engine before batching, for before/after rows in one run)."""
+    from lorta.registry import method_specs
 
-    return lorta.LortaConfig(r=r, lora_alpha=alpha, target_modules=targets)
-
-
-def _tenslora_config(r: int, alpha: float, targets: list[str], shape: dict[str, Any]) -> Any:
-    """Tucker att_qkv_depth with rank r on the in/out modes and min(r, size) on heads, matrices, layers (the
-    core is a product of the five ranks: r on every mode would be r^5 parameters, 1e9 at r=64)."""
-    import lorta
-
-    ranks = {
-        "in": r,
-        "out": r,
-        "att": min(r, shape["heads"]),
-        "qkv": min(r, shape["matrices"]),
-        "depth": min(r, shape["layers"]),
-    }
-    return lorta.TensLoraConfig(
-        construction="att_qkv_depth",
-        decomposition="tucker",
-        ranks=ranks,
-        lora_alpha=alpha,
-        target_modules=targets,
-    )
+    table = {"lora": Method("PEFT LoRA", None, _lora_config)}
+    specs = [s for s in method_specs().values() if s.bench_config is not None]
+    for spec in specs:
+        table[spec.name] = Method(spec.title, spec.config_cls.__name__, spec.bench_config)
+    for spec in specs:
+        if spec.factors_cls.batched:
+            table[f"{spec.name}-permodule"] = Method(
+                f"{spec.title}, maps built module by module", spec.config_cls.__name__, spec.bench_config, False
+            )
+    return table
 
 
-def _tlora_config(r: int, alpha: float, targets: list[str], shape: dict[str, Any]) -> Any:
-    import lorta
-
-    return lorta.TLoraConfig(r=r, lora_alpha=alpha, target_modules=targets)
-
-
-METHODS: dict[str, Method] = {
-    "lora": Method("PEFT LoRA", None, _lora_config),
-    "lorta": Method("LoRTA", "LortaConfig", _lorta_config),
-    "tenslora": Method("TensLoRA att_qkv_depth/tucker", "TensLoraConfig", _tenslora_config),
-    "tlora": Method("TLoRA", "TLoraConfig", _tlora_config),
-    "lorta-permodule": Method("LoRTA, maps built module by module", "LortaConfig", _lorta_config, False),
-    "tenslora-permodule": Method("TensLoRA, maps built module by module", "TensLoraConfig", _tenslora_config, False),
-}
+METHODS: dict[str, Method] = _method_table()
 
 
 def available_methods(names: list[str], notes: list[str]) -> list[str]:

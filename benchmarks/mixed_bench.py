@@ -42,8 +42,10 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from lorta.registry import method_specs  # noqa: E402
+
 GUARD_TOL = 1e-4
-LORTA_METHODS = ("lorta", "lorta-nocache", "tenslora", "tlora")
+LORTA_METHODS = (*(n for name in method_specs() for n in (name, f"{name}-nocache")),)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -105,14 +107,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def lorta_config(method: str, args: argparse.Namespace) -> Any:
-    import lorta
-
     common = {"lora_alpha": 2 * args.rank, "init_weights": False, "target_modules": TARGETS}
-    if method.startswith("lorta"):
-        return lorta.LortaConfig(r=args.rank, **common)
-    if method == "tenslora":
-        return lorta.TensLoraConfig(ranks=args.rank, **common)
-    return lorta.TLoraConfig(r=args.rank, **common)
+    return method_specs()[method.removesuffix("-nocache")].config(args.rank, **common)
 
 
 def lora_config(args: argparse.Namespace) -> Any:
@@ -149,7 +145,7 @@ def lorta_model(method: str, base: nn.Module, args: argparse.Namespace, root: Pa
     start = time.perf_counter()
     model = PeftModel.from_pretrained(copy.deepcopy(base), root / names[0], adapter_name=names[0]).eval()
     first = time.perf_counter() - start
-    bank = lorta.AdapterBank(model, cache_maps=method != "lorta-nocache")
+    bank = lorta.AdapterBank(model, cache_maps=not method.endswith("-nocache"))
     bank.load([root / n for n in names[1:]])
     memory = bank.memory()
     stats = dict(bank.load_stats, first_adapter_s=first, **{k: v for k, v in memory.items() if k != "adapters"})

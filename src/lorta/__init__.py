@@ -1,45 +1,41 @@
 """lorta: tensor low-rank adapters (LoRTA, TensLoRA, TLoRA) as native PEFT methods.
 
 ``import lorta`` registers the methods with PEFT; then ``get_peft_model(model, lorta.LortaConfig(r=8))``.
+Every method of ``lorta/methods`` (its `MethodSpec`, see lorta.registry) gets a PEFT tuner, is registered with
+PEFT and is exported here under its config's, factors' and tuner's names (``LortaConfig``, ``LortaFactors``,
+``LortaModel``, ...).
 """
 
-from . import saving  # noqa: F401
+from . import saving  # noqa: F401  (crash-safe save_pretrained for lorta adapters)
 from .bank import AdapterBank, load_adapters  # noqa: F401  (mixed-adapter serving; see lorta.bank)
 from .export import ExportError, export_gguf, export_lora, export_merged
 from .import_lora import ImportLoraError, import_lora, save_imported
 from .layout import LayoutError, ModelShape
-from .methods.lorta import LortaConfig, LortaFactors
-from .methods.tenslora import TensLoraConfig, TensLoraFactors
-from .methods.tlora import TLORA_DEFAULT_TARGETS, TLoraConfig, TLoraFactors
 from .quantized import QuantizedMergeError
-from .registry import register
+from .registry import method_specs, register
 from .tuner import TensorAdapterConfig, TensorAdapterModel, make_tuner
 
-LortaModel = make_tuner("LortaModel", LortaFactors)
-TensLoraModel = make_tuner("TensLoraModel", TensLoraFactors, default_kinds=("q", "k", "v"))
-TLoraModel = make_tuner("TLoraModel", TLoraFactors, default_kinds=TLORA_DEFAULT_TARGETS)
-register("LORTA", LortaConfig, LortaModel)
-register("TENSLORA", TensLoraConfig, TensLoraModel)
-register("TLORA", TLoraConfig, TLoraModel)
+_METHOD_EXPORTS: list[str] = []
+for _spec in method_specs().values():
+    _tuner = make_tuner(_spec.tuner_name, _spec.factors_cls, _spec.default_kinds)
+    register(_spec, _tuner)
+    for _cls in (_spec.config_cls, _spec.factors_cls, _tuner):
+        globals()[_cls.__name__] = _cls
+        _METHOD_EXPORTS.append(_cls.__name__)
 
 __version__ = "0.1.0"
 __all__ = [
     "ExportError",
     "ImportLoraError",
     "LayoutError",
-    "LortaConfig",
-    "LortaModel",
     "ModelShape",
     "QuantizedMergeError",
     "TensorAdapterConfig",
     "TensorAdapterModel",
-    "TensLoraConfig",
-    "TensLoraModel",
-    "TLoraConfig",
-    "TLoraModel",
     "export_gguf",
     "export_lora",
     "export_merged",
     "import_lora",
     "save_imported",
+    *_METHOD_EXPORTS,
 ]

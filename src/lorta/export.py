@@ -461,16 +461,16 @@ def _base_layer(module: nn.Module) -> nn.Module:
 
 
 def _adapter_config(model: nn.Module, adapter_name: str) -> Any:
-    from .saving import LORTA_PEFT_TYPES
+    from .registry import peft_types
 
     configs = getattr(model, "peft_config", {})
     if adapter_name not in configs:
         raise ExportError(f"the model has no adapter {adapter_name!r}; it has {sorted(configs)}")
     config = configs[adapter_name]
     kind = getattr(config.peft_type, "value", config.peft_type)
-    if kind not in LORTA_PEFT_TYPES:
+    if kind not in peft_types():
         raise ExportError(f"adapter {adapter_name!r} is {kind}, not a lorta adapter "
-                          f"({sorted(LORTA_PEFT_TYPES)}): save it with save_pretrained")
+                          f"({sorted(peft_types())}): save it with save_pretrained")
     return config
 
 

@@ -261,6 +261,16 @@ class TensorLayout:
     def num_matrices(self) -> int:
         return len(self.matrix_names)
 
+    def count_sizes(self) -> dict[str, Any]:
+        """The sizes the methods' closed-form counts take: d (0: no matrix with a model-dimension side), d_h, H (0:
+        no head-structured matrix), L, M and the extra matrices' own sizes, in matrix order."""
+        return {
+            "d": self.model_dim if self.uses_model_dim else 0, "d_h": self.shape.head_dim,
+            "H": self.shape.num_heads if self.has_head_slots else 0, "L": self.num_layers, "M": self.num_matrices,
+            "extra_sizes": tuple(self.extra_sizes[n] for n in self.matrix_names if n in self.extra_sizes),
+            "free_sizes": tuple(self.free_sizes[n] for n in self.matrix_names if n in self.free_sizes),
+        }
+
     @property
     def num_layers(self) -> int:
         return len(self.layer_names)

@@ -412,10 +412,10 @@ def load_adapted(
     import transformers
     from peft import PeftModel
 
-    from .saving import LORTA_PEFT_TYPES
+    from .registry import peft_types
     from .tuner.config import AdapterFileError
 
-    kinds = sorted(peft_types if peft_types is not None else LORTA_PEFT_TYPES)
+    kinds = sorted(peft_types if peft_types is not None else peft_types())
     folder = Path(adapter_dir)
     config_file = folder / "adapter_config.json"
     if not config_file.is_file():

@@ -29,11 +29,8 @@ from transformers import PretrainedConfig
 
 from . import catalogue
 from .layout import DEFAULT_TARGETS, LayoutError, ModelShape, matrix_kind
-from .methods import lorta_num_params, tenslora_num_params, tensor_modes, tlora_num_params
-from .methods.lorta import LortaConfig
-from .methods.tenslora import TensLoraConfig
-from .methods.tlora import TLoraConfig
 from .models import PACKAGED_MODELS, ModelNotFoundError
+from .registry import method_specs
 
 __all__ = [
     "METHODS", "Comparison", "Fit", "ParamsError", "adapt", "closed_form", "compare", "count_trainable",
@@ -41,9 +38,9 @@ __all__ = [
     "model_config",
 ]
 
-METHODS = ("lorta", "tenslora", "tlora", "lora", "vera")
-METHOD_TITLES = {"lorta": "LoRTA", "tenslora": "TensLoRA", "tlora": "TLoRA", "lora": "LoRA", "vera": "VeRA"}
-PEFT_BASELINES = ("lora", "vera")  # PEFT's own methods, counted as PEFT builds them
+PEFT_BASELINES = {"lora": ("LoRA", LoraConfig), "vera": ("VeRA", VeraConfig)}  # PEFT's own, counted as PEFT builds them
+METHODS = (*method_specs(), *PEFT_BASELINES)
+METHOD_TITLES = {**{n: s.title for n, s in method_specs().items()}, **{n: t for n, (t, _) in PEFT_BASELINES.items()}}
 
 
 class ParamsError(ValueError):
@@ -129,31 +126,21 @@ def method_config(
     """The PEFT config of `method` at `rank` (TensLoRA: `ranks`, an int or one per mode; default `rank`)."""
     if method not in METHODS:
         raise ParamsError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    spec = method_specs().get(method)
     extras = {"modes": modes, "ranks": ranks, "construction": construction, "decomposition": decomposition}
-    allowed = {"lorta": {"modes"}, "tenslora": {"ranks", "construction", "decomposition"}}.get(method, set())
+    allowed = set(spec.params_options) if spec is not None else set()
     misplaced = [k for k, v in extras.items() if v is not None and k not in allowed]
     if misplaced:
         raise ParamsError(f"{', '.join(misplaced)} do(es) not apply to {METHOD_TITLES[method]}")
-    if method == "tenslora" and ranks is not None:
-        rank = None
-    elif rank is None:
-        rank = 8
+    rank = None if ranks is not None else (8 if rank is None else rank)  # TensLoRA's ranks take the rank's place
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
         raise ParamsError(f"rank must be a positive integer, got {rank!r}")
     target_modules = list(targets) if targets is not None else None
     try:
-        if method == "lora":
-            return LoraConfig(r=rank, target_modules=target_modules)
-        if method == "vera":
-            return VeraConfig(r=rank, target_modules=target_modules)
-        if method == "tlora":
-            return TLoraConfig(r=rank, target_modules=target_modules)
-        if method == "lorta":
-            kwargs: dict[str, Any] = {} if modes is None else {"modes": list(modes)}
-            return LortaConfig(r=rank, target_modules=target_modules, **kwargs)
-        kwargs = {"ranks": rank if ranks is None else ranks}
-        kwargs.update({k: v for k, v in (("construction", construction), ("decomposition", decomposition)) if v})
-        return TensLoraConfig(target_modules=target_modules, **kwargs)
+        if spec is None:
+            return PEFT_BASELINES[method][1](r=rank, target_modules=target_modules)
+        options = {k: (list(v) if k == "modes" else v) for k, v in extras.items() if v is not None and k != "ranks"}
+        return spec.config(ranks if ranks is not None else rank, target_modules=target_modules, **options)
     except (TypeError, ValueError) as err:
         raise ParamsError(str(err)) from err
 
@@ -255,7 +242,7 @@ def compare(
     trainable = trainable_of(model)
     lora = trainable if method == "lora" else lora_count(config, r, resolved)
     base = sum(p.numel() for p in model.parameters() if not p.requires_grad)  # only the adapter is trainable
-    ranks = dict(adapter_config.ranks) if method == "tenslora" else None
+    ranks = dict(adapter_config.ranks) if isinstance(getattr(adapter_config, "ranks", None), dict) else None
     matrices = getattr(adapter_config, "matrix_names", None)
     return Comparison(
         method=method, rank=r, ranks=ranks, options=method_options(adapter_config), targets=resolved,
@@ -265,12 +252,12 @@ def compare(
 
 
 def method_options(adapter_config: PeftConfig) -> dict[str, Any]:
-    """The method's own settings: LoRTA's modes, TensLoRA's construction and decomposition."""
-    if isinstance(adapter_config, LortaConfig):
-        return {"modes": list(adapter_config.modes)}
-    if isinstance(adapter_config, TensLoraConfig):
-        return {"construction": adapter_config.construction, "decomposition": adapter_config.decomposition}
-    return {}
+    """The method's own settings (its spec's params_options but the ranks): LoRTA's modes, TensLoRA's construction
+    and decomposition."""
+    spec = next((s for s in method_specs().values() if isinstance(adapter_config, s.config_cls)), None)
+    names = [n for n in spec.params_options if n != "ranks"] if spec is not None else []
+    values = {n: getattr(adapter_config, n) for n in names}
+    return {n: list(v) if isinstance(v, (list, tuple)) else v for n, v in values.items()}
 
 
 # -------------------------------------------------------------------------------------------------- budget search
@@ -287,24 +274,8 @@ def closed_form(config: PretrainedConfig, method: str, *, targets: Sequence[str]
         at_one = trainable_of(model)
         matrices = trainable_of(adapt(config, method_config(method, 2, targets=targets))) - at_one
         return lambda r: at_one + matrices * (r - 1)
-    layout = model.base_model.lorta_factors["default"].layout
-    s, L, M = layout.shape, layout.num_layers, layout.num_matrices
-    if method == "tlora":
-        matrices = sum(len(slots) for slots in layout.slots.values())
-        return lambda r: tlora_num_params(L=L, M=M, r=r, matrices=matrices)
-    d = layout.model_dim if layout.uses_model_dim else 0
-    H = s.num_heads if layout.has_head_slots else 0
-    extra = tuple(layout.extra_sizes[n] for n in layout.matrix_names if n in layout.extra_sizes)
-    free = tuple(layout.free_sizes[n] for n in layout.matrix_names if n in layout.free_sizes)
-    adapter_config = model.peft_config["default"]
-    if method == "lorta":
-        modes = tuple(adapter_config.modes)
-        return lambda r: lorta_num_params(d, s.head_dim, H, L, M, r, modes, extra, free)
-    construction, decomposition = adapter_config.construction, adapter_config.decomposition
-    modes = tensor_modes(construction)
-    return lambda r: tenslora_num_params(
-        construction, decomposition, dict.fromkeys(modes, r), d, s.head_dim, H, L, M, extra, free
-    )
+    spec = method_specs()[method]
+    return spec.closed_form(model.base_model.lorta_factors["default"].layout, model.peft_config["default"])
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,96 @@
-"""Register the family with PEFT so that get_peft_model / PeftModel.from_pretrained dispatch to it.
+"""The method registry: each ``lorta/methods/<name>.py`` declares one `MethodSpec` (``SPEC``), and everything that
+lists methods (the PEFT registration, the tuners, `lorta.params`, ``lorta train``, the benchmarks, the test table)
+reads it from here. A new method is one file in ``lorta/methods`` (plus its row in the test table).
 
-PEFT's `register_peft_method` only accepts names already in its `PeftType` enum; on peft >= 0.21 a plain string
-key in the three type mappings works end to end (docs/design.md, "Living inside PEFT"), and that is what we use.
+Registration with PEFT: PEFT's `register_peft_method` only accepts names already in its `PeftType` enum; on peft
+>= 0.21 a plain string key in the three type mappings works end to end (docs/design.md, "Living inside PEFT").
 """
 
 from __future__ import annotations
 
-from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+import functools
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
-from .tuner.model import TensorAdapterModel
+from .layout import TensorLayout
 
-PREFIX = TensorAdapterModel.prefix
+__all__ = ["MethodSpec", "Recipe", "method_spec", "method_specs", "peft_types", "register"]
 
 
-def register(peft_type: str, config_cls: type, tuner_cls: type) -> None:
-    PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
-    PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = tuner_cls
-    PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = PREFIX
+@dataclass(frozen=True)
+class Recipe:
+    """Defaults of ``lorta train``: rank, alpha (scale = alpha / rank; None: the method has none), adapter learning
+    rate, head learning rate, and the adapted matrices as attention roles (None: the method's default targets)."""
+
+    rank: int | None
+    alpha: float | None
+    lr: float
+    head_lr: float
+    targets: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Everything outside a method's math that the rest of lorta needs to know about it."""
+
+    name: str  # the CLI's and lorta.params' name ("lorta")
+    title: str  # for tables ("LoRTA")
+    peft_type: str
+    config_cls: type
+    factors_cls: type
+    tuner_name: str  # the PEFT tuner class made for it ("LortaModel")
+    closed_form: Callable[[TensorLayout, Any], Callable[[int], int]]  # (layout, config) -> (rank -> trainable)
+    classify: Recipe  # `lorta train` on an encoder with a classification head
+    causal_lm: Recipe  # `lorta train` prompt and DPO jobs
+    default_kinds: tuple[str, ...] | None = None  # default targets as matrix kinds (None: q, k, v, o)
+    rank_field: str = "r"  # the config field a single rank goes to (TensLoRA: "ranks", one per mode or all)
+    params_options: tuple[str, ...] = ()  # the config options lorta.params and `lorta params` take
+    train_options: tuple[str, ...] = ()  # the `lorta train` options (TrainOptions fields) the method reads
+    train_kwargs: Callable[[Any], dict[str, Any]] = field(default=lambda o: {})  # TrainOptions -> config kwargs
+    bench_config: Callable[..., Any] | None = None  # (r, alpha, targets, shape) -> config for benchmarks/bench.py
+
+    def config(self, rank: int | None = None, **kwargs: Any) -> Any:
+        """The method's PEFT config at `rank` (None: the config's default) with `kwargs`."""
+        return self.config_cls(**({self.rank_field: rank} if rank is not None else {}), **kwargs)
+
+
+@functools.cache
+def _discover() -> dict[str, MethodSpec]:
+    from . import methods
+
+    specs = {}
+    for info in sorted(pkgutil.iter_modules(methods.__path__), key=lambda i: i.name):
+        spec = getattr(importlib.import_module(f"{methods.__name__}.{info.name}"), "SPEC", None)
+        if isinstance(spec, MethodSpec):
+            specs[spec.name] = spec
+    order = ("lorta", "tenslora", "tlora")  # the family's own order in tables; others after, by name
+    return {n: specs[n] for n in sorted(specs, key=lambda n: (order.index(n) if n in order else len(order), n))}
+
+
+def method_specs() -> dict[str, MethodSpec]:
+    """Every method of ``lorta/methods``, by name."""
+    return dict(_discover())
+
+
+def peft_types() -> frozenset[str]:
+    """The peft_type of every lorta method (what a saved adapter_config.json names)."""
+    return frozenset(spec.peft_type for spec in _discover().values())
+
+
+def method_spec(name: str) -> MethodSpec:
+    specs = _discover()
+    if name not in specs:
+        raise KeyError(f"unknown lorta method {name!r}; the methods are {', '.join(specs)}")
+    return specs[name]
+
+
+def register(spec: MethodSpec, tuner_cls: type) -> None:
+    """Make PEFT dispatch `spec.peft_type` to the method's config and tuner."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+    PEFT_TYPE_TO_CONFIG_MAPPING[spec.peft_type] = spec.config_cls
+    PEFT_TYPE_TO_TUNER_MAPPING[spec.peft_type] = tuner_cls
+    PEFT_TYPE_TO_PREFIX_MAPPING[spec.peft_type] = tuner_cls.prefix

@@ -5,7 +5,7 @@ into the target directory (and into `<target>/<name>/` for every adapter not cal
 error half-way leaves a directory whose config and weights disagree or whose weights file is truncated: the
 adapter that was there before is lost and the new one is unreadable.
 
-For models whose adapters are all lorta types (LORTA, TENSLORA, TLORA) the call is redirected here:
+For models whose adapters are all lorta types (LORTA, TENSLORA, TLORA, ...) the call is redirected here:
 
 1. a temporary directory is created next to the target (same file system), holding a copy of what the target
    already holds (hard links where possible; the files PEFT rewrites are real copies, so an existing README.md
@@ -38,7 +38,6 @@ from typing import Any
 
 from peft import PeftModel
 
-LORTA_PEFT_TYPES = frozenset({"LORTA", "TENSLORA", "TLORA"})
 # Files PEFT (re)writes: never hard-linked into the new directory, so writing them cannot touch the old one.
 _PEFT_FILES = frozenset({"README.md", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"})
 _MARK = "__lorta_atomic__"
@@ -46,8 +45,10 @@ _MARK = "__lorta_atomic__"
 
 def is_lorta_model(model: Any) -> bool:
     """True when every adapter config of `model` is a lorta type."""
+    from .registry import peft_types
+
     configs = getattr(model, "peft_config", None)
-    return bool(configs) and all(str(getattr(c, "peft_type", "")) in LORTA_PEFT_TYPES for c in configs.values())
+    return bool(configs) and all(str(getattr(c, "peft_type", "")) in peft_types() for c in configs.values())
 
 
 def atomic_save(save: Any, model: Any, save_directory: str | os.PathLike, **kwargs: Any) -> None:

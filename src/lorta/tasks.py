@@ -43,6 +43,8 @@ from .data import (
     load_table,
     make_preference_pairs,
 )
+from .methods.lorta import DEFAULT_MODE_FACTOR_INIT, LORTA_MODES
+from .methods.tenslora import DEFAULT_CONSTRUCTION, DEFAULT_DECOMPOSITION
 from .models import (
     PACKAGED_MODELS,
     QUANTIZE_CHOICES,
@@ -51,6 +53,7 @@ from .models import (
     load_for_classification,
     resolve_model,
 )
+from .registry import Recipe, method_spec, method_specs
 
 __all__ = [
     "ADAPTER_METHODS",
@@ -66,9 +69,9 @@ __all__ = [
     "run_job",
 ]
 
-METHODS = ("lorta", "lora", "vera", "tenslora", "tlora", "full", "head-only")
-ADAPTER_METHODS = ("lorta", "lora", "vera", "tenslora", "tlora")
 PEFT_METHODS = ("lora", "vera")  # PEFT's own, as baselines
+ADAPTER_METHODS = (*method_specs(), *PEFT_METHODS)
+METHODS = (*ADAPTER_METHODS, "full", "head-only")
 TASKS = ("sentiment", "party", "dpo")
 JOBS = ("classify", "prompt", "dpo")
 HEAD_MODULES = ("classifier", "score")  # what PEFT's SEQ_CLS task puts in modules_to_save
@@ -129,46 +132,24 @@ class UsageError(ValueError):
 ATTENTION_ROLES = ("q", "k", "v", "o")
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """Per-method defaults: rank, alpha (scale = alpha / rank), adapter learning rate, head learning rate, and the
-    adapted matrices as attention roles (see :func:`target_modules`; None: the method's own default, q, k, v, o for
-    LoRA and LoRTA, q, k, v for TensLoRA)."""
-
-    rank: int | None
-    alpha: float | None
-    lr: float
-    head_lr: float
-    targets: tuple[str, ...] | None = None
-
-
-# Swept on the default job (MiniLM, Rotten Tomatoes, 400 steps x 32, ~120 runs; tables in the README). LoRTA
-# starts its mode factors at random signs (LortaConfig.mode_factor_init): with all-ones factors it collapsed at
-# lr >= 2e-3. LoRTA adapts q, k, v and not o here: o's update writes into the span of the model-dim factor A, the
-# same subspace every later layer's q, k, v updates read from, so on q, k, v, o the adapter can feed itself layer
-# after layer; at lr >= 5e-3 some seeds then collapsed to a constant prediction (uniform attention, identical [CLS]
-# states). Without o (6,992 instead of 7,008 parameters) no run collapsed, even at 6e-3; lr 3e-3 gave
-# 81.72/79.36/79.42/80.64/79.57% on seeds 0-4 at alpha 16, and 81.64/79.79/79.77/80.91/80.04% at alpha 32, i.e. the
-# scale alpha / r = 2 that LoRA r=8 has (with o: 80.70/79.75/78.49% on seeds 0-2). Its head learns best at 1e-2.
+# The PEFT baselines' and the non-adapter methods' recipes; the lorta methods' are in their MethodSpec. LoRA r=8 on
+# q, k, v, o at alpha 16 is PEFT's usual setting; VeRA trains scaling vectors that start small (d = 0.1, b = 0) and
+# needs a learning rate an order above LoRA's, as its paper's GLUE runs use (a few 1e-3 to 1e-2).
 CLASSIFY_RECIPES: dict[str, Recipe] = {
-    "lorta": Recipe(16, 32.0, 3e-3, 1e-2, targets=("q", "k", "v")),
+    **{name: spec.classify for name, spec in method_specs().items()},
     "lora": Recipe(8, 16.0, 1e-3, 2e-3),
     "vera": Recipe(256, None, 1e-2, 1e-2),
-    "tenslora": Recipe(8, 16.0, 2e-3, 1e-2),
-    "tlora": Recipe(16, 16.0, 1e-2, 2e-3),
     "full": Recipe(None, None, 1e-4, 2e-3),
     "head-only": Recipe(None, None, 1e-2, 1e-2),
 }
-# Causal-LM jobs (prompt, dpo): conservative PEFT-typical values, not swept (LoRTA kept at the lr that is safe above).
+# Causal-LM jobs (prompt, dpo): conservative PEFT-typical values, not swept.
 LM_RECIPES: dict[str, Recipe] = {
-    "lorta": Recipe(16, 16.0, 1e-3, 0.0),
+    **{name: spec.causal_lm for name, spec in method_specs().items()},
     "lora": Recipe(8, 16.0, 5e-4, 0.0),
     "vera": Recipe(256, None, 5e-3, 0.0),
-    "tenslora": Recipe(8, 16.0, 1e-3, 0.0),
-    "tlora": Recipe(16, 16.0, 2e-3, 0.0),
     "full": Recipe(None, None, 1e-5, 0.0),
 }
-DEFAULT_MODES = ("heads", "layers", "matrices")
+DEFAULT_MODES = LORTA_MODES
 
 
 @dataclass(frozen=True)
@@ -213,11 +194,11 @@ class TrainOptions:
     out: str | None = None
     resume: bool = False
     save_steps: int | None = None
-    construction: str = "att_qkv_depth"
-    decomposition: str = "tucker"
+    construction: str = DEFAULT_CONSTRUCTION
+    decomposition: str = DEFAULT_DECOMPOSITION
     beta: float = 0.1
     modes: tuple[str, ...] = DEFAULT_MODES
-    mode_init: str = "signs"
+    mode_init: str = DEFAULT_MODE_FACTOR_INIT
     targets: tuple[str, ...] | None = None
     quantize: str | None = None
     quiet: bool = False
@@ -286,9 +267,12 @@ def resolve_options(options: TrainOptions) -> tuple[TrainOptions, str, Path]:
     if options.quantize is not None and options.method == "full":
         raise UsageError("--quantize stores the base weights in 8 or 4 bits, which do not train: use an adapter "
                          f"method ({', '.join(ADAPTER_METHODS)}) or head-only, or drop --quantize for full")
-    unknown = sorted(set(options.modes) - set(DEFAULT_MODES))
-    if unknown:
-        raise UsageError(f"unknown LoRTA mode(s) {unknown}; --modes takes a subset of {','.join(DEFAULT_MODES)}")
+    if options.method in method_specs():  # the method's own options, checked by its config (fail before loading)
+        spec = method_spec(options.method)
+        try:
+            spec.config_cls(**spec.train_kwargs(options))
+        except ValueError as exc:
+            raise UsageError(f"--method {options.method}: {exc}") from exc
     model_type = _model_type(path)
     if options.targets is not None:
         if options.method not in ADAPTER_METHODS:
@@ -299,7 +283,8 @@ def resolve_options(options: TrainOptions) -> tuple[TrainOptions, str, Path]:
     if filled.out is None:
         rank = f"-r{filled.rank}" if filled.rank is not None else ""
         modes = f"-{'+'.join(filled.modes) or 'nomodes'}" if _custom_modes(filled) else ""
-        modes += f"-init{filled.mode_init}" if filled.method == "lorta" and filled.mode_init != "signs" else ""
+        custom_init = filled.method == "lorta" and filled.mode_init != DEFAULT_MODE_FACTOR_INIT
+        modes += f"-init{filled.mode_init}" if custom_init else ""
         if options.targets is not None and filled.targets != recipes[options.method].targets:
             modes += "-" + "+".join(t.replace(".", "_") for t in filled.targets)
         name = f"{filled.method}{modes}-{model_label(model)}-{filled.task}{rank}-seed{filled.seed}"
@@ -491,20 +476,14 @@ def peft_config(o: TrainOptions, task_type: str, model_type: str) -> Any:
     """The PEFT config of an adapter method."""
     import peft
 
-    import lorta
 
     common: dict[str, Any] = {"lora_alpha": o.alpha, "lora_dropout": o.dropout, "task_type": task_type}
     targets = target_modules(o.targets, model_type)
     if targets is not None:
         common["target_modules"] = targets
-    if o.method == "lorta":
-        return lorta.LortaConfig(r=o.rank, modes=list(o.modes), mode_factor_init=o.mode_init, **common)
-    if o.method == "tlora":
-        return lorta.TLoraConfig(r=o.rank, projection_seed=o.seed, **common)
-    if o.method == "tenslora":
-        return lorta.TensLoraConfig(
-            construction=o.construction, decomposition=o.decomposition, ranks=o.rank, **common
-        )
+    if o.method in method_specs():
+        spec = method_spec(o.method)
+        return spec.config(o.rank, **spec.train_kwargs(o), **common)
     common.setdefault("target_modules", default_targets(model_type))
     if o.method == "vera":  # seeded random projections, saved with the adapter (PEFT's default)
         common.pop("lora_alpha")
@@ -1009,10 +988,10 @@ def _metrics(
         "quantize": o.quantize, "base_bytes": base_bytes(model), "peak_rss_mb": peak_rss_mb(),
         "options": run_identity(o),
     }
-    if o.method == "tenslora":
-        metrics.update(construction=o.construction, decomposition=o.decomposition)
-    if o.method == "lorta":
-        metrics.update(modes=list(o.modes), mode_init=o.mode_init)
+    if o.method in method_specs():
+        for name in method_spec(o.method).train_options:
+            value = getattr(o, name)
+            metrics[name] = list(value) if isinstance(value, tuple) else value
     if o.method in ADAPTER_METHODS:
         metrics["targets"] = adapted_modules(model)
     return metrics

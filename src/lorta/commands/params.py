@@ -81,7 +81,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--targets", type=name_list, help="target modules, e.g. q_proj,v_proj (default: the "
                         "method's default for the model type)")
     parser.add_argument("--budget", type=positive_int, metavar="N",
-                        help="print, for lorta, tenslora, tlora and lora, the largest rank within N parameters")
+                        help=f"print, for {', '.join(METHODS)}, the largest rank within N parameters")
     parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
     parser.set_defaults(func=run)
 

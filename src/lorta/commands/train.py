@@ -17,11 +17,13 @@ from typing import Any
 
 from ..frontier import DEFAULT_BUDGETS
 from ..frontier import DEFAULT_METHODS as DEFAULT_FRONTIER_METHODS
+from ..methods.lorta import DEFAULT_MODE_FACTOR_INIT, MODE_FACTOR_INITS
 from ..methods.tenslora import CONSTRUCTIONS, DECOMPOSITIONS
-from ..tasks import DEFAULT_MODES
+from ..registry import method_specs
+from ..tasks import DEFAULT_MODES, TrainOptions
 
 EXIT_USAGE = 2
-DEFAULT_COMPARE_METHODS = "lorta,lora,tenslora,tlora,head-only"
+DEFAULT_COMPARE_METHODS = ",".join([*method_specs(), "lora", "head-only"])
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -102,12 +104,12 @@ def _shared_arguments(p: argparse.ArgumentParser) -> None:
     add("--max-length", "max tokens per example (default: 64; prompt 96; dpo 128)", type=int)
     add("--modes", "LoRTA: shared tensor modes, a comma-separated subset of heads,layers,matrices", type=_modes,
         default=",".join(DEFAULT_MODES))
-    add("--mode-init", "LoRTA: initial C_H, C_L, C_M, random signs or all ones", choices=("signs", "ones"),
-        default="signs")
+    add("--mode-init", "LoRTA: initial C_H, C_L, C_M, random signs or all ones", choices=MODE_FACTOR_INITS,
+        default=DEFAULT_MODE_FACTOR_INIT)
     add("--targets", "adapted matrices, comma-separated: attention roles q,k,v,o and/or module names (default: "
         "q,k,v,o; LoRTA on a classifier: q,k,v)", type=_modes)
-    add("--construction", "TensLoRA: stacked modes", choices=CONSTRUCTIONS, default="att_qkv_depth")
-    add("--decomposition", "TensLoRA: tucker or cp", choices=DECOMPOSITIONS, default="tucker")
+    add("--construction", "TensLoRA: stacked modes", choices=CONSTRUCTIONS, default=TrainOptions.construction)
+    add("--decomposition", "TensLoRA: tucker or cp", choices=DECOMPOSITIONS, default=TrainOptions.decomposition)
     add("--quantize", "load the base in 8 or 4 bits (bitsandbytes LLM.int8 / nf4 with double quantisation), "
         "QLoRA-style; the adapter trains in float32", choices=("8bit", "4bit"))
     add("--seed", "seed of the split, subsets, data order and initialisation", type=int, default=0)
@@ -194,11 +196,11 @@ def _ratio(adapter: int, reference: int) -> str:
 
 def method_label(m: dict[str, Any]) -> str:
     """The method, with LoRTA's modes when they are not the default ones (e.g. ``lorta[layers+matrices]``)."""
-    modes, init = m.get("modes"), m.get("mode_init", "signs")
+    modes, init = m.get("modes"), m.get("mode_init", DEFAULT_MODE_FACTOR_INIT)
     if m["method"] != "lorta":
         return m["method"]
     tags = [] if modes is None or tuple(modes) == DEFAULT_MODES else ["+".join(modes) or "no modes"]
-    tags += [] if init == "signs" else [f"C={init}"]
+    tags += [] if init == DEFAULT_MODE_FACTOR_INIT else [f"C={init}"]
     return f"lorta[{', '.join(tags)}]" if tags else "lorta"
 
 

@@ -31,10 +31,12 @@ from torch import Tensor, nn
 
 from ..factorization import Factorization, gather_groups, head_maps
 from ..layout import EXTRA_FREE, EXTRA_IN, OUT_HEADS, Slot, TensorLayout
+from ..registry import MethodSpec, Recipe
 from ..tuner.config import MethodType, TensorAdapterConfig
 
 LORTA_MODES = ("heads", "layers", "matrices")
 MODE_FACTOR_INITS = ("signs", "ones")
+DEFAULT_MODE_FACTOR_INIT = "signs"
 LORTA = MethodType("LORTA")
 
 
@@ -52,7 +54,7 @@ class LortaConfig(TensorAdapterConfig):
     )
 
     mode_factor_init: str = field(
-        default="signs",
+        default=DEFAULT_MODE_FACTOR_INIT,
         metadata={
             "help": "Initial C_H, C_L, C_M: 'signs' (random +-1: heads, layers and matrices start on different mixes "
             "of the rank-one terms; the default) or 'ones' (all start identical)."
@@ -206,3 +208,20 @@ def lorta_num_params(
     total += sum(gl * n * r for n in extra_sizes)
     total += sum(gl * (a + b) * r for a, b in free_sizes)
     return total
+
+
+SPEC = MethodSpec(
+    name="lorta", title="LoRTA", peft_type=LORTA, config_cls=LortaConfig, factors_cls=LortaFactors,
+    tuner_name="LortaModel",
+    closed_form=lambda layout, config: lambda r: lorta_num_params(
+        **layout.count_sizes(), r=r, modes=tuple(config.modes)
+    ),
+    # The default job's recipe (its sweeps are in the README): q, k, v only, alpha 32 at rank 16 (LoRA r=8's
+    # scale alpha / r = 2), the head at 1e-2; the causal-LM jobs keep the lr found safe on the classifier.
+    classify=Recipe(16, 32.0, 3e-3, 1e-2, targets=("q", "k", "v")),
+    causal_lm=Recipe(16, 16.0, 1e-3, 0.0),
+    params_options=("modes",),
+    train_options=("modes", "mode_init"),
+    train_kwargs=lambda o: {"modes": list(o.modes), "mode_factor_init": o.mode_init},
+    bench_config=lambda r, alpha, targets, shape: LortaConfig(r=r, lora_alpha=alpha, target_modules=targets),
+)

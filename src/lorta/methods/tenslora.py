@@ -32,10 +32,12 @@ from torch import Tensor, nn
 
 from ..factorization import Factorization, gather_groups, head_maps
 from ..layout import EXTRA_FREE, EXTRA_IN, OUT_HEADS, Slot, TensorLayout
+from ..registry import MethodSpec, Recipe
 from ..tuner.config import AdapterConfigError, MethodType, TensorAdapterConfig, _check_positive_int
 
 CONSTRUCTIONS = ("att", "qkv", "depth", "att_qkv", "att_depth", "qkv_depth", "att_qkv_depth")
 DECOMPOSITIONS = ("tucker", "cp")
+DEFAULT_CONSTRUCTION, DEFAULT_DECOMPOSITION = "att_qkv_depth", "tucker"
 _STACKED = ("att", "qkv", "depth")
 DEFAULT_RANK = 8
 TENSLORA = MethodType("TENSLORA")
@@ -56,8 +58,10 @@ class TensLoraConfig(TensorAdapterConfig):
     """
 
     r: int | None = field(default=None, metadata={"help": "Rank of every mode (default 8); or give `ranks`."})
-    construction: str = field(default="att_qkv_depth", metadata={"help": f"One of {CONSTRUCTIONS}."})
-    decomposition: str = field(default="tucker", metadata={"help": "tucker (a rank per mode) or cp (one rank)."})
+    construction: str = field(default=DEFAULT_CONSTRUCTION, metadata={"help": f"One of {CONSTRUCTIONS}."})
+    decomposition: str = field(
+        default=DEFAULT_DECOMPOSITION, metadata={"help": "tucker (a rank per mode) or cp (one rank)."}
+    )
     ranks: int | dict[str, int] | list[int] | None = field(
         default=None, metadata={"help": "An int for every mode, or a rank per mode: in, out, att, qkv, depth."}
     )
@@ -268,3 +272,29 @@ def tenslora_num_params(
     tensors = (1 if "qkv" in modes else M) * gl
     own = sum(n * ranks["out"] for n in extra_sizes) + sum(a * ranks["in"] + b * ranks["out"] for a, b in free_sizes)
     return per_tensor * tensors + gl * own
+
+
+def _bench_config(r: int, alpha: float, targets: list[str], shape: dict) -> TensLoraConfig:
+    """Tucker att_qkv_depth with rank r on the in/out modes and min(r, size) on heads, matrices, layers (the
+    core is a product of the five ranks: r on every mode would be r^5 parameters, 1e9 at r=64)."""
+    ranks = {"in": r, "out": r, "att": min(r, shape["heads"]), "qkv": min(r, shape["matrices"]),
+             "depth": min(r, shape["layers"])}
+    return TensLoraConfig(construction=DEFAULT_CONSTRUCTION, decomposition=DEFAULT_DECOMPOSITION, ranks=ranks,
+                          lora_alpha=alpha, target_modules=targets)
+
+
+SPEC = MethodSpec(
+    name="tenslora", title="TensLoRA", peft_type=TENSLORA, config_cls=TensLoraConfig, factors_cls=TensLoraFactors,
+    tuner_name="TensLoraModel", default_kinds=("q", "k", "v"),
+    closed_form=lambda layout, config: lambda r: tenslora_num_params(
+        config.construction, config.decomposition, dict.fromkeys(tensor_modes(config.construction), r),
+        **layout.count_sizes(),
+    ),
+    classify=Recipe(8, 16.0, 2e-3, 1e-2),
+    causal_lm=Recipe(8, 16.0, 1e-3, 0.0),
+    rank_field="ranks",
+    params_options=("ranks", "construction", "decomposition"),
+    train_options=("construction", "decomposition"),
+    train_kwargs=lambda o: {"construction": o.construction, "decomposition": o.decomposition},
+    bench_config=_bench_config,
+)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..factorization import Factorization
 from ..layout import Slot, TensorLayout
+from ..registry import MethodSpec, Recipe
 from ..tuner.config import MethodType, TensorAdapterConfig
 
 TLORA_DEFAULT_TARGETS = ("q", "v")  # the paper's GLUE setting
@@ -139,3 +140,16 @@ class TLoraFactors(Factorization):
 def tlora_num_params(L: int, M: int, r: int, matrices: int | None = None) -> int:
     """M * L * (r^2 + 1); `matrices`: the number of adapted matrices when not every layer has every kind."""
     return (M * L if matrices is None else matrices) * (r * r + 1)
+
+
+SPEC = MethodSpec(
+    name="tlora", title="TLoRA", peft_type=TLORA, config_cls=TLoraConfig, factors_cls=TLoraFactors,
+    tuner_name="TLoraModel", default_kinds=TLORA_DEFAULT_TARGETS,
+    closed_form=lambda layout, config: lambda r: tlora_num_params(
+        L=layout.num_layers, M=layout.num_matrices, r=r, matrices=sum(len(s) for s in layout.slots.values())
+    ),
+    classify=Recipe(16, 16.0, 1e-2, 2e-3),
+    causal_lm=Recipe(16, 16.0, 2e-3, 0.0),
+    train_kwargs=lambda o: {"projection_seed": o.seed},
+    bench_config=lambda r, alpha, targets, shape: TLoraConfig(r=r, lora_alpha=alpha, target_modules=targets),
+)

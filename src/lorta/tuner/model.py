@@ -543,5 +543,6 @@ def make_tuner(
     targets = DEFAULT_TARGETS
     if default_kinds is not None:
         targets = {model_type: arch.targets(tuple(default_kinds)) for model_type, arch in ARCHITECTURES.items()}
-    attrs = {"factorization_cls": factorization_cls, "target_module_mapping": targets, "__doc__": __doc__}
+    attrs = {"factorization_cls": factorization_cls, "target_module_mapping": targets, "__doc__": __doc__,
+             "__module__": "lorta", "__qualname__": name}  # exported as lorta.<name> (lorta/__init__.py)
     return type(name, (TensorAdapterModel,), attrs)
