@@ -30,7 +30,7 @@ def main() -> None:
     from lorta.data import load_rotten_tomatoes
     from lorta.import_lora import import_lora, save_imported
     from lorta.models import load_adapted
-    from lorta.tasks import evaluate_classifier
+    from lorta.train import evaluate_classifier
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="a lorta train --method lora run folder (adapter/, metrics.json)")

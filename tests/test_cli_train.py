@@ -84,7 +84,7 @@ def test_outputs_metrics_png_and_loadable_adapter(tiny_run: tuple[Path, str]) ->
 
     from lorta.data import load_rotten_tomatoes
     from lorta.models import load_for_classification
-    from lorta.tasks import evaluate_classifier
+    from lorta.train import evaluate_classifier
 
     out, _ = tiny_run
     m = metrics_of(out)
@@ -213,7 +213,7 @@ def test_targets_flag(method: str, targets: str, expected: list[str], adapter: i
 
 
 def test_target_modules_roles_and_names() -> None:
-    from lorta.tasks import UsageError, target_modules
+    from lorta.train import UsageError, target_modules
 
     assert target_modules(["q", "k", "v"], "bert") == ["query", "key", "value"]
     assert target_modules(["o"], "llama") == ["o_proj"]
@@ -240,7 +240,7 @@ def test_targets_flag_in_the_default_folder_name(tmp_path: Path, capsys: pytest.
 
 
 def test_data_order_is_seeded_grouped_and_exact() -> None:
-    from lorta.tasks import grouped_order
+    from lorta.train import grouped_order
 
     lengths = [(i * 37) % 50 + 1 for i in range(1000)]
     order = grouped_order(lengths, batch_size=8, total=2500, seed=0)
@@ -254,7 +254,7 @@ def test_data_order_is_seeded_grouped_and_exact() -> None:
 
 def test_lora_reference_count_is_exact() -> None:
     from lorta.models import resolve_model
-    from lorta.tasks import lora_reference_parameters
+    from lorta.train import lora_reference_parameters
 
     assert lora_reference_parameters(resolve_model("minilm")) == LORA_R8_MINILM
     assert lora_reference_parameters(resolve_model("minilm"), rank=4) == LORA_R8_MINILM // 2
@@ -464,12 +464,12 @@ def test_without_matplotlib_the_run_writes_everything_but_the_plot(tmp_path, cap
 
 
 def test_a_missing_required_package_fails_before_any_work(tmp_path, capsys, monkeypatch) -> None:
-    from lorta import tasks
+    from lorta.train import jobs
 
     def no_data(*args, **kwargs):
         raise AssertionError("the job started working before checking its packages")
 
-    monkeypatch.setattr(tasks, "load_data", no_data)
+    monkeypatch.setattr(jobs, "load_data", no_data)
     monkeypatch.setitem(sys.modules, "trl", None)
     out = tmp_path / "dpo"
     code, _, err = lorta(["train", "--task", "dpo", *TINY, "--out", str(out)], capsys)

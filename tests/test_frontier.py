@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lorta import cli, frontier
-from lorta.tasks import TrainOptions
+from lorta.train import TrainOptions
 
 TINY = ["--max-train", "48", "--max-test", "32", "--steps", "2", "--batch-size", "8", "--max-length", "32", "--quiet"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -202,10 +202,10 @@ def test_frontier_bad_input_exits_2(args: list[str], message: str, tmp_path: Pat
 
 
 def test_resume_fills_options_added_since_a_run_with_their_defaults(tmp_path: Path) -> None:
-    from lorta.tasks import resolve_options, run_identity
+    from lorta.train import resolve_options, run_identity
 
     o = TrainOptions(max_train=48, max_test=32, steps=2, out=str(tmp_path))
-    identity = run_identity(resolve_options(o)[0])
+    identity = run_identity(resolve_options(o))
     older = {k: v for k, v in identity.items() if k != "mode_lr"}  # a run made before --mode-lr existed
     (tmp_path / "metrics.json").write_text(json.dumps({"options": older, "accuracy": 0.5}), encoding="utf-8")
     assert frontier.finished_run(tmp_path, o) == {"options": older, "accuracy": 0.5}

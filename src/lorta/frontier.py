@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .tasks import (
+from .train import (
     ADAPTER_METHODS,
     PEFT_METHODS,
     TrainOptions,
@@ -83,7 +83,7 @@ def plan(options: TrainOptions, methods: Sequence[str], budgets: Sequence[int]) 
     cells: list[Cell] = []
     unreachable: list[Unreachable] = []
     for method in methods:
-        o, _, _ = resolve_options(dataclasses.replace(options, method=method, rank=None, out="-"))
+        o = resolve_options(dataclasses.replace(options, method=method, rank=None, out="-"))
         if method not in ADAPTER_METHODS:
             cells.append(Cell(method, None, 0, ()))
             continue
@@ -200,7 +200,7 @@ def finished_run(out: Path, o: TrainOptions) -> dict[str, Any] | None:
         metrics = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    resolved, _, _ = resolve_options(o)
+    resolved = resolve_options(o)
     stored = metrics.get("options")
     if not isinstance(stored, dict):
         return None

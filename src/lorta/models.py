@@ -254,6 +254,21 @@ def _convert_gguf(gguf: Path) -> Path:
     return target
 
 
+def model_metadata(path: Path) -> dict[str, Any]:
+    """A local model folder's config.json as plain data (model_type, architectures, ...): no transformers import."""
+    return json.loads((path / "config.json").read_text(encoding="utf-8"))
+
+
+def model_type(path: Path) -> str:
+    return str(model_metadata(path).get("model_type", ""))
+
+
+def is_causal_lm(path: Path) -> bool:
+    """Whether the folder's model is a causal language model (its architectures end in ForCausalLM/LMHeadModel)."""
+    names = model_metadata(path).get("architectures") or []
+    return any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names)
+
+
 def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
     """Turn a catalogue name (see :data:`PACKAGED_MODELS`), a local Hugging Face folder (with
     ``config.json``) or a ``.gguf`` file into a local Hugging Face folder; GGUF files are converted

@@ -1,6 +1,6 @@
 """``lorta train`` (fine-tune one model with one method) and ``lorta compare`` (a grid of methods × ranks).
 
-A thin layer: argument parsing and printing here; the jobs themselves are in :mod:`lorta.tasks`.
+A thin layer: argument parsing and printing here; the jobs themselves are in :mod:`lorta.train`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ..frontier import DEFAULT_METHODS as DEFAULT_FRONTIER_METHODS
 from ..methods.lorta import DEFAULT_MODE_FACTOR_INIT, MODE_FACTOR_INITS
 from ..methods.tenslora import CONSTRUCTIONS, DECOMPOSITIONS
 from ..registry import method_specs
-from ..tasks import DEFAULT_MODES, TrainOptions
+from ..train import DEFAULT_MODES, TrainOptions
 
 EXIT_USAGE = 2
 DEFAULT_COMPARE_METHODS = ",".join([*method_specs(), "lora", "head-only"])
@@ -37,7 +37,7 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``train`` and ``compare`` subcommands."""
-    from ..tasks import METHODS
+    from ..train import METHODS
 
     train = subparsers.add_parser(
         "train",
@@ -79,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _shared_arguments(p: argparse.ArgumentParser) -> None:
-    from ..tasks import TASKS
+    from ..train import TASKS
 
     def add(flag: str, text: str, **kwargs: Any) -> None:
         p.add_argument(flag, help=text, **kwargs)
@@ -124,7 +124,7 @@ def options_from(args: argparse.Namespace, **overrides: Any) -> Any:
     """TrainOptions from parsed arguments (unknown attributes ignored)."""
     import dataclasses
 
-    from ..tasks import TrainOptions
+    from ..train import TrainOptions
 
     names = {f.name for f in dataclasses.fields(TrainOptions)}
     values = {k: v for k, v in vars(args).items() if k in names}
@@ -135,8 +135,8 @@ def options_from(args: argparse.Namespace, **overrides: Any) -> Any:
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from ..data import DataError
     from ..layout import LayoutError
-    from ..models import ModelNotFoundError
-    from ..tasks import MissingDependencyError, UsageError
+    from ..models import MissingDependencyError, ModelNotFoundError
+    from ..train import UsageError
 
     return (DataError, ModelNotFoundError, UsageError, LayoutError, MissingDependencyError)
 
@@ -169,7 +169,7 @@ def _process_start() -> float | None:
 def run_train(args: argparse.Namespace) -> int:
     """``lorta train``: one run; prints the summary; exit 2 with the message on bad data or options."""
     _quiet_environment()
-    from ..tasks import run_job
+    from ..train import run_job
 
     try:
         metrics = run_job(options_from(args), started=_process_start())
@@ -249,7 +249,7 @@ def _parse_list(text: str, flag: str, cast: type = str) -> list[Any]:
 
 def grid(methods: Sequence[str], ranks: Sequence[int] | None) -> list[tuple[str, int | None]]:
     """(method, rank) pairs; methods without an adapter run once; None rank = the method's default."""
-    from ..tasks import ADAPTER_METHODS
+    from ..train import ADAPTER_METHODS
 
     cells: list[tuple[str, int | None]] = []
     for method in methods:
@@ -260,7 +260,7 @@ def grid(methods: Sequence[str], ranks: Sequence[int] | None) -> list[tuple[str,
 def run_compare(args: argparse.Namespace) -> int:
     """``lorta compare``: train every (method, rank), then write compare.md, compare.png and compare.json."""
     _quiet_environment()
-    from ..tasks import METHODS, model_label
+    from ..train import METHODS, model_label
 
     try:
         methods = _parse_list(args.methods, "--methods")
@@ -371,7 +371,7 @@ def plot_compare(rows: Sequence[dict[str, Any]], path: Path, ylabel: str) -> Non
 def _run_or_reuse(options: Any, resume: bool) -> dict[str, Any]:
     """Train one run, or with --resume reuse its folder's finished run of the same options."""
     from ..frontier import finished_run
-    from ..tasks import run_job
+    from ..train import run_job
 
     done = finished_run(Path(options.out), options) if resume else None
     if done is not None:
@@ -389,7 +389,7 @@ def run_frontier(args: argparse.Namespace, methods: list[str] | None, ranks: lis
     """``lorta compare --frontier``: plan the ranks per budget, train every (cell, seed) with the seeds outermost
     (so an interrupted frontier is complete for its first seeds), then write frontier.md, .json and .png."""
     from .. import frontier
-    from ..tasks import model_label
+    from ..train import model_label
 
     try:
         budgets = _parse_list(args.frontier, "--frontier", int)
@@ -438,7 +438,7 @@ def write_frontier(rows: Sequence[dict[str, Any]], cells: Sequence[Any], unreach
     import dataclasses
 
     from .. import frontier
-    from ..tasks import write_atomically
+    from ..train import write_atomically
 
     root.mkdir(parents=True, exist_ok=True)
     points = frontier.summarise(cells, rows)
