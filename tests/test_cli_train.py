@@ -14,36 +14,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import PNG_MAGIC, _only_train_command, lorta, metrics_of  # noqa: F401  (autouse fixture)
 
 from lorta import cli
 
 TINY = ["--max-train", "48", "--max-test", "32", "--steps", "3", "--batch-size", "8", "--max-length", "32", "--quiet"]
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LORA_R8_MINILM = 6 * 4 * 8 * (384 + 384)  # layers x (q, k, v, o) x r x (d_in + d_out) = 147,456
 LORTA_R16_MINILM = (384 + 32 + 12 + 6 + 3) * 16  # (d + d_h + H + L + M) * r on q, k, v = 6,992
 HEAD_MINILM = 384 * 2 + 2
-
-
-@pytest.fixture(autouse=True)
-def _only_train_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    """In-process runs build the parser from this command only (other subcommands are tested elsewhere)."""
-    monkeypatch.setattr(cli, "COMMANDS", ("train",))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-
-def lorta(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run ``lorta ARGV`` in-process; return (exit code, stdout, stderr)."""
-    try:
-        code = cli.main(argv)
-    except SystemExit as exc:  # argparse errors
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def metrics_of(out: Path) -> dict:
-    return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")
@@ -406,13 +384,15 @@ def test_compare_rejects_unknown_method(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 @pytest.mark.slow
-def test_smollm2_prompt_sentiment_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["train", "--model", "smollm2", "--max-train", "16", "--max-test", "8", "--steps", "2",
+@pytest.mark.parametrize(("task", "words"), [("sentiment", [" negative", " positive"]),
+                                            ("party", [" Democratic", " Republican"])])
+def test_smollm2_prompt_tiny(task: str, words: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["train", "--model", "smollm2", "--task", task, "--max-train", "16", "--max-test", "8", "--steps", "2",
             "--batch-size", "4", "--quiet", "--out", str(tmp_path / "p")]
     code, out, err = lorta(args, capsys)
     assert code == 0, err
     m = metrics_of(tmp_path / "p")
-    assert m["job"] == "prompt" and m["label_words"] == [" negative", " positive"]
+    assert m["job"] == "prompt" and m["label_words"] == words
     assert m["adapter_params"] == (576 + 64 + 9 + 30 + 4) * 16 and m["head_params"] == 0
     assert 0.0 <= m["accuracy"] <= 1.0 and m["eval_loss"] > 0
     assert (tmp_path / "p" / "adapter" / "adapter_model.safetensors").is_file()

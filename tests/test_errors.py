@@ -268,19 +268,15 @@ def test_damaged_torch_weights_file(tmp_path):
         PeftModel.from_pretrained(base, tmp_path / "bin")
 
 
-def test_missing_weights_file(saved, tmp_path):
-    adapter = copy_adapter(saved, tmp_path / "no-weights")
-    (adapter / "adapter_model.safetensors").unlink()
+@pytest.mark.parametrize(("missing", "error", "match"), [
+    ("adapter_model.safetensors", AdapterFileError, r"no adapter weights in .*missing.*expected adap"),
+    ("adapter_config.json", ValueError, r"Can't find 'adapter_config.json' at .*missing"),
+], ids=["weights", "config"])
+def test_missing_file(saved, tmp_path, missing, error, match):
+    adapter = copy_adapter(saved, tmp_path / "missing")
+    (adapter / missing).unlink()
     model = make_model("llama")
-    with Unchanged(model), pytest.raises(AdapterFileError, match=r"no adapter weights in .*no-weights.*expected adap"):
-        PeftModel.from_pretrained(model, adapter)
-
-
-def test_missing_config_file(saved, tmp_path):
-    adapter = copy_adapter(saved, tmp_path / "no-config")
-    (adapter / "adapter_config.json").unlink()
-    model = make_model("llama")
-    with Unchanged(model), pytest.raises(ValueError, match=r"Can't find 'adapter_config.json' at .*no-config"):
+    with Unchanged(model), pytest.raises(error, match=match):
         PeftModel.from_pretrained(model, adapter)
 
 

@@ -11,34 +11,14 @@ import statistics
 from pathlib import Path
 
 import pytest
+from cli_helpers import PNG_MAGIC, _only_train_command, lorta, metrics_of  # noqa: F401  (autouse fixture)
 
-from lorta import cli, frontier
+from lorta import frontier
 from lorta.train import TrainOptions
 
 TINY = ["--max-train", "48", "--max-test", "32", "--steps", "2", "--batch-size", "8", "--max-length", "32", "--quiet"]
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MINILM_LORTA_QKV = 384 + 32 + 12 + 6 + 3  # LoRTA's parameters per rank on MiniLM's q, k, v
 MINILM_VERA = 6 * 4  # VeRA's parameters per rank (one d entry per adapted matrix), plus 384 per matrix (b)
-
-
-@pytest.fixture(autouse=True)
-def _only_train_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "COMMANDS", ("train",))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-
-def lorta(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        code = cli.main(argv)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def metrics_of(out: Path) -> dict:
-    return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -88,16 +68,6 @@ def test_bad_combinations_exit_2(args: list[str], message: str, tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = lorta(["train", *TINY, *args, "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and message in err and "Traceback" not in err
-
-
-@pytest.mark.slow
-def test_smollm2_prompt_party_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["train", "--model", "smollm2", "--task", "party", "--max-train", "16", "--max-test", "8", "--steps", "2",
-            "--batch-size", "4", "--quiet", "--out", str(tmp_path / "p")]
-    code, _, err = lorta(args, capsys)
-    assert code == 0, err
-    m = metrics_of(tmp_path / "p")
-    assert m["job"] == "prompt" and m["label_words"] == [" Democratic", " Republican"]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -332,10 +332,7 @@ def _parse_rotten_tomatoes(path: Path) -> tuple[_Example, ...]:
 
 
 def load_rotten_tomatoes(
-    test_fraction: float = 0.2,
-    seed: int = 0,
-    max_train: int | None = None,
-    max_test: int | None = None,
+    test_fraction: float = 0.2, seed: int = 0, max_train: int | None = None, max_test: int | None = None
 ) -> TextDataset:
     """Binary sentiment (rotten = 0 = "negative", fresh = 1 = "positive") on Rotten Tomatoes review snippets.
 
@@ -405,10 +402,7 @@ def _parse_convention_speeches(path: Path) -> tuple[_Example, ...]:
 
 
 def load_convention_speeches(
-    test_fraction: float = 0.2,
-    seed: int = 0,
-    max_train: int | None = None,
-    max_test: int | None = None,
+    test_fraction: float = 0.2, seed: int = 0, max_train: int | None = None, max_test: int | None = None
 ) -> TextDataset:
     """Party classification (0 = "Democratic", 1 = "Republican") of paragraphs of the 2012 convention speeches.
 

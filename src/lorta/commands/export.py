@@ -41,6 +41,7 @@ FORMATS = ("lora", "gguf", "merged")
 
 def register(subparsers: Any) -> None:
     from ..export import ENGINES
+    from . import add_file_job_arguments
 
     engines = [e for e in ENGINES if e != "llama.cpp"]
     p = subparsers.add_parser(
@@ -52,10 +53,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--format", choices=FORMATS, default="lora", help="what to write (default: lora)")
     p.add_argument("--engine", choices=engines, default="peft",
                    help="for --format lora: the serving engine whose rules the folder obeys (default: peft)")
-    p.add_argument("--base", metavar="MODEL", default=None,
-                   help="the base model: a Hugging Face folder, a .gguf file or a catalogue name "
-                        "(default: the adapter's base_model_name_or_path)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    add_file_job_arguments(p, "the adapter", "base_model_name_or_path")
     p.set_defaults(func=run)
 
 

@@ -32,6 +32,7 @@ EPILOG = """examples:
 
 def register(subparsers: Any) -> None:
     from ..import_lora import METHODS
+    from . import add_file_job_arguments
     from .params import positive_int
 
     p = subparsers.add_parser(
@@ -42,14 +43,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("out_dir", metavar="OUT_DIR", help="the lorta adapter folder to create")
     p.add_argument("--method", choices=METHODS, default="lorta", help="the tensor adapter to fit (default: lorta)")
     p.add_argument("--rank", type=positive_int, default=16, help="its rank r, every mode's for TensLoRA (default: 16)")
-    p.add_argument("--base", metavar="MODEL", default=None,
-                   help="the base model: a Hugging Face folder, a .gguf file or a catalogue name "
-                        "(default: the LoRA's base_model_name_or_path)")
     p.add_argument("--steps", type=_non_negative, default=None,
                    help="Adam steps after the start (default: 0 after LoRTA's ALS and TLoRA's closed form, which "
                         "already solve the least squares; 3000 for TensLoRA and LoRTA ablations)")
     p.add_argument("--seed", type=int, default=0, help="seed of the start (default: 0)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    add_file_job_arguments(p, "the LoRA", "base_model_name_or_path")
     p.set_defaults(func=run)
 
 

@@ -207,7 +207,7 @@ def method_label(m: dict[str, Any]) -> str:
 def summary(m: dict[str, Any]) -> str:
     """The block printed at the end of ``lorta train``."""
     rank = f" r={m['rank']}" if m.get("rank") is not None else ""
-    what = "held-out reward accuracy" if m["job"] == "dpo" else "held-out accuracy"
+    what = _accuracy_kind(m)
     examples = f"{m['test_pairs']:,} preference pairs" if m["job"] == "dpo" else f"{m['n_test']:,} examples"
     baseline = "" if m["job"] == "dpo" else f", majority class {m['majority_baseline']:.1%}"
     saved = Path(m["saved"])
@@ -295,9 +295,23 @@ def run_compare(args: argparse.Namespace) -> int:
     except _expected_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    print(f"\n{(root / 'compare.md').read_text(encoding='utf-8')}")
-    plot = f"{root / 'compare.png'}, " if (root / "compare.png").exists() else ""
-    print(f"wrote {root / 'compare.md'}, {plot}{root / 'compare.json'}")
+    return _print_outputs(root, "compare")
+
+
+def _accuracy_kind(run: dict[str, Any]) -> str:
+    return "held-out reward accuracy" if run["job"] == "dpo" else "held-out accuracy"
+
+
+def _heading(kind: str, first: dict[str, Any], command: str) -> str:
+    """The title and command lines of a compare table (written while the runs go on)."""
+    return f"# lorta {kind}: {first['model']} · {first['task']} · {first['data']}\n\n`{command}`  \n"
+
+
+def _print_outputs(root: Path, stem: str) -> int:
+    """Show the table written to ``root/<stem>.md`` and list the files (the plot only where matplotlib made it)."""
+    table, plot = root / f"{stem}.md", root / f"{stem}.png"
+    print(f"\n{table.read_text(encoding='utf-8')}")
+    print(f"wrote {table}, {f'{plot}, ' if plot.exists() else ''}{root / f'{stem}.json'}")
     return 0
 
 
@@ -327,10 +341,10 @@ def _targets_cell(r: dict[str, Any]) -> str:
 def write_compare(rows: Sequence[dict[str, Any]], root: Path, command: str, total_s: float) -> None:
     root.mkdir(parents=True, exist_ok=True)
     first = rows[0]
-    what = "held-out reward accuracy" if first["job"] == "dpo" else "held-out accuracy"
+    what = _accuracy_kind(first)
     text = (
-        f"# lorta compare: {first['model']} · {first['task']} · {first['data']}\n\n"
-        f"`{command}`  \n{first['steps']} steps x {first['batch_size'] * first['grad_accum']} per method, "
+        f"{_heading('compare', first, command)}"
+        f"{first['steps']} steps x {first['batch_size'] * first['grad_accum']} per method, "
         f"seed {first['seed']}, {first['n_train']:,} train / {first['n_test']:,} test examples; accuracy = {what}; "
         f"LoRA r=8 on q,k,v,o = {first['lora_r8_params']:,} parameters; total {_fmt_time(total_s)}.\n\n"
         f"{compare_table(rows)}\n"
@@ -426,10 +440,7 @@ def run_frontier(args: argparse.Namespace, methods: list[str] | None, ranks: lis
     except _expected_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    print(f"\n{(root / 'frontier.md').read_text(encoding='utf-8')}")
-    plot = f"{root / 'frontier.png'}, " if (root / "frontier.png").exists() else ""
-    print(f"wrote {root / 'frontier.md'}, {plot}{root / 'frontier.json'}")
-    return 0
+    return _print_outputs(root, "frontier")
 
 
 def write_frontier(rows: Sequence[dict[str, Any]], cells: Sequence[Any], unreachable: Sequence[Any],
@@ -443,10 +454,10 @@ def write_frontier(rows: Sequence[dict[str, Any]], cells: Sequence[Any], unreach
     root.mkdir(parents=True, exist_ok=True)
     points = frontier.summarise(cells, rows)
     first = rows[0]
-    what = "held-out reward accuracy" if first["job"] == "dpo" else "held-out accuracy"
+    what = _accuracy_kind(first)
     text = (
-        f"# lorta compare --frontier: {first['model']} · {first['task']} · {first['data']}\n\n"
-        f"`{command}`  \n{first['steps']} steps x {first['batch_size'] * first['grad_accum']} per run, seeds "
+        f"{_heading('compare --frontier', first, command)}"
+        f"{first['steps']} steps x {first['batch_size'] * first['grad_accum']} per run, seeds "
         f"{', '.join(map(str, seeds))} ({len(rows)} of {len(cells) * len(seeds)} runs done); accuracy = {what}; "
         f"budgets in adapter parameters, each method at its largest rank within the budget; head "
         f"{first['head_params']:,} parameters; total wall time {_fmt_time(total_s)}.\n\n"
