@@ -151,11 +151,8 @@ class AdapterBank:
             layers[template] = [
                 m for m in tuner.model.modules() if isinstance(m, TensorAdapterLayer) and template in m.lorta_slots
             ]
-        identity = nn.Identity()  # stateless: one instance serves every layer of this adapter
-        for layer in layers[template]:
-            layer.lorta_slots[name] = layer.lorta_slots[template]
-            layer.lorta_scaling[name] = scaling
-            layer.lorta_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else identity
+        for layer in layers[template]:  # the same wiring PEFT's injection does (TensorAdapterLayer.update_layer)
+            layer.update_layer(name, layer.lorta_slots[template], scaling, config.lora_dropout)
         return True
 
     def _template_for(self, config: Any) -> str | None:

@@ -24,12 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from .saving import write_directory, write_file
+from .tuner.adapter_file import FACTOR_PREFIX
 from .tuner.layer import TensorAdapterLayer
 from .tuner.maps import module_maps
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
-_FACTOR_PREFIX = "base_model.lorta_factors."
 _BIAS = {"none": "none", "all": "all", "lorta_only": "lora_only"}
 
 
@@ -503,7 +503,7 @@ def _carried_tensors(model: nn.Module, adapter_name: str) -> dict[str, Tensor]:
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(model, adapter_name=adapter_name)
-    carried = {k: v.detach().clone() for k, v in state.items() if not k.startswith(_FACTOR_PREFIX)}
+    carried = {k: v.detach().clone() for k, v in state.items() if not k.startswith(FACTOR_PREFIX)}
     leftover = [k for k in carried if "lorta" in k]
     if leftover:  # pragma: no cover - a factor stored outside the bank would be lost silently
         raise ExportError(f"cannot export tensors {leftover[:3]}: they are neither factors nor LoRA-compatible")

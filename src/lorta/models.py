@@ -427,10 +427,10 @@ def load_adapted(
     import transformers
     from peft import PeftModel
 
-    from .registry import peft_types
+    from .registry import peft_types as lorta_peft_types
     from .tuner.config import AdapterFileError
 
-    kinds = sorted(peft_types if peft_types is not None else peft_types())
+    kinds = sorted(peft_types if peft_types is not None else lorta_peft_types())
     folder = Path(adapter_dir)
     config_file = folder / "adapter_config.json"
     if not config_file.is_file():

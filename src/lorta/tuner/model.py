@@ -10,7 +10,6 @@ once (state-dict key `base_model.lorta_factors.A`). Each wrapped layer keeps a p
 
 from __future__ import annotations
 
-import os
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +28,8 @@ from ..quantized import (
     keep_trainable_layout,
     quantization_kwargs,
 )
-from .config import AdapterFileError, TensorAdapterConfig
+from .adapter_file import check_adapter_file, check_factor_entries
+from .config import TensorAdapterConfig
 from .layer import Linear, TensorAdapterLayer, nan_message
 from .maps import Maps, module_maps
 from .mixed import mixed_batch_hooks
@@ -37,7 +37,6 @@ from .state import TunerState
 
 _SHAPE_KEYS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim")
 _UPCAST = (torch.float16, torch.bfloat16)
-_FACTOR_PREFIX = "base_model.lorta_factors."
 
 
 class DistributedSetupError(RuntimeError):
@@ -85,7 +84,7 @@ class TensorAdapterModel(BaseTuner):
             factors = self.factorization_cls(config, layout)
         factors.to(dtype=dtype)
         if source is not None:  # validate the saved weights against this model before anything is modified
-            _check_adapter_file(source, factors, config.peft_type)
+            check_adapter_file(source, factors, config.peft_type)
         for param in factors.parameters():
             param._lorta_unmanaged = True  # see _check_runtime: FSDP replaces the parameters it manages
         self.lorta_factors[adapter_name] = factors
@@ -316,7 +315,7 @@ class TensorAdapterModel(BaseTuner):
         if banks is not None and adapter_name in banks:
             shapes = {k: (tuple(v.shape), v.dtype) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
             where = f"the weights loaded for adapter {adapter_name!r}"
-            _check_factor_entries(shapes, banks[adapter_name], config.peft_type, where)
+            check_factor_entries(shapes, banks[adapter_name], config.peft_type, where)
         return super()._remap_adapter_state_dict_for_load(
             model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
         )
@@ -457,83 +456,6 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     except ImportError:  # pragma: no cover - torch built without distributed
         return False
     return isinstance(tensor, DTensor)
-
-
-def _check_adapter_file(directory: str, factors: nn.Module, peft_type: str) -> None:
-    """The saved weights exist, are readable, and hold exactly this adapter's factors with this model's shapes."""
-    from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
-
-    safetensors_file = os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)
-    bin_file = os.path.join(directory, WEIGHTS_NAME)
-    if os.path.isfile(safetensors_file):
-        path = safetensors_file
-        try:
-            from safetensors import safe_open
-
-            with safe_open(safetensors_file, framework="pt") as handle:
-                entries = {}
-                for key in handle.keys():
-                    part = handle.get_slice(key)
-                    entries[key] = (tuple(part.get_shape()), part.get_dtype())
-        except Exception as exc:  # safetensors raises its own error types for every kind of damage
-            raise AdapterFileError(
-                f"{safetensors_file} is not a readable safetensors file ({exc}): it is truncated or corrupted. "
-                "Save the adapter again or copy it from its source; nothing was loaded or changed"
-            ) from exc
-    elif os.path.isfile(bin_file):
-        path = bin_file
-        try:
-            tensors = torch.load(bin_file, map_location="meta", weights_only=True)
-            entries = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items() if isinstance(v, torch.Tensor)}
-        except Exception as exc:
-            raise AdapterFileError(
-                f"{bin_file} is not a readable torch file ({exc}): it is truncated or corrupted; nothing was loaded"
-            ) from exc
-    else:
-        present = sorted(os.listdir(directory))[:12] if os.path.isdir(directory) else []
-        raise AdapterFileError(
-            f"no adapter weights in {directory}: expected {SAFETENSORS_WEIGHTS_NAME} (or {WEIGHTS_NAME}) next to "
-            f"adapter_config.json, found {present}. Copy the weights file there or save the adapter again"
-        )
-    _check_factor_entries(entries, factors, peft_type, f"the weights in {path}")
-
-
-def _check_factor_entries(
-    entries: dict[str, tuple[tuple[int, ...], Any]], factors: nn.Module, peft_type: str, where: str
-) -> None:
-    """`entries` ({key: (shape, dtype)}) hold every factor of `factors` once, with its shape, and no other."""
-    expected = {_FACTOR_PREFIX + k: tuple(v.shape) for k, v in factors.state_dict().items()}
-    found = {k: v for k, v in entries.items() if k.startswith(_FACTOR_PREFIX)}
-    problems = []
-    missing = sorted(k.removeprefix(_FACTOR_PREFIX) for k in set(expected) - set(found))
-    unexpected = sorted(k.removeprefix(_FACTOR_PREFIX) for k in set(found) - set(expected))
-    if not found:
-        sample = sorted(entries)[:3]
-        problems.append(f"it holds no lorta factors (keys {_FACTOR_PREFIX}*), its keys look like {sample}")
-    else:
-        if missing:
-            problems.append(f"factors {missing} are missing")
-        if unexpected:
-            problems.append(f"factors {unexpected} are not part of this adapter")
-    for key in sorted(set(expected) & set(found)):
-        shape, dtype = found[key]
-        name = key.removeprefix(_FACTOR_PREFIX)
-        if tuple(shape) != expected[key]:
-            problems.append(f"{name} has shape {list(shape)} there but {list(expected[key])} on this model")
-        if not _is_float_dtype(dtype):
-            problems.append(f"{name} has dtype {dtype}, expected a floating-point dtype")
-    if problems:
-        raise AdapterFileError(
-            f"{where} do not fit this {peft_type} adapter on this base model: " + "; ".join(problems)
-            + ". The weights belong to another adapter (method, rank, modes or targets) or are damaged; nothing "
-            "was loaded or changed"
-        )
-
-
-def _is_float_dtype(dtype: Any) -> bool:
-    if isinstance(dtype, torch.dtype):
-        return dtype.is_floating_point
-    return str(dtype).upper() in {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 
 
 def make_tuner(
