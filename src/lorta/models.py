@@ -285,20 +285,26 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
                 f"path (resolved to {path.resolve()}). Pass a catalogue name, a Hugging Face model folder "
                 f"containing config.json, or a .gguf file."
             )
+    check_model_path(path)
+    return _convert_gguf(path) if path.is_file() else path
+
+
+def check_model_path(path: Path) -> None:
+    """An existing path is a model when it is a .gguf file or a Hugging Face folder (with config.json); raise
+    ModelNotFoundError saying which it is not (and, for a folder of GGUF files, which to pass)."""
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelNotFoundError(
                 f"{path} is a file but not a .gguf checkpoint; "
                 "pass its Hugging Face folder (with config.json) instead."
             )
-        return _convert_gguf(path)
+        return
     if not (path / "config.json").is_file():
         ggufs = sorted(p.name for p in path.glob("*.gguf"))
         hint = f" It holds GGUF file(s) {ggufs}: pass one of them as the path." if ggufs else ""
         raise ModelNotFoundError(
             f"{path} has no config.json, so it is not a Hugging Face model folder.{hint}"
         )
-    return path
 
 
 def _finish_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:

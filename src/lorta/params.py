@@ -78,20 +78,15 @@ def model_config(model: str | os.PathLike[str]) -> PretrainedConfig:
 def _config_from_path(path: Path) -> PretrainedConfig:
     from transformers import AutoConfig
 
-    from .models import _gguf_cache_path, _is_complete, _quiet_transformers
+    from .models import _gguf_cache_path, _is_complete, _quiet_transformers, check_model_path
 
-    if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise ModelNotFoundError(f"{path} is a file but not a .gguf checkpoint; pass its Hugging Face folder")
+    check_model_path(path)
+    if path.is_file():  # a GGUF: its converted folder's config if lorta train made one, else the file's metadata
         converted = _gguf_cache_path(path)
         if _is_complete(converted):
             return AutoConfig.from_pretrained(converted, local_files_only=True)
         with _quiet_transformers():
             return AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-    if not (path / "config.json").is_file():
-        ggufs = sorted(p.name for p in path.glob("*.gguf"))
-        hint = f"; it holds GGUF file(s) {ggufs}: pass one of them" if ggufs else ""
-        raise ModelNotFoundError(f"{path} has no config.json, so it is not a Hugging Face model folder{hint}")
     return AutoConfig.from_pretrained(path, local_files_only=True)
 
 
