@@ -292,31 +292,28 @@ def default_targets(model_type: str) -> list[str] | None:
 
 def target_modules(targets: Sequence[str] | None, model_type: str) -> list[str] | None:
     """PEFT ``target_modules`` for ``--targets``: the roles q, k, v, o become this model type's attention module
-    names (``layout.DEFAULT_TARGETS``); any other entry is a module name, which PEFT matches exactly or as a suffix.
+    names (``layout.ARCHITECTURES``); any other entry is a module name, which PEFT matches exactly or as a suffix.
     None stays None (the adapter config's default)."""
+    from ..layout import ARCHITECTURES
+
     if targets is None:
         return None
     if not targets:
         raise UsageError("--targets is empty; give roles (q,k,v,o) and/or module names, comma-separated")
-    names = default_targets(model_type)
+    attention = ARCHITECTURES.get(model_type)
     roles = [t for t in targets if t in ATTENTION_ROLES]
-    if roles and not names:
+    if roles and attention is None:
         raise UsageError(
             f"--targets {','.join(roles)}: lorta does not know the attention module names of model type "
             f"{model_type!r}; pass module names instead (e.g. --targets q_proj,v_proj)"
         )
-    by_role: dict[str, str] = {}
-    if roles and len(names) == 2:  # a fused q/k/v projection (GPT-2's c_attn, Phi-3's qkv_proj) and o
-        fused = [r for r in roles if r != "o"]
-        if fused and set(fused) != {"q", "k", "v"}:
-            raise UsageError(
-                f"--targets {','.join(roles)}: {model_type} computes q, k and v in one module ({names[0]}), which "
-                "is adapted as a whole; give all three of q,k,v or none"
-            )
-        by_role = {"q": names[0], "k": names[0], "v": names[0], "o": names[1]}
-    elif roles:
-        by_role = dict(zip(ATTENTION_ROLES, names, strict=True))
-    modules = [by_role.get(t, t) for t in targets]
+    fused = [r for r in roles if r != "o"]
+    if fused and attention.qkv and set(fused) != {"q", "k", "v"}:  # GPT-2's c_attn, Phi-3's qkv_proj
+        raise UsageError(
+            f"--targets {','.join(roles)}: {model_type} computes q, k and v in one module ({attention.qkv}), which "
+            "is adapted as a whole; give all three of q,k,v or none"
+        )
+    modules = [name for t in targets for name in (attention.names((t,)) if t in ATTENTION_ROLES else [t])]
     return list(dict.fromkeys(modules))
 
 
