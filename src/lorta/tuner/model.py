@@ -62,9 +62,7 @@ class TensorAdapterModel(BaseTuner):
         """Place the targets in the tensor, create the adapter's factors once, then let PEFT wrap the modules."""
         if "lorta_factors" not in self._modules:
             self.lorta_factors = nn.ModuleDict()
-            object.__setattr__(self, "_lorta_state", TunerState(self.lorta_factors))
-            object.__setattr__(self, "_lorta_hooks", {})
-            object.__setattr__(self, "_lorta_layers", [])
+            object.__setattr__(self, "_lorta_state", TunerState(self.lorta_factors))  # a reference, not a submodule
         config: TensorAdapterConfig = self.peft_config[adapter_name]
         source = config.__dict__.pop("_lorta_source", None)  # set by TensorAdapterConfig.from_pretrained
         config = self._prepare_adapter_config(config, self.get_model_config(model))
@@ -78,7 +76,8 @@ class TensorAdapterModel(BaseTuner):
         # afterwards unless autocast_adapter_dtype=False (see _cast_adapter_dtype).
         dtype, device = compute_dtype_and_device(next(iter(_base(m) for m in _targets_in(model, layout))))
         device = torch.device("meta") if low_cpu_mem_usage else device
-        object.__setattr__(self, "_quantization", quantization_kwargs(model) if _quantized(model) else {})
+        state = self._lorta_state
+        state.quantization = quantization_kwargs(model) if _quantized(model) else {}
         keep_trainable_layout(model)  # bitsandbytes' CPU inference packing of 4-bit weights has no backward
         with torch.device(device):
             factors = self.factorization_cls(config, layout)
@@ -88,7 +87,7 @@ class TensorAdapterModel(BaseTuner):
         for param in factors.parameters():
             param._lorta_unmanaged = True  # see _check_runtime: FSDP replaces the parameters it manages
         self.lorta_factors[adapter_name] = factors
-        object.__setattr__(self, "_pending_layout", layout)
+        state.pending_layout = layout
         try:
             super().inject_adapter(
                 model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
@@ -98,17 +97,17 @@ class TensorAdapterModel(BaseTuner):
             del self.lorta_factors[adapter_name]
             raise
         finally:
-            object.__setattr__(self, "_pending_layout", None)
+            state.pending_layout = None
         config.model_shape = shape.to_dict()
         config.matrix_names = list(layout.matrix_names)
         config.layer_names = list(layout.layer_names)
         self._refresh_layers()
         self._hook_shared_inputs(model, layout)
         probe = next((m for m in model.modules() if isinstance(m, TensorAdapterLayer)), None)
-        object.__setattr__(self, "_lorta_probe", weakref.ref(probe) if probe is not None else None)
-        if "" not in self._lorta_hooks:  # PeftModel.forward calls the transformers model directly, not the tuner
+        state.probe = weakref.ref(probe) if probe is not None else None
+        if "" not in state.hooks:  # PeftModel.forward calls the transformers model directly, not the tuner
             tuner = weakref.ref(self)
-            self._lorta_hooks[""] = [
+            state.hooks[""] = [
                 model.register_forward_pre_hook(lambda *_: _before_forward(tuner)),
                 model.register_forward_hook(lambda *_: _after_forward(tuner), always_call=True),
             ]
@@ -130,7 +129,7 @@ class TensorAdapterModel(BaseTuner):
         self, config: TensorAdapterConfig, adapter_name: str, target: nn.Module, target_name: str,
         parent: nn.Module, current_key: str,
     ) -> None:
-        layout: TensorLayout = self._pending_layout
+        layout: TensorLayout = self._lorta_state.pending_layout
         slots = layout.slots[current_key]
         order = layout.out_orders.get(current_key)
         factors = self.lorta_factors[adapter_name]
@@ -138,7 +137,7 @@ class TensorAdapterModel(BaseTuner):
         if isinstance(target, TensorAdapterLayer):
             target.update_layer(adapter_name, slots, scaling, config.lora_dropout, order)
             return
-        new_module = Linear(target, adapter_name, quantization=self._quantization)
+        new_module = Linear(target, adapter_name, quantization=self._lorta_state.quantization)
         new_module.attach(self._lorta_state)
         new_module.update_layer(adapter_name, slots, scaling, config.lora_dropout, order)
         self._replace_module(parent, target_name, new_module, target)
@@ -148,20 +147,21 @@ class TensorAdapterModel(BaseTuner):
         for name, slots in layout.slots.items():
             if len(slots) == 1 and slots[0].role == OUT_HEADS and "." in name:
                 parent_name = name.rsplit(".", 1)[0]
-                if parent_name not in self._lorta_hooks:
-                    self._lorta_hooks[parent_name] = self._lorta_state.inputs.hook(model.get_submodule(parent_name))
+                hooks = self._lorta_state.hooks
+                if parent_name not in hooks:
+                    hooks[parent_name] = self._lorta_state.inputs.hook(model.get_submodule(parent_name))
 
     def _remove_hooks(self) -> None:
-        for handles in self._lorta_hooks.values():
+        for handles in self._lorta_state.hooks.values():
             for handle in handles:
                 handle.remove()
-        self._lorta_hooks.clear()
+        self._lorta_state.hooks.clear()
         self._lorta_state.frames.drop()
 
     def _refresh_layers(self) -> None:
         """The wrapped layers, in model order (the frame builder walks them; a list, so copies follow the model)."""
         layers = [m for m in self.model.modules() if isinstance(m, TensorAdapterLayer)]
-        object.__setattr__(self, "_lorta_layers", layers)
+        self._lorta_state.layers = layers
         self._lorta_state.frames.drop()
         self._lorta_state.indices.clear()
 
@@ -205,7 +205,7 @@ class TensorAdapterModel(BaseTuner):
     # ------------------------------------------------------------------------------------ validation guards
     def _check_runtime(self) -> None:
         """Refuse setups that would silently compute wrong results: a cheap check of one layer and each bank."""
-        probe = getattr(self, "_lorta_probe", None)
+        probe = self._lorta_state.probe if "_lorta_state" in self.__dict__ else None
         layer = probe() if probe is not None else None
         if layer is None or "lorta_factors" not in self._modules:
             return
@@ -251,7 +251,8 @@ class TensorAdapterModel(BaseTuner):
         except ImportError:  # pragma: no cover
             return
         ddp = DistributedDataParallel._get_active_ddp_module()
-        if ddp is None or getattr(ddp, "static_graph", False) or getattr(self, "_lorta_ddp_checked", None) == id(ddp):
+        state = self._lorta_state
+        if ddp is None or getattr(ddp, "static_graph", False) or state.ddp_checked == id(ddp):
             return
         for module in self.model.modules():
             func = getattr(module, "_gradient_checkpointing_func", None)
@@ -262,7 +263,7 @@ class TensorAdapterModel(BaseTuner):
                     "rest. Use gradient_checkpointing_kwargs={'use_reentrant': False} (the transformers default), "
                     "or DistributedDataParallel(..., static_graph=True) (Trainer: ddp_static_graph=True)"
                 )
-        object.__setattr__(self, "_lorta_ddp_checked", id(ddp))
+        state.ddp_checked = id(ddp)
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         self._check_mergeable(adapter_names)
@@ -353,7 +354,7 @@ class TensorAdapterModel(BaseTuner):
     def _begin_forward(self) -> None:
         """Open the forward's map frame (lorta.tuner.maps): one batched pass over every adapted module."""
         state = self._lorta_state
-        probe = getattr(self, "_lorta_probe", None)
+        probe = self._lorta_state.probe if "_lorta_state" in self.__dict__ else None
         layer = probe() if probe is not None else None
         device_type = compute_dtype_and_device(layer.get_base_layer())[1].type if layer is not None else "cpu"
         skip = (
@@ -368,7 +369,7 @@ class TensorAdapterModel(BaseTuner):
             factors = self.lorta_factors[name] if name in self.lorta_factors else None
             if factors is None:
                 continue
-            modules = [(m, m.lorta_slots[name]) for m in self._lorta_layers if name in m.lorta_slots]
+            modules = [(m, m.lorta_slots[name]) for m in self._lorta_state.layers if name in m.lorta_slots]
             slots = [slot for _, module_slots in modules for slot in module_slots]
             pairs = iter(factors.maps_many(slots, self._lorta_state.indices))
             for layer, slots in modules:
@@ -391,7 +392,7 @@ class TensorAdapterModel(BaseTuner):
         try:
             wrappers = [m for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
             with mixed_batch_hooks(state if "lorta_factors" in self._modules else None, self.model, self.training,
-                                   self._lorta_layers, wrappers, kwargs):
+                                   state.layers, wrappers, kwargs):
                 yield
         finally:
             state.frames.end_call()

@@ -23,6 +23,13 @@ class TunerState:
         self.mixed: Any = None  # MixedBatchEngine, created on first use
         self.mixed_call = False  # a call with per-row adapter_names is running
         self.indices: dict = {}  # the factorisations' slot index tensors, by slot tuple (Factorization.maps_many)
+        # the tuner's own bookkeeping (kept here, so nn.Module carries one hidden attribute, not seven)
+        self.layers: list[Any] = []  # the wrapped layers in model order (the frame builder walks them)
+        self.hooks: dict[str, list[Any]] = {}  # forward hooks by module name ("": the adapted model's own)
+        self.probe: Any = None  # a weak reference to one wrapped layer (device, dtype and merge state of a forward)
+        self.quantization: dict[str, Any] = {}  # PEFT's quantisation kwargs of a quantised base
+        self.pending_layout: Any = None  # the layout of the adapter being injected
+        self.ddp_checked: int | None = None  # the DDP wrapper already checked for reentrant checkpointing
 
     def maps(self, layer: Any, name: str) -> Maps:
         """(P, Q, key) of adapter `name` in `layer`: the running forward's, or built now."""
