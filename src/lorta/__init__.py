@@ -6,15 +6,15 @@ PEFT and is exported here under its config's, factors' and tuner's names (``Lort
 ``LortaModel``, ...).
 """
 
-from . import saving  # noqa: F401  (crash-safe save_pretrained for lorta adapters)
 from .bank import AdapterBank, load_adapters  # noqa: F401  (mixed-adapter serving; see lorta.bank)
 from .export import ExportError, export_gguf, export_lora, export_merged
 from .import_lora import ImportLoraError, import_lora, save_imported
 from .layout import LayoutError, ModelShape
 from .quantized import QuantizedMergeError
-from .registry import method_specs, register
+from .registry import install_atomic_save, method_specs, register
 from .tuner import TensorAdapterConfig, TensorAdapterModel, make_tuner
 
+install_atomic_save()  # PeftModel.save_pretrained of a lorta model: written whole or not at all
 _METHOD_EXPORTS: list[str] = []
 for _spec in method_specs().values():
     _tuner = make_tuner(_spec.tuner_name, _spec.factors_cls, _spec.default_kinds)

@@ -2,6 +2,9 @@
 lists methods (the PEFT registration, the tuners, `lorta.params`, ``lorta train``, the benchmarks, the test table)
 reads it from here. A new method is one file in ``lorta/methods`` (plus its row in the test table).
 
+This is also where lorta plugs into PEFT (with the tuner, lorta/tuner/model.py): `register` puts a method in
+PEFT's type mappings, `install_atomic_save` makes `PeftModel.save_pretrained` crash-safe for lorta models.
+
 Registration with PEFT: PEFT's `register_peft_method` only accepts names already in its `PeftType` enum; on peft
 >= 0.21 a plain string key in the three type mappings works end to end (docs/design.md, "Living inside PEFT").
 """
@@ -17,7 +20,9 @@ from typing import Any
 
 from .layout import TensorLayout
 
-__all__ = ["MethodSpec", "Recipe", "method_spec", "method_specs", "peft_types", "register"]
+__all__ = ["MethodSpec", "Recipe", "install_atomic_save", "method_spec", "method_specs", "peft_types", "register"]
+
+_MARK = "__lorta_atomic__"
 
 
 @dataclass(frozen=True)
@@ -94,3 +99,40 @@ def register(spec: MethodSpec, tuner_cls: type) -> None:
     PEFT_TYPE_TO_CONFIG_MAPPING[spec.peft_type] = spec.config_cls
     PEFT_TYPE_TO_TUNER_MAPPING[spec.peft_type] = tuner_cls
     PEFT_TYPE_TO_PREFIX_MAPPING[spec.peft_type] = tuner_cls.prefix
+
+
+def is_lorta_model(model: Any) -> bool:
+    """True when every adapter config of `model` is a lorta type."""
+    configs = getattr(model, "peft_config", None)
+    return bool(configs) and all(str(getattr(c, "peft_type", "")) in peft_types() for c in configs.values())
+
+
+def install_atomic_save() -> None:
+    """Wrap PeftModel.save_pretrained once so a lorta model's save is written whole or not at all
+    (lorta.saving.atomic_save); non-lorta models and non-main processes go straight to PEFT."""
+    import inspect
+    import os
+
+    from peft import PeftModel
+
+    from . import saving
+
+    original = PeftModel.save_pretrained
+    if getattr(original, _MARK, False):
+        return
+    positional = [
+        p.name for p in list(inspect.signature(original).parameters.values())[2:]
+        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    ]
+
+    @functools.wraps(original)
+    def save_pretrained(self: PeftModel, save_directory: str, *args: Any, **kwargs: Any) -> None:
+        if len(args) > len(positional) or not is_lorta_model(self):
+            return original(self, save_directory, *args, **kwargs)
+        kwargs.update(zip(positional, args, strict=False))
+        if not kwargs.get("is_main_process", True) or os.path.isfile(os.fspath(save_directory)):
+            return original(self, save_directory, **kwargs)
+        return saving.atomic_save(original, self, save_directory, **kwargs)
+
+    setattr(save_pretrained, _MARK, True)
+    PeftModel.save_pretrained = save_pretrained

@@ -20,7 +20,7 @@ Any exception before step 3 deletes the temporary directory and leaves the targe
 target is (or contains) the process's working directory it cannot be renamed away, so the files are moved in one
 by one instead, each with an atomic os.replace (adapter_config.json last). Models
 with other adapter types, non-main processes (`is_main_process=False`) and a `save_directory` that is a file
-go straight to PEFT. Installed once by `import lorta`.
+go straight to PEFT. The redirection is installed once by `import lorta` (lorta.registry.install_atomic_save).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
-import inspect
 import os
 import shutil
 import uuid
@@ -36,19 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from peft import PeftModel
-
 # Files PEFT (re)writes: never hard-linked into the new directory, so writing them cannot touch the old one.
 _PEFT_FILES = frozenset({"README.md", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"})
-_MARK = "__lorta_atomic__"
-
-
-def is_lorta_model(model: Any) -> bool:
-    """True when every adapter config of `model` is a lorta type."""
-    from .registry import peft_types
-
-    configs = getattr(model, "peft_config", None)
-    return bool(configs) and all(str(getattr(c, "peft_type", "")) in peft_types() for c in configs.values())
 
 
 def atomic_save(save: Any, model: Any, save_directory: str | os.PathLike, **kwargs: Any) -> None:
@@ -247,29 +235,3 @@ def _exchange(a: str, b: str) -> bool:
     if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
         return False
     raise OSError(err, f"renameat2(RENAME_EXCHANGE) of {a} and {b} failed: {os.strerror(err)}")
-
-
-def install() -> None:
-    """Wrap PeftModel.save_pretrained once; non-lorta models and non-main processes go straight to PEFT."""
-    original = PeftModel.save_pretrained
-    if getattr(original, _MARK, False):
-        return
-    positional = [
-        p.name for p in list(inspect.signature(original).parameters.values())[2:]
-        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
-    ]
-
-    @functools.wraps(original)
-    def save_pretrained(self: PeftModel, save_directory: str, *args: Any, **kwargs: Any) -> None:
-        if len(args) > len(positional) or not is_lorta_model(self):
-            return original(self, save_directory, *args, **kwargs)
-        kwargs.update(zip(positional, args, strict=False))
-        if not kwargs.get("is_main_process", True) or os.path.isfile(os.fspath(save_directory)):
-            return original(self, save_directory, **kwargs)
-        return atomic_save(original, self, save_directory, **kwargs)
-
-    setattr(save_pretrained, _MARK, True)
-    PeftModel.save_pretrained = save_pretrained
-
-
-install()
