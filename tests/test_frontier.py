@@ -112,7 +112,7 @@ def test_summary_mean_std_and_table() -> None:
     unreachable = [frontier.Unreachable("lora", 2_000, 18_432)]
     text = frontier.table(points, unreachable, [2_000], [0, 1, 2])
     assert "| 2,000 | lorta | 4 | 1,748 | 2,518 | 80.00% | 70.00% | 75.00% | **75.00% ± 5.00%** |" in text
-    assert "| 2,000 | vera | 8 | 2,000 | 2,770 | 60.00% |  |  | 60.00% ± 0.00% |" in text
+    assert "| 2,000 | vera | 8 | 2,000 | 2,770 | 60.00% |  |  | 60.00% (1 seed) |" in text
     assert "| 2,000 | lora | - | rank 1 has 18,432 |" in text and "cannot reach" in text
 
 

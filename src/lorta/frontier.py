@@ -142,7 +142,7 @@ def summarise(cells: Sequence[Cell], rows: Sequence[dict[str, Any]]) -> list[Poi
 def table(points: Sequence[Point], unreachable: Sequence[Unreachable], budgets: Sequence[int],
           seeds: Sequence[int]) -> str:
     """Markdown: per budget, every method's point (mean ± sample std over seeds, each seed's accuracy), the best
-    mean in bold; a method that cannot reach the budget says so."""
+    mean in bold; a method that cannot reach the budget says so; a point of one seed has no spread to show."""
     seed_cols = " | ".join(f"seed {s}" for s in seeds)
     lines = [
         f"| budget | method | rank | adapter params | trainable (+ head) | {seed_cols} | mean ± std |",
@@ -153,7 +153,7 @@ def table(points: Sequence[Point], unreachable: Sequence[Unreachable], budgets: 
         best = max((p.mean for p in here), default=math.nan)
         for p in sorted(here, key=lambda p: (p.adapter_params, p.method)):
             accs = " | ".join(f"{p.accuracies[s]:.2%}" if s in p.accuracies else "" for s in seeds)
-            mean = f"{p.mean:.2%} ± {p.std:.2%}"
+            mean = f"{p.mean:.2%} ± {p.std:.2%}" if len(p.accuracies) > 1 else f"{p.mean:.2%} (1 seed)"
             mean = f"**{mean}**" if p.mean == best and len(here) > 1 else mean
             rank = "" if p.rank is None else str(p.rank)
             lines.append(f"| {budget:,} | {p.method} | {rank} | {p.adapter_params:,} | {p.trainable_params:,} | "
