@@ -113,11 +113,14 @@ class TLoraFactors(Factorization):
             B.copy_(b)
 
     def maps(self, slot: Slot) -> tuple[Tensor, Tensor]:
-        return self.maps_many([slot])[0]
+        """P = A and Q = s · C · B of one matrix (its own product only: a module's direct call keeps thin tensors)."""
+        self._draw_if_pending()
+        i, j = self.rows[(slot.layer, slot.matrix)]
+        A, B = getattr(self, f"A{slot.matrix}")[j], getattr(self, f"B{slot.matrix}")[j]
+        return A, (self.s[i] * self.C[i]) @ B
 
     def maps_many(self, slots: list[Slot], indices: dict | None = None) -> list[tuple[Tensor, Tensor]]:
-        """P = A and Q = s · C · B: every layer's Q of a matrix kind in one batched product, handed out by
-        `unbind` (one slot's maps are a group of one kind)."""
+        """`maps` batched: every layer's Q = s · C · B of a matrix kind in one product, handed out by `unbind`."""
         self._draw_if_pending()
         Q = {}
         for m in sorted({slot.matrix for slot in slots}):
