@@ -21,6 +21,7 @@ from typing import Any
 from .train import (
     ADAPTER_METHODS,
     PEFT_METHODS,
+    Run,
     TrainOptions,
     default_targets,
     resolve_options,
@@ -57,27 +58,25 @@ class Unreachable:
     smallest: int
 
 
-def _count_options(o: TrainOptions) -> tuple[list[str] | None, dict[str, Any]]:
-    """The target module names and method options the run will use, as `lorta.params` takes them."""
-    from .models import resolve_model
-    from .params import model_config
+def _count_options(o: Run) -> tuple[list[str] | None, dict[str, Any]]:
+    """The target module names and method options the run will use, as `lorta.params` takes them (a lorta
+    method's options are its spec's `params_options`, which the run's options name alike)."""
+    from .models import model_type
+    from .registry import method_specs
 
-    model_type = str(model_config(str(resolve_model(o.model))).model_type)
+    kind = model_type(o.model_path)
     if o.targets is not None:
-        targets = target_modules(o.targets, model_type)
+        targets = target_modules(o.targets, kind)
     else:
-        targets = default_targets(model_type) if o.method in PEFT_METHODS else None
-    if o.method == "lorta":
-        return targets, {"modes": list(o.modes)}
-    if o.method == "tenslora":
-        return targets, {"construction": o.construction, "decomposition": o.decomposition}
-    return targets, {}
+        targets = default_targets(kind) if o.method in PEFT_METHODS else None
+    spec = method_specs().get(o.method)
+    names = [n for n in spec.params_options if n != "ranks"] if spec is not None else []
+    return targets, {n: list(v) if isinstance(v, tuple) else v for n in names for v in [getattr(o, n)]}
 
 
 def plan(options: TrainOptions, methods: Sequence[str], budgets: Sequence[int]) -> tuple[list[Cell], list[Unreachable]]:
     """The cells to train: per adapter method, the largest rank within each budget (one cell per distinct rank);
     a method without an adapter (head-only, full) is one cell. Also the budgets each method cannot reach."""
-    from .models import resolve_model
     from .params import fit_budget, model_config
 
     cells: list[Cell] = []
@@ -87,7 +86,7 @@ def plan(options: TrainOptions, methods: Sequence[str], budgets: Sequence[int]) 
         if method not in ADAPTER_METHODS:
             cells.append(Cell(method, None, 0, ()))
             continue
-        config = model_config(str(resolve_model(o.model)))
+        config = model_config(str(o.model_path))
         targets, extra = _count_options(o)
         by_rank: dict[int, tuple[int, list[int]]] = {}
         for budget in sorted(budgets):
