@@ -460,11 +460,14 @@ def write_frontier(rows: Sequence[dict[str, Any]], cells: Sequence[Any], unreach
         f"{first['steps']} steps x {first['batch_size'] * first['grad_accum']} per run, seeds "
         f"{', '.join(map(str, seeds))} ({len(rows)} of {len(cells) * len(seeds)} runs done); accuracy = {what}; "
         f"budgets in adapter parameters, each method at its largest rank within the budget; head "
-        f"{first['head_params']:,} parameters; total wall time {_fmt_time(total_s)}.\n\n"
+        f"{first['head_params']:,} parameters; wall time of this command {_fmt_time(total_s)}, of the runs "
+        f"themselves {_fmt_time(sum(r['wall_time_s'] for r in rows))} (with --resume they include the reused ones, "
+        f"made earlier).\n\n"
         f"{frontier.table(points, unreachable, budgets, seeds)}\n"
     )
     write_atomically(root / "frontier.md", text)
     data = {"command": command, "budgets": list(budgets), "seeds": list(seeds), "wall_time_s": total_s,
+            "runs_wall_time_s": sum(r["wall_time_s"] for r in rows),
             "cells": [dataclasses.asdict(c) for c in cells],
             "unreachable": [dataclasses.asdict(u) for u in unreachable], "runs": list(rows)}
     write_atomically(root / "frontier.json", json.dumps(data, indent=2) + "\n")
