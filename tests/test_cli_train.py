@@ -208,6 +208,20 @@ def test_target_modules_roles_and_names() -> None:
         target_modules([], "bert")
 
 
+def test_default_alpha_keeps_the_recipes_scale_at_any_rank() -> None:
+    """LoRTA's classify recipe holds alpha / r = 2 when --rank changes (a frontier's ranks); an explicit --alpha
+    wins; LoRA keeps PEFT's fixed alpha."""
+    from lorta.registry import Recipe
+    from lorta.train import TrainOptions, resolve_options
+
+    assert Recipe(16, 32.0, 1e-3, 0.0, keep_scale=True).alpha_at(45) == 90.0
+    assert Recipe(16, 32.0, 1e-3, 0.0).alpha_at(45) == 32.0
+    assert resolve_options(TrainOptions()).alpha == 32.0
+    assert resolve_options(TrainOptions(rank=45)).alpha == 90.0
+    assert resolve_options(TrainOptions(rank=45, alpha=8.0)).alpha == 8.0
+    assert resolve_options(TrainOptions(method="lora", rank=1)).alpha == 16.0
+
+
 def test_targets_flag_in_the_default_folder_name(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)

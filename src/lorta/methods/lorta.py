@@ -216,9 +216,10 @@ SPEC = MethodSpec(
     closed_form=lambda layout, config: lambda r: lorta_num_params(
         **layout.count_sizes(), r=r, modes=tuple(config.modes)
     ),
-    # The default job's recipe (its sweeps are in the README): q, k, v only, alpha 32 at rank 16 (LoRA r=8's
-    # scale alpha / r = 2), the head at 1e-2; the causal-LM jobs keep the lr found safe on the classifier.
-    classify=Recipe(16, 32.0, 3e-3, 1e-2, targets=("q", "k", "v")),
+    # The default job's recipe (its sweeps are in the README): q, k, v only, scale alpha / r = 2 at every rank
+    # (LoRA r=8's; a fixed alpha starves a frontier's larger ranks), the head at 1e-2; the causal-LM jobs keep the
+    # lr found safe on the classifier.
+    classify=Recipe(16, 32.0, 3e-3, 1e-2, targets=("q", "k", "v"), keep_scale=True),
     causal_lm=Recipe(16, 16.0, 1e-3, 0.0),
     params_options=("modes",),
     train_options=("modes", "mode_init"),
