@@ -222,6 +222,15 @@ def test_default_alpha_keeps_the_recipes_scale_at_any_rank() -> None:
     assert resolve_options(TrainOptions(method="lora", rank=1)).alpha == 16.0
 
 
+def test_the_prompt_and_dpo_jobs_have_their_own_lorta_recipes() -> None:
+    from lorta.train import TrainOptions, resolve_options
+
+    prompt, dpo = resolve_options(TrainOptions(model="smollm2")), resolve_options(TrainOptions(task="dpo"))
+    assert (prompt.job, prompt.lr, prompt.alpha) == ("prompt", 1e-2, 16.0)
+    assert (dpo.job, dpo.lr, dpo.alpha) == ("dpo", 1e-3, 16.0)
+    assert resolve_options(TrainOptions(method="lora", task="dpo")).lr == 5e-4  # the baselines: one LM recipe
+
+
 def test_targets_flag_in_the_default_folder_name(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)

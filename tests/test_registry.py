@@ -45,6 +45,7 @@ def test_every_list_of_methods_is_derived_from_the_spec(name):
     assert name in params.METHODS and params.METHOD_TITLES[name] == spec.title
     assert name in train.ADAPTER_METHODS and name in train.METHODS
     assert train.CLASSIFY_RECIPES[name] == spec.classify and train.LM_RECIPES[name] == spec.causal_lm
+    assert train.DPO_RECIPES[name] == (spec.dpo or spec.causal_lm)
     assert name in _bench_module("bench").METHODS
     assert name in _bench_module("mixed_bench").LORTA_METHODS
 

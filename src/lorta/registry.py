@@ -58,13 +58,14 @@ class MethodSpec:
     tuner_name: str  # the PEFT tuner class made for it ("LortaModel")
     closed_form: Callable[[TensorLayout, Any], Callable[[int], int]]  # (layout, config) -> (rank -> trainable)
     classify: Recipe  # `lorta train` on an encoder with a classification head
-    causal_lm: Recipe  # `lorta train` prompt and DPO jobs
+    causal_lm: Recipe  # `lorta train` prompt job on a causal LM (and its DPO job unless `dpo` is given)
     default_kinds: tuple[str, ...] | None = None  # default targets as matrix kinds (None: q, k, v, o)
     rank_field: str = "r"  # the config field a single rank goes to (TensLoRA: "ranks", one per mode or all)
     params_options: tuple[str, ...] = ()  # the config options lorta.params and `lorta params` take
     train_options: tuple[str, ...] = ()  # the `lorta train` options (TrainOptions fields) the method reads
     train_kwargs: Callable[[Any], dict[str, Any]] = field(default=lambda o: {})  # TrainOptions -> config kwargs
     bench_config: Callable[..., Any] | None = None  # (r, alpha, targets, shape) -> config for benchmarks/bench.py
+    dpo: Recipe | None = None  # `lorta train --task dpo` (None: the causal_lm recipe)
 
     def config(self, rank: int | None = None, **kwargs: Any) -> Any:
         """The method's PEFT config at `rank` (None: the config's default) with `kwargs`."""

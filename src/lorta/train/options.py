@@ -86,13 +86,15 @@ CLASSIFY_RECIPES: dict[str, Recipe] = {
     "full": Recipe(None, None, 1e-4, 2e-3),
     "head-only": Recipe(None, None, 1e-2, 1e-2),
 }
-# Causal-LM jobs (prompt, dpo): conservative PEFT-typical values, not swept.
+# Causal-LM jobs (prompt, dpo): conservative PEFT-typical values for the baselines, not swept.
 LM_RECIPES: dict[str, Recipe] = {
     **{name: spec.causal_lm for name, spec in method_specs().items()},
     "lora": Recipe(8, 16.0, 5e-4, 0.0),
     "vera": Recipe(256, None, 5e-3, 0.0),
     "full": Recipe(None, None, 1e-5, 0.0),
 }
+DPO_RECIPES: dict[str, Recipe] = {**LM_RECIPES, **{n: s.dpo for n, s in method_specs().items() if s.dpo}}
+RECIPES = {"classify": CLASSIFY_RECIPES, "prompt": LM_RECIPES, "dpo": DPO_RECIPES}
 DEFAULT_MODES = LORTA_MODES
 
 
@@ -188,7 +190,7 @@ def resolve_options(options: TrainOptions) -> Run:
     path = resolve_model(model)
     options = dataclasses.replace(options, model=model)
     kind = job_kind(options, path)
-    recipes = CLASSIFY_RECIPES if kind == "classify" else LM_RECIPES
+    recipes = RECIPES[kind]
     if options.method not in recipes:
         raise UsageError(
             f"--method {options.method} needs a classification head, which the {kind} job on a causal LM does not "
