@@ -28,22 +28,13 @@ _MARK = "__lorta_atomic__"
 @dataclass(frozen=True)
 class Recipe:
     """Defaults of ``lorta train``: rank, alpha (scale = alpha / rank; None: the method has none), adapter learning
-    rate, head learning rate, and the adapted matrices as attention roles (None: the method's default targets).
-    With ``keep_scale`` another ``--rank`` moves the default alpha with it, so that alpha / rank stays the
-    recipe's (else alpha stays fixed, PEFT's habit, and a larger rank trains with a smaller scale)."""
+    rate, head learning rate, and the adapted matrices as attention roles (None: the method's default targets)."""
 
     rank: int | None
     alpha: float | None
     lr: float
     head_lr: float
     targets: tuple[str, ...] | None = None
-    keep_scale: bool = False
-
-    def alpha_at(self, rank: int | None) -> float | None:
-        """The default alpha of a run at ``rank``."""
-        if not self.keep_scale or self.alpha is None or rank is None or self.rank is None:
-            return self.alpha
-        return self.alpha * rank / self.rank
 
 
 @dataclass(frozen=True)

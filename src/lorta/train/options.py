@@ -241,11 +241,10 @@ def _with_defaults(o: TrainOptions, recipe: Recipe, job: JobDefaults, model_type
         return default if value is None else value
 
     adapter = o.method in ADAPTER_METHODS
-    rank = pick(o.rank, recipe.rank)
     return dataclasses.replace(
         o,
-        rank=rank if adapter else None,
-        alpha=pick(o.alpha, recipe.alpha_at(rank)) if adapter else None,
+        rank=pick(o.rank, recipe.rank) if adapter else None,
+        alpha=pick(o.alpha, recipe.alpha) if adapter else None,
         lr=pick(o.lr, recipe.lr),
         head_lr=pick(o.head_lr, recipe.head_lr),
         steps=pick(o.steps, job.steps),
