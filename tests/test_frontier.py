@@ -158,6 +158,25 @@ def test_frontier_end_to_end_and_resume(tmp_path: Path, capsys: pytest.CaptureFi
     assert "reusing" not in out  # other options: nothing reused
 
 
+def test_frontier_report_gathers_finished_runs_and_trains_nothing(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "f"
+    args = ["compare", "--frontier", "20000", "--methods", "lorta,lora", "--seeds", "0,1", *TINY, "--out", str(root)]
+    code, _, err = lorta(args, capsys)
+    assert code == 0, err
+    (root / "lora-r1-seed1" / "metrics.json").unlink()  # an unfinished run
+    before = {p: p.stat().st_mtime_ns for p in root.glob("*/metrics.json")}
+    code, out, err = lorta([*args, "--report"], capsys)
+    assert code == 0, err
+    assert out.count("missing: no finished run") == 1 and "reusing" not in out
+    assert {p: p.stat().st_mtime_ns for p in root.glob("*/metrics.json")} == before  # nothing trained
+    assert not (root / "lora-r1-seed1" / "metrics.json").exists()
+    table = (root / "frontier.md").read_text(encoding="utf-8")
+    assert "3 of 4 runs done" in table and "(1 seed)" in table  # lora has seed 0 only
+    data = json.loads((root / "frontier.json").read_text(encoding="utf-8"))
+    assert sorted((r["method"], r["seed"]) for r in data["runs"]) == [("lora", 0), ("lorta", 0), ("lorta", 1)]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -166,6 +185,8 @@ def test_frontier_end_to_end_and_resume(tmp_path: Path, capsys: pytest.CaptureFi
         (["--frontier", "100", "--ranks", "4"], "--ranks does not go with --frontier"),
         (["--frontier", "100", "--seeds", "1,1"], "--seeds repeats 1"),
         (["--seeds", "0,1"], "--seeds goes with --frontier"),
+        (["--report"], "--report goes with --frontier"),
+        (["--frontier", "100", "--report"], "--report found no finished run of this frontier"),
         (["--frontier", "100", "--methods", "lorta,nope"], "unknown method"),
     ],
 )

@@ -72,6 +72,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     compare.add_argument("--seeds", default=None, help="--frontier: comma-separated seeds (default 0,1,2)")
     compare.add_argument("--resume", action="store_true",
                          help="reuse every run of the output folder that finished with the same options")
+    compare.add_argument("--report", action="store_true",
+                         help="--frontier: write the table and plot from the runs of --out that finished with the "
+                         "same options, and train nothing (the missing runs are listed)")
     _shared_arguments(compare)
     compare.add_argument("--out", default=None, help="output folder (default runs/compare-<model>-<task>-seed<seed>; "
                          "with --frontier runs/frontier-<model>-<task>)")
@@ -274,8 +277,9 @@ def run_compare(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if args.frontier is not None:
         return run_frontier(args, methods if args.methods != DEFAULT_COMPARE_METHODS else None, ranks)
-    if args.seeds is not None:
-        print("error: --seeds goes with --frontier; a grid runs at --seed", file=sys.stderr)
+    if args.seeds is not None or args.report:
+        print(f"error: {'--seeds' if args.seeds is not None else '--report'} goes with --frontier; a grid runs at "
+              "--seed", file=sys.stderr)
         return EXIT_USAGE
     model = args.model or ("smollm2" if args.task == "dpo" else "minilm")
     root = Path(args.out or Path("runs") / f"compare-{model_label(model)}-{args.task}-seed{args.seed}")
@@ -401,7 +405,9 @@ def _run_or_reuse(options: Any, resume: bool) -> dict[str, Any]:
 
 def run_frontier(args: argparse.Namespace, methods: list[str] | None, ranks: list[int] | None) -> int:
     """``lorta compare --frontier``: plan the ranks per budget, train every (cell, seed) with the seeds outermost
-    (so an interrupted frontier is complete for its first seeds), then write frontier.md, .json and .png."""
+    (so an interrupted frontier is complete for its first seeds), then write frontier.md, .json and .png. With
+    --report nothing trains: the tables are written from the finished runs (several machines, or a frontier
+    interrupted half-way, fill one folder; this gathers it)."""
     from .. import frontier
     from ..train import model_label
 
@@ -430,15 +436,27 @@ def run_frontier(args: argparse.Namespace, methods: list[str] | None, ranks: lis
         total = len(cells) * len(seeds)
         for i, (seed, cell) in enumerate(((s, c) for s in seeds for c in cells), start=1):
             print(f"== [{i}/{total}] {cell.label} seed {seed}", flush=True)
-            out = root / f"{cell.label}-seed{seed}"
-            metrics = _run_or_reuse(options_from(args, method=cell.method, rank=cell.rank, seed=seed, out=str(out),
-                                                 resume=False), args.resume)
+            options = options_from(args, method=cell.method, rank=cell.rank, seed=seed,
+                                   out=str(root / f"{cell.label}-seed{seed}"), resume=False)
+            if args.report:
+                from ..frontier import finished_run
+
+                metrics = finished_run(Path(options.out), options)
+                if metrics is None:
+                    print(f"   missing: no finished run with these options in {options.out}", flush=True)
+                    continue
+            else:
+                metrics = _run_or_reuse(options, args.resume)
             print(f"   {metrics['adapter_params']:,} adapter parameters, accuracy {metrics['accuracy']:.2%}",
                   flush=True)
             rows.append({k: v for k, v in metrics.items() if k != "loss_curve"})
             write_frontier(rows, cells, unreachable, budgets, seeds, root, command, time.perf_counter() - start)
     except _expected_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not rows:
+        print(f"error: --report found no finished run of this frontier in {root} (the same options made each run; "
+              "run it without --report to train them)", file=sys.stderr)
         return EXIT_USAGE
     return _print_outputs(root, "frontier")
 
@@ -461,8 +479,8 @@ def write_frontier(rows: Sequence[dict[str, Any]], cells: Sequence[Any], unreach
         f"{', '.join(map(str, seeds))} ({len(rows)} of {len(cells) * len(seeds)} runs done); accuracy = {what}; "
         f"budgets in adapter parameters, each method at its largest rank within the budget; head "
         f"{first['head_params']:,} parameters; wall time of this command {_fmt_time(total_s)}, of the runs "
-        f"themselves {_fmt_time(sum(r['wall_time_s'] for r in rows))} (with --resume they include the reused ones, "
-        f"made earlier).\n\n"
+        f"themselves {_fmt_time(sum(r['wall_time_s'] for r in rows))} (runs reused by --resume or "
+        f"--report included).\n\n"
         f"{frontier.table(points, unreachable, budgets, seeds)}\n"
     )
     write_atomically(root / "frontier.md", text)
