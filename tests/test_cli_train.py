@@ -225,7 +225,8 @@ def test_the_prompt_and_dpo_jobs_have_their_own_lorta_recipes() -> None:
     prompt, dpo = resolve_options(TrainOptions(model="smollm2")), resolve_options(TrainOptions(task="dpo"))
     assert (prompt.job, prompt.lr, prompt.alpha) == ("prompt", 1e-2, 16.0)
     assert (dpo.job, dpo.lr, dpo.alpha) == ("dpo", 1e-3, 16.0)
-    assert resolve_options(TrainOptions(method="lora", task="dpo")).lr == 5e-4  # the baselines: one LM recipe
+    assert resolve_options(TrainOptions(method="lora", model="smollm2")).lr == 2e-3
+    assert resolve_options(TrainOptions(method="lora", task="dpo")).lr == 5e-4
 
 
 def test_targets_flag_in_the_default_folder_name(tmp_path: Path, capsys: pytest.CaptureFixture[str],
