@@ -112,9 +112,12 @@ def test_summary_mean_std_and_table() -> None:
     assert lorta_point.spread == (0.70, 0.80) and points[1].std == 0.0
     unreachable = [frontier.Unreachable("lora", 2_000, 18_432)]
     text = frontier.table(points, unreachable, [2_000], [0, 1, 2])
-    assert "| 2,000 | lorta | 4 | 1,748 | 2,518 | 80.00% | 70.00% | 75.00% | **75.00% ± 5.00%** |" in text
-    assert "| 2,000 | vera | 8 | 2,000 | 2,770 | 60.00% |  |  | 60.00% (1 seed) |" in text
+    # three seeds against one: the means do not rank, nothing is bold
+    assert "| 2,000 | lorta | 4 | 1,748 | 2,518 | 80.00% | 70.00% | 75.00% | 75.00% ± 5.00% |" in text
+    assert "| 2,000 | vera | 8 | 2,000 | 2,770 | 60.00% |  |  | 60.00% (1 seed) |" in text and "**" not in text
     assert "| 2,000 | lora | - | rank 1 has 18,432 |" in text and "cannot reach" in text
+    same = frontier.table(frontier.summarise(cells, [r for r in rows if r["seed"] == 0]), [], [2_000], [0])
+    assert "| 80.00% | **80.00% (1 seed)** |" in same and "| 60.00% | 60.00% (1 seed) |" in same
 
 
 # --------------------------------------------------------------------------------------------------

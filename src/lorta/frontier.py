@@ -141,7 +141,8 @@ def summarise(cells: Sequence[Cell], rows: Sequence[dict[str, Any]]) -> list[Poi
 def table(points: Sequence[Point], unreachable: Sequence[Unreachable], budgets: Sequence[int],
           seeds: Sequence[int]) -> str:
     """Markdown: per budget, every method's point (mean ± sample std over seeds, each seed's accuracy), the best
-    mean in bold; a method that cannot reach the budget says so; a point of one seed has no spread to show."""
+    mean in bold when the budget's points share their seeds (means over different seeds do not rank); a method
+    that cannot reach the budget says so; a point of one seed has no spread to show."""
     seed_cols = " | ".join(f"seed {s}" for s in seeds)
     lines = [
         f"| budget | method | rank | adapter params | trainable (+ head) | {seed_cols} | mean ± std |",
@@ -149,7 +150,8 @@ def table(points: Sequence[Point], unreachable: Sequence[Unreachable], budgets: 
     ]
     for budget in sorted(budgets):
         here = [p for p in points if budget in p.budgets or not p.budgets]
-        best = max((p.mean for p in here), default=math.nan)
+        same_seeds = len({frozenset(p.accuracies) for p in here}) == 1
+        best = max((p.mean for p in here), default=math.nan) if same_seeds else math.nan
         for p in sorted(here, key=lambda p: (p.adapter_params, p.method)):
             accs = " | ".join(f"{p.accuracies[s]:.2%}" if s in p.accuracies else "" for s in seeds)
             mean = f"{p.mean:.2%} ± {p.std:.2%}" if len(p.accuracies) > 1 else f"{p.mean:.2%} (1 seed)"
