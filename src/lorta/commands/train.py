@@ -439,9 +439,7 @@ def run_frontier(args: argparse.Namespace, methods: list[str] | None, ranks: lis
             options = options_from(args, method=cell.method, rank=cell.rank, seed=seed,
                                    out=str(root / f"{cell.label}-seed{seed}"), resume=False)
             if args.report:
-                from ..frontier import finished_run
-
-                metrics = finished_run(Path(options.out), options)
+                metrics = frontier.finished_run(Path(options.out), options)
                 if metrics is None:
                     print(f"   missing: no finished run with these options in {options.out}", flush=True)
                     continue
