@@ -469,6 +469,7 @@ def write_frontier(rows: Sequence[dict[str, Any]], cells: Sequence[Any], unreach
 
     root.mkdir(parents=True, exist_ok=True)
     points = frontier.summarise(cells, rows)
+    runs_s = sum(r["wall_time_s"] for r in rows)
     first = rows[0]
     what = _accuracy_kind(first)
     text = (
@@ -477,13 +478,13 @@ def write_frontier(rows: Sequence[dict[str, Any]], cells: Sequence[Any], unreach
         f"{', '.join(map(str, seeds))} ({len(rows)} of {len(cells) * len(seeds)} runs done); accuracy = {what}; "
         f"budgets in adapter parameters, each method at its largest rank within the budget; head "
         f"{first['head_params']:,} parameters; wall time of this command {_fmt_time(total_s)}, of the runs "
-        f"themselves {_fmt_time(sum(r['wall_time_s'] for r in rows))} (runs reused by --resume or "
+        f"themselves {_fmt_time(runs_s)} (runs reused by --resume or "
         f"--report included).\n\n"
         f"{frontier.table(points, unreachable, budgets, seeds)}\n"
     )
     write_atomically(root / "frontier.md", text)
     data = {"command": command, "budgets": list(budgets), "seeds": list(seeds), "wall_time_s": total_s,
-            "runs_wall_time_s": sum(r["wall_time_s"] for r in rows),
+            "runs_wall_time_s": runs_s,
             "cells": [dataclasses.asdict(c) for c in cells],
             "unreachable": [dataclasses.asdict(u) for u in unreachable], "runs": list(rows)}
     write_atomically(root / "frontier.json", json.dumps(data, indent=2) + "\n")
