@@ -167,6 +167,9 @@ def table(points: Sequence[Point], unreachable: Sequence[Unreachable], budgets: 
     return "\n".join(lines)
 
 
+LABEL_OFFSETS = ((4, -11), (-24, 4), (4, 4))  # points: below right, above left, above right
+
+
 def plot(points: Sequence[Point], path: Path, title: str, ylabel: str) -> None:
     """Mean accuracy against trainable parameters (log x), one line per method, error bars = sample std."""
     import matplotlib
@@ -175,14 +178,14 @@ def plot(points: Sequence[Point], path: Path, title: str, ylabel: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    for method in dict.fromkeys(p.method for p in points):
+    for i, method in enumerate(dict.fromkeys(p.method for p in points)):
         mine = sorted((p for p in points if p.method == method), key=lambda p: p.trainable_params)
         xs = [p.trainable_params for p in mine]
         ax.errorbar(xs, [p.mean for p in mine], yerr=[p.std for p in mine], marker="o", capsize=3, label=method)
-        for p in mine:
+        for p in mine:  # each method's labels on its own side: the points of one budget sit close together
             if p.rank is not None:
                 ax.annotate(f"r={p.rank}", (p.trainable_params, p.mean), textcoords="offset points",
-                            xytext=(4, 4), fontsize=7)
+                            xytext=LABEL_OFFSETS[i % len(LABEL_OFFSETS)], fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (adapter + head, log scale)")
     ax.set_ylabel(f"{ylabel} (mean ± std over seeds)")
