@@ -219,7 +219,7 @@ def test_default_alpha_is_the_recipes_at_any_rank() -> None:
     assert resolve_options(TrainOptions(method="lora", rank=1)).alpha == 16.0
 
 
-def test_the_prompt_and_dpo_jobs_have_their_own_lorta_recipes() -> None:
+def test_the_prompt_and_dpo_jobs_have_their_own_recipes() -> None:
     from lorta.train import TrainOptions, resolve_options
 
     prompt, dpo = resolve_options(TrainOptions(model="smollm2")), resolve_options(TrainOptions(task="dpo"))
@@ -227,6 +227,8 @@ def test_the_prompt_and_dpo_jobs_have_their_own_lorta_recipes() -> None:
     assert (dpo.job, dpo.lr, dpo.alpha) == ("dpo", 1e-3, 16.0)
     assert resolve_options(TrainOptions(method="lora", model="smollm2")).lr == 2e-3
     assert resolve_options(TrainOptions(method="lora", task="dpo")).lr == 5e-4
+    assert resolve_options(TrainOptions(method="vera", model="smollm2")).lr == 2e-2
+    assert resolve_options(TrainOptions(method="vera", task="dpo")).lr == 5e-3
 
 
 def test_targets_flag_in_the_default_folder_name(tmp_path: Path, capsys: pytest.CaptureFixture[str],
