@@ -37,7 +37,7 @@ def test_vera_trains_and_saves_a_peft_adapter(tmp_path: Path, capsys: pytest.Cap
     assert code == 0, err
     m = metrics_of(tmp_path / "v")
     assert m["method"] == "vera" and m["rank"] == 16 and m["alpha"] is None
-    assert m["lr"] == 1e-2 and m["head_lr"] == 1e-2  # the recipe: VeRA's vectors need a higher lr than LoRA
+    assert m["lr"] == 2e-2 and m["head_lr"] == 1e-2  # the recipe: VeRA's vectors need a higher lr than LoRA
     assert m["adapter_params"] == 6 * 4 * (16 + 384)
     assert m["targets"] == ["attention.output.dense", "key", "query", "value"]
     config = json.loads((tmp_path / "v" / "adapter" / "adapter_config.json").read_text())
