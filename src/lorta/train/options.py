@@ -78,8 +78,8 @@ class UsageError(ValueError):
 ATTENTION_ROLES = ("q", "k", "v", "o")
 # The PEFT baselines' and the non-adapter methods' recipes; the lorta methods' are in their MethodSpec. LoRA r=8 on
 # q, k, v, o at alpha 16 is PEFT's usual setting; VeRA trains scaling vectors that start small (d = 0.1, b = 0) and
-# needs a learning rate an order above LoRA's, as its paper's GLUE runs use (a few 1e-3 to 1e-2); 2e-2 beat 1e-2
-# and 5e-2 on the default job (README, "Recipe trials").
+# needs a learning rate an order above LoRA's, as its paper's GLUE runs use; its lr was swept beside LoRTA's
+# (README, "Recipe trials").
 CLASSIFY_RECIPES: dict[str, Recipe] = {
     **{name: spec.classify for name, spec in method_specs().items()},
     "lora": Recipe(8, 16.0, 1e-3, 2e-3),
@@ -87,8 +87,8 @@ CLASSIFY_RECIPES: dict[str, Recipe] = {
     "full": Recipe(None, None, 1e-4, 2e-3),
     "head-only": Recipe(None, None, 1e-2, 1e-2),
 }
-# Causal-LM jobs: the baselines' prompt lrs were swept beside LoRTA's (README, "Recipe trials": LoRA 2e-3 beat
-# 5e-4, VeRA 2e-2 beat 5e-3, 1e-2 and 5e-2); DPO keeps the conservative 5e-4 and 5e-3.
+# Causal-LM jobs: the baselines' prompt lrs were swept beside LoRTA's (README, "Recipe trials"); their DPO jobs
+# keep the conservative lrs they had.
 LM_RECIPES: dict[str, Recipe] = {
     **{name: spec.causal_lm for name, spec in method_specs().items()},
     "lora": Recipe(8, 16.0, 2e-3, 0.0),
