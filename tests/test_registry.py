@@ -56,3 +56,18 @@ def test_the_specs_closed_form_is_the_count(name):
     count = params.closed_form(config, name)
     for rank in (1, 3, 8):
         assert count(rank) == params.count_trainable(config, params.method_config(name, rank)), (name, rank)
+
+
+def test_a_recipes_lr_follows_the_rank_by_its_power():
+    """lr * (rank / recipe rank) ** power: the recipe's own lr at its rank and with no rank (full, head-only), and
+    bit-for-bit ``lr * sqrt(rank / recipe rank)`` at power 1/2, so a run made with that --lr is the recipe's run."""
+    import math
+
+    from lorta.registry import Recipe
+
+    flat, rooted = Recipe(16, 32.0, 3e-3, 1e-2), Recipe(16, 32.0, 3e-3, 1e-2, lr_rank_power=0.5)
+    assert flat.lr_at(68) == flat.lr_at(None) == 3e-3
+    assert rooted.lr_at(16) == rooted.lr_at(None) == Recipe(None, None, 3e-3, 0.0, lr_rank_power=0.5).lr_at(8) == 3e-3
+    for rank in (1, 7, 22, 45, 68, 175):
+        assert rooted.lr_at(rank) == 3e-3 * math.sqrt(rank / 16)
+    assert rooted.lr_at(64) == 6e-3 and Recipe(8, 16.0, 1e-3, 0.0, lr_rank_power=1.0).lr_at(2) == 2.5e-4

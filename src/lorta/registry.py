@@ -28,13 +28,21 @@ _MARK = "__lorta_atomic__"
 @dataclass(frozen=True)
 class Recipe:
     """Defaults of ``lorta train``: rank, alpha (scale = alpha / rank; None: the method has none), adapter learning
-    rate, head learning rate, and the adapted matrices as attention roles (None: the method's default targets)."""
+    rate, head learning rate, the adapted matrices as attention roles (None: the method's default targets), and
+    how the adapter lr follows a rank other than the recipe's: ``lr * (rank / recipe rank) ** lr_rank_power``."""
 
     rank: int | None
     alpha: float | None
     lr: float
     head_lr: float
     targets: tuple[str, ...] | None = None
+    lr_rank_power: float = 0.0  # 0: the same lr at every rank
+
+    def lr_at(self, rank: int | None) -> float:
+        """The adapter lr this recipe gives a run at ``rank`` (its own lr at its own rank, or with no rank)."""
+        if rank is None or self.rank is None or self.lr_rank_power == 0.0:
+            return self.lr
+        return self.lr * (rank / self.rank) ** self.lr_rank_power
 
 
 @dataclass(frozen=True)

@@ -246,11 +246,12 @@ def _with_defaults(o: TrainOptions, recipe: Recipe, job: JobDefaults, model_type
         return default if value is None else value
 
     adapter = o.method in ADAPTER_METHODS
+    rank = pick(o.rank, recipe.rank) if adapter else None
     return dataclasses.replace(
         o,
-        rank=pick(o.rank, recipe.rank) if adapter else None,
+        rank=rank,
         alpha=pick(o.alpha, recipe.alpha) if adapter else None,
-        lr=pick(o.lr, recipe.lr),
+        lr=pick(o.lr, recipe.lr_at(rank)),
         head_lr=pick(o.head_lr, recipe.head_lr),
         steps=pick(o.steps, job.steps),
         batch_size=pick(o.batch_size, job.batch_size),
