@@ -219,6 +219,26 @@ def test_default_alpha_is_the_recipes_at_any_rank() -> None:
     assert resolve_options(TrainOptions(method="lora", rank=1)).alpha == 16.0
 
 
+def test_lortas_classify_lr_grows_like_the_root_of_its_rank() -> None:
+    """lr 3e-3 at the recipe's rank 16 and 3e-3 * sqrt(r / 16) at a frontier's ranks (README, "Recipe trials"),
+    bit-for-bit, so runs made with that --lr are the frontier's; an explicit --lr wins; the baselines, the prompt
+    job and DPO keep one lr at every rank."""
+    import math
+
+    from lorta.train import TrainOptions, resolve_options
+
+    assert resolve_options(TrainOptions()).lr == 3e-3
+    for rank in (22, 45, 68):
+        assert resolve_options(TrainOptions(rank=rank)).lr == 3e-3 * math.sqrt(rank / 16)
+        assert resolve_options(TrainOptions(rank=rank, task="party")).lr == 3e-3 * math.sqrt(rank / 16)
+    assert resolve_options(TrainOptions(rank=68)).lr == 0.006184658438426491  # the README's r = 68 runs
+    assert resolve_options(TrainOptions(rank=68, lr=3e-3)).lr == 3e-3
+    assert resolve_options(TrainOptions(method="lora", rank=1)).lr == 1e-3
+    assert resolve_options(TrainOptions(method="vera", rank=866)).lr == 2e-2
+    assert resolve_options(TrainOptions(model="smollm2", rank=175)).lr == 1e-2
+    assert resolve_options(TrainOptions(task="dpo", rank=64)).lr == 1e-3
+
+
 def test_the_prompt_and_dpo_jobs_have_their_own_recipes() -> None:
     from lorta.train import TrainOptions, resolve_options
 

@@ -97,7 +97,9 @@ def _shared_arguments(p: argparse.ArgumentParser) -> None:
     add("--steps", "optimizer steps (default: 400; prompt 60; dpo 40)", type=int)
     add("--batch-size", "examples per step and device (default: 32; prompt 8; dpo 4)", type=int)
     add("--grad-accum", "gradient accumulation steps", type=int, default=1)
-    add("--lr", "adapter learning rate (default: per method)", type=float)
+    lorta = method_specs()["lorta"].classify
+    add("--lr", f"adapter learning rate (default: per method; LoRTA's classify lr is {lorta.lr:g} at rank "
+        f"{lorta.rank}, times (rank / {lorta.rank}) ** {lorta.lr_rank_power:g} at others)", type=float)
     add("--head-lr", "classification head learning rate (default: per method)", type=float)
     add("--mode-lr", "LoRTA: learning rate of the mode factors C_H, C_L, C_M (default: --lr)", type=float)
     add("--alpha", "scale = alpha / rank (default: per method)", type=float)

@@ -217,9 +217,12 @@ SPEC = MethodSpec(
         **layout.count_sizes(), r=r, modes=tuple(config.modes)
     ),
     # The default job's recipe (its sweeps are in the README): q, k, v only, alpha 32 at rank 16 (LoRA r=8's
-    # scale alpha / r = 2) and at any other rank, the head at 1e-2. The prompt job's 60 short steps want lr 1e-2;
-    # DPO diverges there (its loss rises above log 2) and keeps 1e-3.
-    classify=Recipe(16, 32.0, 3e-3, 1e-2, targets=("q", "k", "v")),
+    # scale alpha / r = 2) and at any other rank, the head at 1e-2, and an lr that grows like sqrt(r): at a fixed
+    # alpha the scale falls like 1 / r while the r rank-one terms' Adam steps (about the lr each) add up like
+    # sqrt(r) if independent, so lr ~ sqrt(r) keeps the update's change per step the same at every rank. The prompt
+    # job's 60 short steps want lr 1e-2 at every rank swept; DPO diverges there (its loss rises above log 2) and
+    # keeps 1e-3.
+    classify=Recipe(16, 32.0, 3e-3, 1e-2, targets=("q", "k", "v"), lr_rank_power=0.5),
     causal_lm=Recipe(16, 16.0, 1e-2, 0.0),
     dpo=Recipe(16, 16.0, 1e-3, 0.0),
     params_options=("modes",),
