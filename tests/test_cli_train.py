@@ -239,6 +239,60 @@ def test_lortas_classify_lr_grows_like_the_root_of_its_rank() -> None:
     assert resolve_options(TrainOptions(task="dpo", rank=64)).lr == 1e-3
 
 
+@pytest.mark.parametrize(("schedule", "warmup"), [("linear", 0.3), ("cosine", 0.0), ("constant", 0.3)])
+def test_schedule_and_warmup_set_the_lr_of_every_step(schedule: str, warmup: float, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """--warmup raises the lr linearly from 0 over ceil(warmup * steps) steps, then --schedule takes it linearly or
+    as a half cosine to 0 at the last step, or holds it; metrics.json's lr_curve is the lr of every step."""
+    import math
+    import sys
+
+    lr, steps = 1e-2, 10
+    code, _, err = lorta(["train", *TINY, "--steps", str(steps), "--lr", str(lr), "--schedule", schedule,
+                          "--warmup", str(warmup), "--out", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    metrics = metrics_of(tmp_path / "o")
+    assert (metrics["schedule"], metrics["warmup"], metrics["weight_decay"]) == (schedule, warmup, 0.0)
+    warm = math.ceil(warmup * steps)
+
+    def expected(t: int) -> float:  # the lr of the step after t steps
+        if t < warm:
+            return lr * t / warm
+        done = (t - warm) / (steps - warm)
+        return lr * {"linear": 1 - done, "cosine": 0.5 * (1 + math.cos(math.pi * done)), "constant": 1.0}[schedule]
+
+    curve = metrics["lr_curve"]
+    assert [step for step, _ in curve] == list(range(1, steps + 1))  # logged at every step (steps // 20 < 1)
+    for step, value in curve:
+        assert abs(value - expected(step - 1)) <= 16 * sys.float_info.epsilon * lr, (step, value)
+
+
+def test_weight_decay_shrinks_the_adapter_by_lr_times_decay(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                            ) -> None:
+    """AdamW's decay reaches the adapter's optimizer groups: after one step, in which only the zero-initialised B
+    has a gradient, the mode factors are their start times (1 - lr * decay) and B is the run without decay's."""
+    import torch
+    from safetensors.torch import load_file
+    from tolerance import eps
+
+    lr, decay = 1e-2, 0.5
+    factors = {}
+    for wd in (0.0, decay):
+        out = tmp_path / f"wd{wd}"
+        code, _, err = lorta(["train", *TINY, "--steps", "1", "--warmup", "0", "--lr", str(lr), "--weight-decay",
+                              str(wd), "--rank", "4", "--out", str(out)], capsys)
+        assert code == 0, err
+        tensors = load_file(out / "adapter" / "adapter_model.safetensors")
+        factors[wd] = {k.rsplit(".", 1)[-1]: v for k, v in tensors.items() if "lorta_factors" in k}
+    assert metrics_of(tmp_path / f"wd{decay}")["weight_decay"] == decay
+    for name in ("C_H", "C_L", "C_M"):
+        start, decayed = factors[0.0][name], factors[decay][name]
+        assert set(start.unique().tolist()) <= {-1.0, 1.0}, name  # untouched without decay: no gradient yet
+        assert (decayed - start * (1 - lr * decay)).abs().max() <= 4 * eps(start.dtype), name
+    assert factors[0.0]["B"].abs().max() > 0
+    assert torch.equal(factors[0.0]["B"], factors[decay]["B"])  # zero at the start, so nothing to decay
+
+
 def test_the_prompt_and_dpo_jobs_have_their_own_recipes() -> None:
     from lorta.train import TrainOptions, resolve_options
 
@@ -371,6 +425,11 @@ def test_bad_data_exits_2_with_message(
         (["--targets", "q,quary"], "--targets 'quary' matches no linear module of this bert model"),
         (["--targets", "q,v", "--method", "full"], "--method full has none"),
         (["--targets", ","], "--targets is empty"),
+        (["--schedule", "step"], "invalid choice: 'step'"),
+        (["--warmup", "1"], "--warmup is the fraction of --steps spent warming up, in [0, 1); got 1.0"),
+        (["--warmup", "-0.1"], "--warmup is the fraction"),
+        (["--weight-decay", "-1"], "--weight-decay must be a non-negative number, got -1.0"),
+        (["--weight-decay", "nan"], "--weight-decay must be a non-negative number, got nan"),
     ],
 )
 def test_bad_options_exit_2_with_message(

@@ -20,7 +20,7 @@ from ..frontier import DEFAULT_METHODS as DEFAULT_FRONTIER_METHODS
 from ..methods.lorta import DEFAULT_MODE_FACTOR_INIT, MODE_FACTOR_INITS
 from ..methods.tenslora import CONSTRUCTIONS, DECOMPOSITIONS
 from ..registry import method_specs
-from ..train import DEFAULT_MODES, TrainOptions
+from ..train import DEFAULT_MODES, SCHEDULES, TrainOptions
 
 EXIT_USAGE = 2
 DEFAULT_COMPARE_METHODS = ",".join([*method_specs(), "lora", "head-only"])
@@ -104,6 +104,12 @@ def _shared_arguments(p: argparse.ArgumentParser) -> None:
     add("--mode-lr", "LoRTA: learning rate of the mode factors C_H, C_L, C_M (default: --lr)", type=float)
     add("--alpha", "scale = alpha / rank (default: per method)", type=float)
     add("--dropout", "adapter input dropout", type=float, default=0.0)
+    add("--schedule", "the lr after warm-up: decays linearly or as a cosine to 0 at the last step, or stays "
+        "constant", choices=tuple(SCHEDULES), default=TrainOptions.schedule)
+    add("--warmup", "fraction of the steps over which the lr rises linearly from 0", type=float,
+        default=TrainOptions.warmup)
+    add("--weight-decay", "AdamW's decoupled weight decay on the adapter and the head", type=float,
+        default=TrainOptions.weight_decay)
     add("--max-train", "class-balanced subset of the training split (DPO: pairs; default: all)", type=int)
     add("--max-test", "class-balanced subset of the held-out split (DPO: pairs; default: all)", type=int)
     add("--max-length", "max tokens per example (default: 64; prompt 96; dpo 128)", type=int)

@@ -47,6 +47,7 @@ from .trainer import (
     checkpoint_to_resume,
     install_progress,
     loss_curve,
+    lr_curve,
     plot_loss,
     silence_library_bars,
     trainer_classes,
@@ -169,6 +170,7 @@ def run_job(options: TrainOptions, echo: Echo = print, started: float | None = N
     run = JOB_RUNNERS[kind](o, path, ds, echo)
     trainer, model, tokenizer = run.pop("trainer"), run.pop("model"), run.pop("tokenizer")
     metrics = _metrics(o, kind, path, ds, model, loss_curve(trainer), run)
+    metrics["lr_curve"] = lr_curve(trainer)  # the schedule it followed (--schedule, --warmup)
     metrics["wall_time_s"] = time.time() - start
     metrics["loss_plot"] = None if skipped else str(out / "loss.png")
     if trainer.is_world_process_zero():  # the adapter and metrics first; the optional plot last
@@ -199,6 +201,7 @@ def _metrics(
         "method": o.method, "model": o.model, "task": o.task, "job": kind, "data": describe_data(o),
         "rank": o.rank, "seed": o.seed, "steps": o.steps, "batch_size": o.batch_size, "grad_accum": o.grad_accum,
         "lr": o.lr, "head_lr": o.head_lr if kind == "classify" else None, "mode_lr": o.mode_lr, "alpha": o.alpha,
+        "schedule": o.schedule, "warmup": o.warmup, "weight_decay": o.weight_decay,
         "adapter_params": adapter, "head_params": head, "trainable_params": adapter + head,
         "lora_r8_params": lora_reference_parameters(path),
         "n_train": len(ds.train), "n_test": len(ds.test), "label_names": ds.label_names,

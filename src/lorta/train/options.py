@@ -28,6 +28,8 @@ ADAPTER_METHODS = (*method_specs(), *PEFT_METHODS)
 METHODS = (*ADAPTER_METHODS, "full", "head-only")
 TASKS = ("sentiment", "party", "dpo")
 JOBS = ("classify", "prompt", "dpo")
+# --schedule: the lr after warm-up, as transformers' scheduler names (constant holds the lr until the last step).
+SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 HEAD_MODULES = ("classifier", "score")  # what PEFT's SEQ_CLS task puts in modules_to_save
 MODE_FACTORS = ("C_H", "C_L", "C_M")  # LoRTA's mode factors (--mode-lr)
 REFERENCE_LORA_RANK = 8
@@ -135,6 +137,9 @@ class TrainOptions:
     head_lr: float | None = None
     mode_lr: float | None = None
     dropout: float = 0.0
+    schedule: str = "linear"
+    warmup: float = 0.06
+    weight_decay: float = 0.0
     steps: int | None = None
     batch_size: int | None = None
     grad_accum: int = 1
@@ -284,6 +289,12 @@ def _check_numbers(o: TrainOptions) -> None:
             raise UsageError(f"{flag} must be >= {low}, got {value}")
     if not 0.0 <= o.dropout < 1.0:
         raise UsageError(f"--dropout must be in [0, 1), got {o.dropout}")
+    if o.schedule not in SCHEDULES:
+        raise UsageError(f"--schedule {o.schedule}: choose one of {', '.join(SCHEDULES)}")
+    if not (math.isfinite(o.warmup) and 0.0 <= o.warmup < 1.0):
+        raise UsageError(f"--warmup is the fraction of --steps spent warming up, in [0, 1); got {o.warmup}")
+    if not (math.isfinite(o.weight_decay) and o.weight_decay >= 0):
+        raise UsageError(f"--weight-decay must be a non-negative number, got {o.weight_decay}")
     if o.mode_lr is not None and o.method != "lorta":
         raise UsageError(f"--mode-lr sets the lr of LoRTA's mode factors C_H, C_L, C_M; --method {o.method} has none")
     for flag, value in (("--lr", o.lr), ("--head-lr", o.head_lr), ("--mode-lr", o.mode_lr), ("--alpha", o.alpha)):

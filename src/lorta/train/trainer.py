@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .adapters import is_head
-from .options import MODE_FACTORS, Echo, TrainOptions
+from .options import MODE_FACTORS, SCHEDULES, Echo, TrainOptions
 
 
 def trainer_classes() -> tuple[type, type]:
@@ -66,7 +66,8 @@ def trainer_classes() -> tuple[type, type]:
 
 
 def training_arguments(o: TrainOptions, output_dir: Path, cls: type | None = None, **extra: Any) -> Any:
-    """TrainingArguments shared by all jobs: CPU unless CUDA, no reporting, seeded, linear schedule, checkpoints."""
+    """TrainingArguments shared by all jobs: CPU unless CUDA, no reporting, seeded, --schedule after --warmup (a
+    fraction of the steps), checkpoints."""
     from transformers import TrainingArguments
 
     cls = cls or TrainingArguments
@@ -78,9 +79,9 @@ def training_arguments(o: TrainOptions, output_dir: Path, cls: type | None = Non
         per_device_eval_batch_size=o.batch_size * 2,
         gradient_accumulation_steps=o.grad_accum,
         learning_rate=o.lr,
-        weight_decay=0.0,
-        lr_scheduler_type="linear",
-        warmup_steps=0.06,
+        weight_decay=o.weight_decay,
+        lr_scheduler_type=SCHEDULES[o.schedule],
+        warmup_steps=o.warmup,
         logging_steps=max(1, o.steps // 20),
         save_strategy="steps",
         save_steps=save_steps,
@@ -124,6 +125,11 @@ def checkpoint_to_resume(o: TrainOptions, ckpt_dir: Path, echo: Echo) -> str | N
 
 def loss_curve(trainer: Any) -> list[list[float]]:
     return [[entry["step"], entry["loss"]] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def lr_curve(trainer: Any) -> list[list[float]]:
+    """The adapter's lr at each logging step (the schedule the run really followed)."""
+    return [[e["step"], e["learning_rate"]] for e in trainer.state.log_history if "learning_rate" in e]
 
 
 def plot_loss(curve: Sequence[Sequence[float]], path: Path, title: str) -> None:
