@@ -205,10 +205,13 @@ def test_resume_fills_options_added_since_a_run_with_their_defaults(tmp_path: Pa
 
     o = TrainOptions(max_train=48, max_test=32, steps=2, out=str(tmp_path))
     identity = run_identity(resolve_options(o))
-    older = {k: v for k, v in identity.items() if k != "mode_lr"}  # a run made before --mode-lr existed
+    added = {"mode_lr", "schedule", "warmup", "weight_decay"}  # a run made before these options existed
+    older = {k: v for k, v in identity.items() if k not in added}
     (tmp_path / "metrics.json").write_text(json.dumps({"options": older, "accuracy": 0.5}), encoding="utf-8")
     assert frontier.finished_run(tmp_path, o) == {"options": older, "accuracy": 0.5}
-    assert frontier.finished_run(tmp_path, TrainOptions(max_train=48, max_test=32, steps=2, mode_lr=1e-2)) is None
+    for changed in ({"mode_lr": 1e-2}, {"schedule": "cosine"}, {"warmup": 0.1}, {"weight_decay": 0.01}):
+        other = TrainOptions(max_train=48, max_test=32, steps=2, **changed)
+        assert frontier.finished_run(tmp_path, other) is None, changed
     (tmp_path / "metrics.json").write_text("{not json", encoding="utf-8")
     assert frontier.finished_run(tmp_path, o) is None
 
