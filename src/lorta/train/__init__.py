@@ -49,9 +49,8 @@ from .order import grouped_order, load_data, ordered_train_set
 
 __all__ = [
     "ADAPTER_METHODS", "CLASSIFY_RECIPES", "DEFAULT_MODES", "DPO_RECIPES", "JOBS", "LM_RECIPES", "METHODS",
-    "PEFT_METHODS",
-    "SCHEDULES", "PROMPTS", "TASKS", "Run", "TrainOptions", "UsageError", "count_parameters", "default_targets",
-    "evaluate_classifier", "evaluate_prompt", "grouped_order", "job_kind", "load_data",
+    "PEFT_METHODS", "PROMPTS", "SCHEDULES", "TASKS", "Run", "TrainOptions", "UsageError", "count_parameters",
+    "default_targets", "evaluate_classifier", "evaluate_prompt", "grouped_order", "job_kind", "load_data",
     "lora_reference_parameters", "model_label", "ordered_train_set", "prepare_model", "resolve_options",
     "run_identity", "run_job", "save_trained", "saved_path", "score_answers", "target_modules", "write_atomically",
 ]
