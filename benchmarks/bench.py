@@ -391,9 +391,7 @@ def step_memory(v: Variant, ids: torch.Tensor, device: torch.device, profile_cpu
         out["rss_peak_delta_bytes"] = float(max(0, hwm - rss0))
         out["rss_method"] = 1.0  # VmHWM reset
     else:
-        out["rss_peak_delta_bytes"] = float(
-            max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - ru0)
-        )
+        out["rss_peak_delta_bytes"] = float(max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - ru0))
         out["rss_method"] = 0.0  # ru_maxrss delta (only grows past the process's earlier peak)
     if profile_cpu and device.type == "cpu":
         out["peak_alloc_bytes"] = float(_profiled_peak(v, ids))
@@ -434,9 +432,7 @@ def exact_float64(model: nn.Module) -> nn.Module:
     return model
 
 
-def correctness_guard(
-    base: nn.Module, config: Any, ids: torch.Tensor, device: torch.device
-) -> dict[str, Any]:
+def correctness_guard(base: nn.Module, config: Any, ids: torch.Tensor, device: torch.device) -> dict[str, Any]:
     """Float64 check that the adapted model equals the base plus every layer's dense `delta_weight`.
 
     Uses a copy of `config` with init_weights=False so the update is non-zero. Also checks merge_and_unload.
@@ -479,9 +475,7 @@ def correctness_guard(
         result["rel_err"] <= GUARD_TOL and result["merged_rel_err"] <= GUARD_TOL and result["effect"] > 1e-6
     )
     if result["effect"] <= 1e-6:
-        result["error"] = (
-            "the update had no effect on the logits (init_weights=False should make it non-zero)"
-        )
+        result["error"] = "the update had no effect on the logits (init_weights=False should make it non-zero)"
     del ref, peft_model
     return result
 
@@ -626,9 +620,7 @@ def run_inference(variants: list[Variant], ids: torch.Tensor, opts: Options, gen
                 )
                 total, _, seqs = timed(lambda: v.model.generate(**kwargs), opts.device)
                 if seqs.shape[1] != ids.shape[1] + n:
-                    raise RuntimeError(
-                        f"{v.key}: generate returned {seqs.shape[1] - ids.shape[1]} tokens, not {n}"
-                    )
+                    raise RuntimeError(f"{v.key}: generate returned {seqs.shape[1] - ids.shape[1]} tokens, not {n}")
                 out["generate_s"] = total
                 # generate(n) = 1 prefill forward (yields token 1) + (n - 1) one-token decode forwards
                 out["decode_per_token_s"] = (total - prefill) / (n - 1)
@@ -646,9 +638,7 @@ def run_inference(variants: list[Variant], ids: torch.Tensor, opts: Options, gen
     return rows
 
 
-def run_io(
-    variants: list[Variant], base: nn.Module, check_ids: torch.Tensor, opts: Options
-) -> dict[str, Any]:
+def run_io(variants: list[Variant], base: nn.Module, check_ids: torch.Tensor, opts: Options) -> dict[str, Any]:
     """Alternated save_pretrained / PeftModel.from_pretrained timing, adapter file bytes, round-trip check."""
     from peft import PeftModel
 
@@ -803,9 +793,7 @@ def bench_model(name: str, opts: Options, methods: list[str], notes: list[str]) 
     for v in variants:  # free the optimiser state before timing inference
         v.optimizer = None
     if "infer" in opts.parts:
-        infer_variants = [Variant("base", "base", None, base_dev)] + [
-            v for v in variants if v.method in METHODS
-        ]
+        infer_variants = [Variant("base", "base", None, base_dev)] + [v for v in variants if v.method in METHODS]
         print(f"[bench] {name}: inference", flush=True)
         entry["infer"] = run_inference(infer_variants, ids, opts, gen=True)
 
@@ -938,24 +926,58 @@ def _table(title: str, columns: list[str], rows: Iterable[list[Any]]) -> list[st
 
 
 def _train_table(models: list[dict[str, Any]]) -> list[str]:
-    columns = ["model", "batch x seq", "r", "method", "trainable params", "step ms", "overhead ms", "overhead / LoRA",
-               "step / LoRA", "act. saved MB", "peak alloc MB", "state MB", "peak + state MB", "memory / LoRA",
-               "peak RSS delta MB"]
+    columns = [
+        "model",
+        "batch x seq",
+        "r",
+        "method",
+        "trainable params",
+        "step ms",
+        "overhead ms",
+        "overhead / LoRA",
+        "step / LoRA",
+        "act. saved MB",
+        "peak alloc MB",
+        "state MB",
+        "peak + state MB",
+        "memory / LoRA",
+        "peak RSS delta MB",
+    ]
     rows = (
-        [m["name"], f"{m['batch']}x{m['seq']}", row["rank"] or "-",
-         "floor (frozen base)" if key == "floor" else row["method"], f"{row['params']:,}", _ms(row["step_s"]),
-         _ms(row.get("overhead_s")), _ratio(row.get("overhead_ratio_vs_lora")),
-         _ratio(row.get("step_ratio_vs_lora", {}).get("median")), _mb(mem.get("saved_bytes")),
-         _mb(mem.get("peak_alloc_bytes")), _mb(mem.get("state_bytes")), _mb(mem.get("peak_with_state_bytes")),
-         _ratio(row.get("memory_ratio_vs_lora")), _mb(mem.get("rss_peak_delta_bytes"))]
-        for m in models for key, row in m.get("train", {}).items() for mem in [row.get("memory", {})]
+        [
+            m["name"],
+            f"{m['batch']}x{m['seq']}",
+            row["rank"] or "-",
+            "floor (frozen base)" if key == "floor" else row["method"],
+            f"{row['params']:,}",
+            _ms(row["step_s"]),
+            _ms(row.get("overhead_s")),
+            _ratio(row.get("overhead_ratio_vs_lora")),
+            _ratio(row.get("step_ratio_vs_lora", {}).get("median")),
+            _mb(mem.get("saved_bytes")),
+            _mb(mem.get("peak_alloc_bytes")),
+            _mb(mem.get("state_bytes")),
+            _mb(mem.get("peak_with_state_bytes")),
+            _ratio(row.get("memory_ratio_vs_lora")),
+            _mb(mem.get("rss_peak_delta_bytes")),
+        ]
+        for m in models
+        for key, row in m.get("train", {}).items()
+        for mem in [row.get("memory", {})]
     )
     return _table("## Training step (forward + backward + AdamW)", columns, rows)
 
 
 def _infer_table(models: list[dict[str, Any]]) -> list[str]:
-    columns = ["model", "r", "method", "prefill ms (unmerged)", "decode ms/token (unmerged)", "prefill ms (merged)",
-               "merged / base"]
+    columns = [
+        "model",
+        "r",
+        "method",
+        "prefill ms (unmerged)",
+        "decode ms/token (unmerged)",
+        "prefill ms (merged)",
+        "merged / base",
+    ]
     rows = []
     for m in models:
         infer, merged = m.get("infer", {}), m.get("merged", {})
@@ -963,18 +985,44 @@ def _infer_table(models: list[dict[str, Any]]) -> list[str]:
             row, mr = infer.get(key, {}), merged.get(key, {})
             info = row or mr
             ratio = "1.00x" if key == "base" else _ratio(mr.get("prefill_ratio_vs_base", {}).get("median"))
-            rows.append([m["name"], info["rank"] or "-", info["method"], _ms(row.get("prefill_s")),
-                         _ms(row.get("decode_per_token_s"), 2), _ms(mr.get("prefill_s")), ratio])
+            rows.append(
+                [
+                    m["name"],
+                    info["rank"] or "-",
+                    info["method"],
+                    _ms(row.get("prefill_s")),
+                    _ms(row.get("decode_per_token_s"), 2),
+                    _ms(mr.get("prefill_s")),
+                    ratio,
+                ]
+            )
     return _table("## Inference (no grad)", columns, rows)
 
 
 def _io_table(models: list[dict[str, Any]]) -> list[str]:
-    columns = ["model", "r", "method", "trainable params", "adapter_model.safetensors bytes", "save ms", "load ms",
-               "round-trip max abs diff"]
+    columns = [
+        "model",
+        "r",
+        "method",
+        "trainable params",
+        "adapter_model.safetensors bytes",
+        "save ms",
+        "load ms",
+        "round-trip max abs diff",
+    ]
     rows = (
-        [m["name"], row["rank"], row["method"], f"{row['params']:,}", f"{row['file_bytes']:,}", _ms(row["save_s"]),
-         _ms(row["load_s"]), f"{row['roundtrip_max_abs_diff']:.2e}"]
-        for m in models for row in m.get("io", {}).values()
+        [
+            m["name"],
+            row["rank"],
+            row["method"],
+            f"{row['params']:,}",
+            f"{row['file_bytes']:,}",
+            _ms(row["save_s"]),
+            _ms(row["load_s"]),
+            f"{row['roundtrip_max_abs_diff']:.2e}",
+        ]
+        for m in models
+        for row in m.get("io", {}).values()
     )
     return _table("## Adapter files", columns, rows)
 
@@ -982,9 +1030,16 @@ def _io_table(models: list[dict[str, Any]]) -> list[str]:
 def _guard_table(models: list[dict[str, Any]]) -> list[str]:
     columns = ["model", "method", "rel err (unmerged)", "rel err (merged)", "update effect", "status"]
     rows = (
-        [m["name"], key, _fmt_e(g.get("rel_err")), _fmt_e(g.get("merged_rel_err")), _fmt_e(g.get("effect")),
-         "passed" if g["passed"] else f"FAILED {g.get('error', '')}"]
-        for m in models for key, g in m["guard"].items()
+        [
+            m["name"],
+            key,
+            _fmt_e(g.get("rel_err")),
+            _fmt_e(g.get("merged_rel_err")),
+            _fmt_e(g.get("effect")),
+            "passed" if g["passed"] else f"FAILED {g.get('error', '')}",
+        ]
+        for m in models
+        for key, g in m["guard"].items()
     )
     return _table(f"## Correctness guard (float64, init_weights=False, rel err <= {GUARD_TOL:g})", columns, rows)
 
@@ -992,22 +1047,53 @@ def _guard_table(models: list[dict[str, Any]]) -> list[str]:
 def _profile_table(models: list[dict[str, Any]]) -> list[str]:
     columns = ["model", "variant", "ops", "self CPU ms", "kernels", "device ms", "top ops by self CPU (ms)"]
     rows = (
-        [m["name"], key, f"{p['ops_per_step']:.0f}", f"{p['self_cpu_ms_per_step']:.1f}", f"{p['kernels_per_step']:.0f}",
-         f"{p['device_ms_per_step']:.1f}", ", ".join(f"{t['op']} {t['self_cpu_ms']:.1f}" for t in p["top_ops"][:5])]
-        for m in models for key, p in m.get("profile", {}).items()
+        [
+            m["name"],
+            key,
+            f"{p['ops_per_step']:.0f}",
+            f"{p['self_cpu_ms_per_step']:.1f}",
+            f"{p['kernels_per_step']:.0f}",
+            f"{p['device_ms_per_step']:.1f}",
+            ", ".join(f"{t['op']} {t['self_cpu_ms']:.1f}" for t in p["top_ops"][:5]),
+        ]
+        for m in models
+        for key, p in m.get("profile", {}).items()
     )
     return _table("## Profile (torch.profiler, per training step)", columns, rows)
 
 
 def _scaling_table(rows: list[dict[str, Any]]) -> list[str]:
-    columns = ["axis", "r", "L", "d", "method", "trainable params", "adapter bytes", "step ms", "floor ms",
-               "overhead ms", "act. saved MB (floor)", "peak alloc MB (floor)"]
+    columns = [
+        "axis",
+        "r",
+        "L",
+        "d",
+        "method",
+        "trainable params",
+        "adapter bytes",
+        "step ms",
+        "floor ms",
+        "overhead ms",
+        "act. saved MB (floor)",
+        "peak alloc MB (floor)",
+    ]
     cells = (
-        [row["axis"], row["rank"], row["layers"], row["hidden"], row["method"], f"{row['params']:,}",
-         f"{row['file_bytes']:,}", _ms(row["step_s"]), _ms(row["floor_s"]), _ms(row["overhead_s"]),
-         f"{_mb(mem.get('saved_bytes'))} ({_mb(fm.get('saved_bytes'))})",
-         f"{_mb(mem.get('peak_alloc_bytes'))} ({_mb(fm.get('peak_alloc_bytes'))})"]
-        for row in rows for mem, fm in [(row["memory"], row["floor_memory"])]
+        [
+            row["axis"],
+            row["rank"],
+            row["layers"],
+            row["hidden"],
+            row["method"],
+            f"{row['params']:,}",
+            f"{row['file_bytes']:,}",
+            _ms(row["step_s"]),
+            _ms(row["floor_s"]),
+            _ms(row["overhead_s"]),
+            f"{_mb(mem.get('saved_bytes'))} ({_mb(fm.get('saved_bytes'))})",
+            f"{_mb(mem.get('peak_alloc_bytes'))} ({_mb(fm.get('peak_alloc_bytes'))})",
+        ]
+        for row in rows
+        for mem, fm in [(row["memory"], row["floor_memory"])]
     )
     return _table("## Scaling (llama, random init; one axis varied at a time)", columns, cells)
 
@@ -1024,8 +1110,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"dtype {meta['dtype']}",
         f"- load average at start/end: {meta['loadavg_start']} / {meta.get('loadavg_end')}",
         *([f"- base quantised: {result['args']['quantize']} (bitsandbytes)"] if result["args"].get("quantize") else []),
-        f"- repeats {meta['reps']} after {meta['warmup']} warm-up, alternated; "
-        "cells are median [q1, q3] in ms",
+        f"- repeats {meta['reps']} after {meta['warmup']} warm-up, alternated; cells are median [q1, q3] in ms",
     ]
     models = [m for m in result["models"] if "guard" in m]
     sections = [
@@ -1098,21 +1183,15 @@ def _loadavg() -> str:
 
 # ------------------------------------------------------------------------------------------------------ cli
 def parse_args(argv: list[str]) -> tuple[Options, argparse.Namespace]:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
         "--preset",
         choices=sorted(RUN_PRESETS),
         default=None,
         help="run profile setting the defaults below (default: 'default', or 'scaling' with --scaling)",
     )
-    p.add_argument(
-        "--smoke", action="store_true", help="tiny models, 1 repeat, a few seconds (= --preset smoke)"
-    )
-    p.add_argument(
-        "--scaling", action="store_true", help="sweep rank r, layers L and width d for LoRA and LoRTA"
-    )
+    p.add_argument("--smoke", action="store_true", help="tiny models, 1 repeat, a few seconds (= --preset smoke)")
+    p.add_argument("--scaling", action="store_true", help="sweep rank r, layers L and width d for LoRA and LoRTA")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--ranks", help="comma-separated ranks, e.g. 4,8,64")
@@ -1122,21 +1201,15 @@ def parse_args(argv: list[str]) -> tuple[Options, argparse.Namespace]:
         help=f"comma-separated, from {','.join(METHODS)}, or 'all' (every method, batched maps; default: lora,lorta)",
     )
     p.add_argument("--models", help=f"from {','.join(MODEL_PRESETS)}")
-    p.add_argument(
-        "--targets", help="comma-separated target_modules for every model (default: attention q,k,v,o)"
-    )
+    p.add_argument("--targets", help="comma-separated target_modules for every model (default: attention q,k,v,o)")
     p.add_argument("--batch", type=int)
     p.add_argument("--seq", type=int)
     p.add_argument("--reps", type=int, help="measured repeats per figure (after warm-up)")
     p.add_argument("--warmup", type=int, help="warm-up repeats per figure (not reported)")
     p.add_argument("--new-tokens", type=int, help="tokens generated for the decode latency")
-    p.add_argument(
-        "--alpha-per-rank", type=float, default=2.0, help="lora_alpha = this * r (default 2: 16 at r=8)"
-    )
+    p.add_argument("--alpha-per-rank", type=float, default=2.0, help="lora_alpha = this * r (default 2: 16 at r=8)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument(
-        "--no-profile-memory", action="store_true", help="skip the torch.profiler peak-allocation pass"
-    )
+    p.add_argument("--no-profile-memory", action="store_true", help="skip the torch.profiler peak-allocation pass")
     p.add_argument(
         "--profile",
         type=int,
@@ -1145,12 +1218,8 @@ def parse_args(argv: list[str]) -> tuple[Options, argparse.Namespace]:
         help="also run torch.profiler over STEPS training steps per variant (op/kernel counts, top ops)",
     )
     p.add_argument("--parts", default=",".join(PARTS), help=f"which figures to take, from {','.join(PARTS)}")
-    p.add_argument(
-        "--quantize", choices=["8bit", "4bit"], help="time every variant over a bitsandbytes-quantised base"
-    )
-    p.add_argument(
-        "--out", default="benchmarks/results", help="output folder for results.json and results.md"
-    )
+    p.add_argument("--quantize", choices=["8bit", "4bit"], help="time every variant over a bitsandbytes-quantised base")
+    p.add_argument("--out", default="benchmarks/results", help="output folder for results.json and results.md")
     args = p.parse_args(argv)
     preset = args.preset or ("smoke" if args.smoke else "scaling" if args.scaling else "default")
     defaults = RUN_PRESETS[preset]
@@ -1218,8 +1287,7 @@ def main(argv: list[str] | None = None) -> int:
     (opts.out / "results.md").write_text(md)
     print(md, flush=True)
     print(
-        f"[bench] wrote {opts.out / 'results.json'} and {opts.out / 'results.md'} "
-        f"in {result['meta']['wall_s']:.0f} s",
+        f"[bench] wrote {opts.out / 'results.json'} and {opts.out / 'results.md'} in {result['meta']['wall_s']:.0f} s",
         flush=True,
     )
     failed = [k for m in result["models"] for k, g in m.get("guard", {}).items() if not g["passed"]]

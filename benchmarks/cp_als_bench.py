@@ -37,12 +37,14 @@ def main() -> None:
     dense = torch.zeros(shape, dtype=torch.float64)
     for s, (h, layer, m) in enumerate(index.tolist()):
         dense[:, :, h, layer, m] = X[s] @ Y[s]
-    print(f"torch {torch.__version__}, tensorly {tensorly.__version__}, {torch.get_num_threads()} threads; "
-          f"tensor {'x'.join(map(str, shape))} ({dense.numel():,} entries) from {len(index)} rank-{r} slices\n")
+    print(
+        f"torch {torch.__version__}, tensorly {tensorly.__version__}, {torch.get_num_threads()} threads; "
+        f"tensor {'x'.join(map(str, shape))} ({dense.numel():,} entries) from {len(index)} rank-{r} slices\n"
+    )
     print("| CP rank | path | s / sweep | rel. error after the sweeps |")
     print("|---:|---|---:|---:|")
     for rank in map(int, args.ranks.split(",")):
-        init = [torch.randn(n, rank, generator=g, dtype=torch.float64) / n ** 0.5 for n in shape]
+        init = [torch.randn(n, rank, generator=g, dtype=torch.float64) / n**0.5 for n in shape]
         start = time.perf_counter()
         _, history = cp_als(data, rank, args.sweeps, init=init, tol=0)
         ours = (time.perf_counter() - start) / args.sweeps
@@ -53,9 +55,14 @@ def main() -> None:
                 factors = [f.clone() if backend == "pytorch" else f.numpy().copy() for f in init]
                 weights = torch.ones(rank, dtype=torch.float64)
                 start = time.perf_counter()
-                cp = parafac(tensor, rank=rank, init=CPTensor((weights if backend == "pytorch" else weights.numpy(),
-                                                               factors)),
-                             n_iter_max=args.sweeps, tol=0, normalize_factors=False)
+                cp = parafac(
+                    tensor,
+                    rank=rank,
+                    init=CPTensor((weights if backend == "pytorch" else weights.numpy(), factors)),
+                    n_iter_max=args.sweeps,
+                    tol=0,
+                    normalize_factors=False,
+                )
                 theirs = (time.perf_counter() - start) / args.sweeps
                 rebuilt = torch.as_tensor(tensorly.cp_to_tensor(cp))
             error = float((rebuilt - dense).norm() / dense.norm())

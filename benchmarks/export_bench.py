@@ -30,8 +30,14 @@ warnings.filterwarnings("ignore")
 def llama_7b(layers: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=32000)
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    )
     with torch.device("meta"):
         return LlamaForCausalLM(config)
 
@@ -108,8 +114,10 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the rows as JSON")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads; Llama-2-7B shape, q/k/v/o\n")
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads; Llama-2-7B shape, q/k/v/o\n"
+    )
     rows = []
     for method in ("lorta r=16", "tenslora r=16", "tlora r=16"):
         full = adapted(method, 32)
@@ -122,17 +130,30 @@ def main() -> None:
         reference = reference_updates(few)
         for peft_rank in (rank, rank // 2):
             seconds, pairs = peft_path(few, peft_rank)
-            rows.append((method, f"peft.convert_to_lora(rank={peft_rank}) (SVD)", args.layers, len(pairs), seconds,
-                         peft_rank, worst_error(pairs, reference)))
+            rows.append(
+                (
+                    method,
+                    f"peft.convert_to_lora(rank={peft_rank}) (SVD)",
+                    args.layers,
+                    len(pairs),
+                    seconds,
+                    peft_rank,
+                    worst_error(pairs, reference),
+                )
+            )
         del few
-    print("| method | export path | layers | matrices | time (s) | per matrix (ms) | 32-layer time (s) | rank "
-          "| worst rel. error |")
+    print(
+        "| method | export path | layers | matrices | time (s) | per matrix (ms) | 32-layer time (s) | rank "
+        "| worst rel. error |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for method, path, layers, matrices, seconds, rank, error in rows:
         per = seconds / matrices
         whole = per * matrices / layers * 32
-        print(f"| {method} | {path} | {layers} | {matrices} | {seconds:.2f} | {per * 1e3:.1f} | {whole:.1f} "
-              f"| {rank} | {error:.1e} |")
+        print(
+            f"| {method} | {path} | {layers} | {matrices} | {seconds:.2f} | {per * 1e3:.1f} | {whole:.1f} "
+            f"| {rank} | {error:.1e} |"
+        )
     if args.json:
         keys = ("method", "path", "layers", "matrices", "seconds", "rank", "worst_relative_error")
         with open(args.json, "w") as handle:

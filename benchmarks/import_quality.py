@@ -34,8 +34,11 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="a lorta train --method lora run folder (adapter/, metrics.json)")
-    parser.add_argument("--fits", default="lorta:8,lorta:16,lorta:64,lorta:256,tlora:8,tenslora:8",
-                        help="method:rank pairs to import (default: %(default)s)")
+    parser.add_argument(
+        "--fits",
+        default="lorta:8,lorta:16,lorta:64,lorta:256,tlora:8,tenslora:8",
+        help="method:rank pairs to import (default: %(default)s)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     args = parser.parse_args()
     metrics = json.loads((args.run / "metrics.json").read_text())
@@ -52,17 +55,31 @@ def main() -> None:
     rows = []
     lora, tokenizer = load_adapted(adapter, peft_types=("LORA",))
     lora_params = sum(p.numel() for n, p in lora.named_parameters() if ".lora_" in n)
-    rows.append(dict(adapter=f"LoRA r={metrics['rank']} (trained)", params=lora_params,
-                     file_bytes=(adapter / "adapter_model.safetensors").stat().st_size, error=0.0,
-                     accuracy=accuracy(lora, tokenizer), seconds=0.0))
+    rows.append(
+        dict(
+            adapter=f"LoRA r={metrics['rank']} (trained)",
+            params=lora_params,
+            file_bytes=(adapter / "adapter_model.safetensors").stat().st_size,
+            error=0.0,
+            accuracy=accuracy(lora, tokenizer),
+            seconds=0.0,
+        )
+    )
     with torch.no_grad():
         for name, p in lora.named_parameters():
             if ".lora_B." in name:
                 p.zero_()
-    rows.append(dict(adapter="its head alone (updates removed)", params=0, file_bytes=0, error=1.0,
-                     accuracy=accuracy(lora, tokenizer), seconds=0.0))
-    print(f"n_test={len(data.test)}, LoRA {rows[0]['accuracy']:.4f}, head alone {rows[1]['accuracy']:.4f}",
-          flush=True)
+    rows.append(
+        dict(
+            adapter="its head alone (updates removed)",
+            params=0,
+            file_bytes=0,
+            error=1.0,
+            accuracy=accuracy(lora, tokenizer),
+            seconds=0.0,
+        )
+    )
+    print(f"n_test={len(data.test)}, LoRA {rows[0]['accuracy']:.4f}, head alone {rows[1]['accuracy']:.4f}", flush=True)
     for fit in args.fits.split(","):
         method, rank = fit.split(":")
         lora, tokenizer = load_adapted(adapter, peft_types=("LORA",))
@@ -72,16 +89,26 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             folder = save_imported(model, Path(tmp) / "imported", report)
             size = (folder / "adapter_model.safetensors").stat().st_size
-        rows.append(dict(adapter=f"import-lora --method {method} --rank {rank}", params=report.tensor_params,
-                         file_bytes=size, error=report.overall, accuracy=accuracy(model, tokenizer), seconds=seconds))
+        rows.append(
+            dict(
+                adapter=f"import-lora --method {method} --rank {rank}",
+                params=report.tensor_params,
+                file_bytes=size,
+                error=report.overall,
+                accuracy=accuracy(model, tokenizer),
+                seconds=seconds,
+            )
+        )
         print(rows[-1], flush=True)
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads; held-out n={len(data.test)}\n")
     print("| adapter | trainable values | file | rel. error of the updates | held-out accuracy | fit time (s) |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         size = f"{r['file_bytes'] / 1e3:.1f} kB" if r["file_bytes"] else "—"
-        print(f"| {r['adapter']} | {r['params']:,} | {size} | {r['error']:.3f} | {r['accuracy']:.4f} "
-              f"| {r['seconds']:.1f} |")
+        print(
+            f"| {r['adapter']} | {r['params']:,} | {size} | {r['error']:.3f} | {r['accuracy']:.4f} "
+            f"| {r['seconds']:.1f} |"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -73,9 +73,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
     if args.smoke:
-        smoke = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=128, batch=16, seq="8",
-                     rank=4, adapters=4, distinct="1,4", reps=1, warmup=0, load_sample=2,
-                     min_sample_s=0.0)
+        smoke = dict(
+            hidden=64,
+            layers=2,
+            heads=4,
+            kv_heads=2,
+            intermediate=128,
+            vocab=128,
+            batch=16,
+            seq="8",
+            rank=4,
+            adapters=4,
+            distinct="1,4",
+            reps=1,
+            warmup=0,
+            load_sample=2,
+            min_sample_s=0.0,
+        )
         for k, v in smoke.items():
             if f"--{k.replace('_', '-')}" not in (argv if argv is not None else sys.argv):
                 setattr(args, k, v)
@@ -96,9 +110,14 @@ def base_model(args: argparse.Namespace) -> nn.Module:
 
     torch.manual_seed(args.seed)
     config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(64, *args.seq), tie_word_embeddings=False,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=max(64, *args.seq),
+        tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config).to(args.device).eval()
 
@@ -192,9 +211,14 @@ def lora_model(base: nn.Module, args: argparse.Namespace, root: Path) -> tuple[n
     model.eval()
     params = sum(p.numel() for n, p in model.named_parameters() if f".{names[0]}." in n)
     stats = {
-        "adapters": sample - 1, "first_adapter_s": first, "load_s": timed,
-        "load_ms_per_adapter": 1e3 * timed / max(1, sample - 1), "file_bytes_per_adapter": file_bytes,
-        "parameters_per_adapter": params, "bytes_per_adapter": params * 4, "adapters_total": len(model.peft_config),
+        "adapters": sample - 1,
+        "first_adapter_s": first,
+        "load_s": timed,
+        "load_ms_per_adapter": 1e3 * timed / max(1, sample - 1),
+        "file_bytes_per_adapter": file_bytes,
+        "parameters_per_adapter": params,
+        "bytes_per_adapter": params * 4,
+        "adapters_total": len(model.peft_config),
     }
     return model, stats
 
@@ -297,8 +321,11 @@ def report(args: argparse.Namespace, samples: dict, load: dict, checks: dict, en
         best = {k: args.batch / min(v["wall"]) for k, v in by_variant.items()}
         cpu = {k: median(v["cpu"]) for k, v in by_variant.items()}
         lines += [
-            "", f"## {seq} tokens per row", "",
-            f"Bare base model: {rps['base']:.1f} rows/s ({best['base']:.1f}), {1e3 * cpu['base']:.0f} CPU ms.", "",
+            "",
+            f"## {seq} tokens per row",
+            "",
+            f"Bare base model: {rps['base']:.1f} rows/s ({best['base']:.1f}), {1e3 * cpu['base']:.0f} CPU ms.",
+            "",
         ]
         k1 = f"k={args.distinct[0]}"
         header = "| distinct adapters |" + "".join(
@@ -356,8 +383,12 @@ def report(args: argparse.Namespace, samples: dict, load: dict, checks: dict, en
         lines.append(f"| {m} | {c['max_abs_err']:.2e} | {c['adapter_effect']:.2e} | {verdict} |")
     lines += ["", f"Command: `{env['command']}` ({env['total_s']:.0f} s)", ""]
     result = {
-        "args": dict(vars(args)), "env": env, "summary": summary, "samples_s": samples,
-        "iqr_s": {seq: {k: _iqr(v["wall"]) for k, v in by.items()} for seq, by in samples.items()}, "load": load,
+        "args": dict(vars(args)),
+        "env": env,
+        "summary": summary,
+        "samples_s": samples,
+        "iqr_s": {seq: {k: _iqr(v["wall"]) for k, v in by.items()} for seq, by in samples.items()},
+        "load": load,
         "guard": checks,
     }
     return "\n".join(lines), result
@@ -382,8 +413,11 @@ def main(argv: list[str] | None = None) -> int:
     import lorta  # noqa: F401  (registers the methods)
 
     env = {
-        "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-        "machine": platform.machine(), "command": " ".join(["python", *sys.argv]) if argv is None else str(argv),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "command": " ".join(["python", *sys.argv]) if argv is None else str(argv),
     }
     start = time.perf_counter()
     base = base_model(args)

@@ -17,72 +17,130 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 def _llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=6,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=False,
-    ))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=97,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )
+    )
 
 
 def _mistral():
     from transformers import MistralConfig, MistralForCausalLM
 
-    return MistralForCausalLM(MistralConfig(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, sliding_window=None,
-    ))
+    return MistralForCausalLM(
+        MistralConfig(
+            vocab_size=97,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=64,
+            sliding_window=None,
+        )
+    )
 
 
 def _qwen2():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    return Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=1, max_position_embeddings=64,
-    ))
+    return Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=97,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            max_position_embeddings=64,
+        )
+    )
 
 
 def _gemma3():
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    return Gemma3ForCausalLM(Gemma3TextConfig(
-        vocab_size=97, hidden_size=40, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=16, max_position_embeddings=64, sliding_window=16,
-    ))
+    return Gemma3ForCausalLM(
+        Gemma3TextConfig(
+            vocab_size=97,
+            hidden_size=40,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=64,
+            sliding_window=16,
+        )
+    )
 
 
 def _gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    return GPT2LMHeadModel(GPT2Config(
-        vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
-    ))
+    return GPT2LMHeadModel(
+        GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    )
 
 
 def _bert():
     from transformers import BertConfig, BertForSequenceClassification
 
-    return BertForSequenceClassification(BertConfig(
-        vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64, num_labels=2,
-    ))
+    return BertForSequenceClassification(
+        BertConfig(
+            vocab_size=97,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            num_labels=2,
+        )
+    )
 
 
 def _roberta():
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
-    return RobertaForSequenceClassification(RobertaConfig(
-        vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=70, num_labels=2, pad_token_id=1,
-    ))
+    return RobertaForSequenceClassification(
+        RobertaConfig(
+            vocab_size=97,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=70,
+            num_labels=2,
+            pad_token_id=1,
+        )
+    )
 
 
 def _esm():
     from transformers import EsmConfig, EsmForMaskedLM
 
-    return EsmForMaskedLM(EsmConfig(
-        vocab_size=33, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=70, pad_token_id=1, mask_token_id=32, position_embedding_type="rotary",
-    ))
+    return EsmForMaskedLM(
+        EsmConfig(
+            vocab_size=33,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=70,
+            pad_token_id=1,
+            mask_token_id=32,
+            position_embedding_type="rotary",
+        )
+    )
 
 
 ARCHITECTURES: dict[str, Callable[[], torch.nn.Module]] = {

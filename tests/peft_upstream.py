@@ -50,8 +50,17 @@ def fetch(version: str | None = None) -> Path:
     root.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
         command = [
-            sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-            f"peft=={version}", "--dest", tmp,
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            f"peft=={version}",
+            "--dest",
+            tmp,
         ]
         done = subprocess.run(command, capture_output=True, text=True)
         archives = sorted(Path(tmp).glob("peft-*.tar.gz"))

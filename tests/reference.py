@@ -14,12 +14,35 @@ from collections import Counter
 import torch
 
 _ROLE = {
-    "q_proj": "q", "query": "q", "q": "q", "query_proj": "q", "q_lin": "q",
-    "k_proj": "k", "key": "k", "k": "k", "key_proj": "k", "k_lin": "k",
-    "v_proj": "v", "value": "v", "v": "v", "value_proj": "v", "v_lin": "v",
-    "o_proj": "o", "out_proj": "o", "o": "o", "out_lin": "o", "attention.output.dense": "o", "attn.c_proj": "o",
-    "attention.dense": "o", "self_attention.dense": "o", "self_attn.dense": "o",
-    "c_attn": "qkv", "qkv_proj": "qkv", "query_key_value": "qkv", "Wqkv": "qkv", "in_proj": "qkv",
+    "q_proj": "q",
+    "query": "q",
+    "q": "q",
+    "query_proj": "q",
+    "q_lin": "q",
+    "k_proj": "k",
+    "key": "k",
+    "k": "k",
+    "key_proj": "k",
+    "k_lin": "k",
+    "v_proj": "v",
+    "value": "v",
+    "v": "v",
+    "value_proj": "v",
+    "v_lin": "v",
+    "o_proj": "o",
+    "out_proj": "o",
+    "o": "o",
+    "out_lin": "o",
+    "attention.output.dense": "o",
+    "attn.c_proj": "o",
+    "attention.dense": "o",
+    "self_attention.dense": "o",
+    "self_attn.dense": "o",
+    "c_attn": "qkv",
+    "qkv_proj": "qkv",
+    "query_key_value": "qkv",
+    "Wqkv": "qkv",
+    "in_proj": "qkv",
 }
 
 
@@ -27,13 +50,14 @@ def adapted_modules(peft_model, adapter: str = "default") -> dict[str, torch.nn.
     from lorta.tuner import TensorAdapterLayer
 
     return {
-        n: m for n, m in peft_model.base_model.model.named_modules()
+        n: m
+        for n, m in peft_model.base_model.model.named_modules()
         if isinstance(m, TensorAdapterLayer) and adapter in m.lorta_slots
     }
 
 
 def _scale(cfg) -> float:
-    return cfg.lora_alpha / (cfg.r ** 0.5 if cfg.use_rslora else cfg.r)
+    return cfg.lora_alpha / (cfg.r**0.5 if cfg.use_rslora else cfg.r)
 
 
 def _conv1d(module) -> bool:
@@ -93,8 +117,9 @@ def _interleave(model_type: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         return torch.cat(rows)
     if model_type == "codegen":  # view(..., 4, 3 * d/4), split into query, value, key
         n = q.shape[0] // 4
-        return torch.cat([torch.cat([q[p * n:(p + 1) * n], v[p * n:(p + 1) * n], k[p * n:(p + 1) * n]])
-                          for p in range(4)])
+        return torch.cat(
+            [torch.cat([q[p * n : (p + 1) * n], v[p * n : (p + 1) * n], k[p * n : (p + 1) * n]]) for p in range(4)]
+        )
     return torch.cat([q, k, v])  # concatenated
 
 
@@ -215,7 +240,7 @@ def reference_tenslora(peft_model, adapter: str = "default") -> dict[str, torch.
             factors["out"] = P[f"U_extra{m}"][gl]
             if "att" in modes:
                 r_att = P["core"].shape[2 + modes.index("att")] if "core" in P else cfg.ranks["att"]
-                factors["att"] = torch.full((1, r_att), r_att ** -0.5, dtype=torch.float64)
+                factors["att"] = torch.full((1, r_att), r_att**-0.5, dtype=torch.float64)
             if n_in != d and n_out != d:
                 factors["in"] = P[f"U_in_extra{m}"][gl]
         T = full_tensor(factors, gl, gm)

@@ -19,58 +19,114 @@ from lorta.layout import ARCHITECTURES
 
 _L = dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=16, intermediate_size=32, vocab_size=97)
 _GQA = dict(_L, num_key_value_heads=2)
-_SEQ2SEQ = dict(d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-                encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=97, pad_token_id=1)
+_SEQ2SEQ = dict(
+    d_model=16,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=32,
+    decoder_ffn_dim=32,
+    vocab_size=97,
+    pad_token_id=1,
+)
 _MOE = dict(experts_implementation="eager", num_experts_per_tok=1)  # float64 needs the plain expert loop
 _T5 = dict(d_model=16, d_kv=6, d_ff=32, num_layers=2, num_decoder_layers=1, num_heads=4, vocab_size=97)  # H*d_kv != d
 _MULTIMODAL = dict(
     text_config=dict(_GQA, head_dim=4, vocab_size=300),
-    vision_config=dict(num_hidden_layers=1, num_attention_heads=2, hidden_size=8, intermediate_size=16, image_size=8,
-                       patch_size=4),
+    vision_config=dict(
+        num_hidden_layers=1, num_attention_heads=2, hidden_size=8, intermediate_size=16, image_size=8, patch_size=4
+    ),
 )
 
 # model type -> config kwargs and the inputs its forward takes ("ids", "seq2seq", "pixels", "audio"; "language
 # model": ids into the multimodal model's language model).
 CASES: dict[str, tuple[dict, str]] = {
-    "llama": (_GQA, "ids"), "mistral": (_GQA, "ids"), "mixtral": (dict(_GQA, **_MOE, num_local_experts=2), "ids"),
+    "llama": (_GQA, "ids"),
+    "mistral": (_GQA, "ids"),
+    "mixtral": (dict(_GQA, **_MOE, num_local_experts=2), "ids"),
     "qwen2": (dict(_L, num_key_value_heads=1), "ids"),
-    "qwen2_moe": (dict(_GQA, **_MOE, num_experts=2, moe_intermediate_size=16, shared_expert_intermediate_size=16),
-                  "ids"),
+    "qwen2_moe": (
+        dict(_GQA, **_MOE, num_experts=2, moe_intermediate_size=16, shared_expert_intermediate_size=16),
+        "ids",
+    ),
     "qwen3": (dict(_GQA, head_dim=8), "ids"),
     "qwen3_moe": (dict(_GQA, **_MOE, head_dim=8, num_experts=2, moe_intermediate_size=16), "ids"),
-    "gemma": (dict(_L, num_key_value_heads=1, head_dim=8), "ids"), "gemma2": (dict(_GQA, head_dim=8), "ids"),
+    "gemma": (dict(_L, num_key_value_heads=1, head_dim=8), "ids"),
+    "gemma2": (dict(_GQA, head_dim=8), "ids"),
     "gemma3_text": (dict(_L, num_key_value_heads=1, head_dim=8), "ids"),
     "gemma3": (dict(_MULTIMODAL, mm_tokens_per_image=4), "ids"),
     "llama4": (dict(_MULTIMODAL, text_config=dict(_MULTIMODAL["text_config"], **_MOE)), "language model"),
     "llama4_text": (dict(_GQA, **_MOE, head_dim=4, intermediate_size_mlp=32, num_local_experts=2), "ids"),
-    "olmo": (_L, "ids"), "olmo2": (_L, "ids"), "starcoder2": (_GQA, "ids"), "smollm3": (dict(_GQA, pad_token_id=0),
-                                                                                     "ids"),
-    "granite": (_GQA, "ids"), "cohere": (_GQA, "ids"), "phi": (_L, "ids"), "stablelm": (_GQA, "ids"),
-    "nemotron_h": (dict(_GQA, head_dim=4, hybrid_override_pattern="M*", mamba_num_heads=4, mamba_head_dim=4,
-                        ssm_state_size=4, n_groups=1), "ids"),
-    "vit": (dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32, image_size=8,
-                 patch_size=4), "pixels"),
-    "opt": (dict(hidden_size=16, num_hidden_layers=2, ffn_dim=32, num_attention_heads=4, vocab_size=97,
-                 word_embed_proj_dim=16), "ids"),
-    "bart": (_SEQ2SEQ, "seq2seq"), "mbart": (_SEQ2SEQ, "seq2seq"), "m2m_100": (_SEQ2SEQ, "seq2seq"),
+    "olmo": (_L, "ids"),
+    "olmo2": (_L, "ids"),
+    "starcoder2": (_GQA, "ids"),
+    "smollm3": (dict(_GQA, pad_token_id=0), "ids"),
+    "granite": (_GQA, "ids"),
+    "cohere": (_GQA, "ids"),
+    "phi": (_L, "ids"),
+    "stablelm": (_GQA, "ids"),
+    "nemotron_h": (
+        dict(
+            _GQA,
+            head_dim=4,
+            hybrid_override_pattern="M*",
+            mamba_num_heads=4,
+            mamba_head_dim=4,
+            ssm_state_size=4,
+            n_groups=1,
+        ),
+        "ids",
+    ),
+    "vit": (
+        dict(
+            hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32, image_size=8, patch_size=4
+        ),
+        "pixels",
+    ),
+    "opt": (
+        dict(
+            hidden_size=16,
+            num_hidden_layers=2,
+            ffn_dim=32,
+            num_attention_heads=4,
+            vocab_size=97,
+            word_embed_proj_dim=16,
+        ),
+        "ids",
+    ),
+    "bart": (_SEQ2SEQ, "seq2seq"),
+    "mbart": (_SEQ2SEQ, "seq2seq"),
+    "m2m_100": (_SEQ2SEQ, "seq2seq"),
     "whisper": (dict(_SEQ2SEQ, num_mel_bins=8, max_source_positions=8, decoder_start_token_id=0), "audio"),
     "gptj": (dict(n_embd=16, n_layer=2, n_head=4, rotary_dim=4, vocab_size=97), "ids"),
-    "gpt_neo": (dict(hidden_size=16, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
-                     vocab_size=97), "ids"),
-    "bert": (_L, "ids"), "roberta": (dict(_L, pad_token_id=1), "ids"), "xlm-roberta": (dict(_L, pad_token_id=1),
-                                                                                        "ids"),
-    "esm": (dict(_L, vocab_size=33, pad_token_id=1), "ids"), "electra": (dict(_L, embedding_size=16), "ids"),
-    "camembert": (dict(_L, pad_token_id=1), "ids"), "ernie": (_L, "ids"), "mpnet": (dict(_L, pad_token_id=1), "ids"),
-    "data2vec-text": (dict(_L, pad_token_id=1), "ids"), "layoutlm": (_L, "ids"),
-    "t5": (_T5, "seq2seq"), "mt5": (_T5, "seq2seq"), "umt5": (_T5, "seq2seq"),
+    "gpt_neo": (
+        dict(hidden_size=16, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]], vocab_size=97),
+        "ids",
+    ),
+    "bert": (_L, "ids"),
+    "roberta": (dict(_L, pad_token_id=1), "ids"),
+    "xlm-roberta": (dict(_L, pad_token_id=1), "ids"),
+    "esm": (dict(_L, vocab_size=33, pad_token_id=1), "ids"),
+    "electra": (dict(_L, embedding_size=16), "ids"),
+    "camembert": (dict(_L, pad_token_id=1), "ids"),
+    "ernie": (_L, "ids"),
+    "mpnet": (dict(_L, pad_token_id=1), "ids"),
+    "data2vec-text": (dict(_L, pad_token_id=1), "ids"),
+    "layoutlm": (_L, "ids"),
+    "t5": (_T5, "seq2seq"),
+    "mt5": (_T5, "seq2seq"),
+    "umt5": (_T5, "seq2seq"),
     "gpt2": (dict(n_embd=16, n_layer=2, n_head=4, vocab_size=97), "ids"),
     "gpt_bigcode": (dict(n_embd=16, n_layer=2, n_head=4, vocab_size=97), "ids"),  # multi-query: 1 KV head
     "distilbert": (dict(dim=16, n_layers=2, n_heads=4, hidden_dim=32, vocab_size=97), "ids"),
-    "deberta-v2": (_L, "ids"), "deberta": (_L, "ids"),
+    "deberta-v2": (_L, "ids"),
+    "deberta": (_L, "ids"),
     "phi3": (dict(_GQA, pad_token_id=0), "ids"),
     "codegen": (dict(n_embd=32, n_layer=2, n_head=8, rotary_dim=4, vocab_size=97), "ids"),
     "mpt": (dict(d_model=16, n_heads=4, n_layers=2, expansion_ratio=2, vocab_size=97), "ids"),
-    "gpt_neox": (_L, "ids"), "bloom": (dict(hidden_size=16, n_layer=2, n_head=4, vocab_size=97), "ids"),
+    "gpt_neox": (_L, "ids"),
+    "bloom": (dict(hidden_size=16, n_layer=2, n_head=4, vocab_size=97), "ids"),
     "falcon": (dict(_L, new_decoder_architecture=True, num_kv_heads=2), "ids"),
 }
 # More shapes of the interleaved and multi-query fused projections (model type, extra config kwargs).

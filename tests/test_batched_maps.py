@@ -55,8 +55,16 @@ def test_maps_many_equals_maps_slot_by_slot(arch, method):
 
 
 def test_maps_many_covers_every_lorta_mode_set_and_mlp_extras():
-    for modes in ([], ["heads"], ["layers"], ["matrices"], ["heads", "layers"], ["layers", "matrices"],
-                  ["heads", "matrices"], ["heads", "layers", "matrices"]):
+    for modes in (
+        [],
+        ["heads"],
+        ["layers"],
+        ["matrices"],
+        ["heads", "layers"],
+        ["layers", "matrices"],
+        ["heads", "matrices"],
+        ["heads", "layers", "matrices"],
+    ):
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
         factors = factors_of(adapted("mistral", "lorta", modes=modes, target_modules=targets))
         slots = [slot for group in factors.layout.slots.values() for slot in group]
@@ -118,6 +126,7 @@ def test_hand_written_checkpointing_of_each_layer():
     model = adapted("llama", "lorta")
     model.enable_input_require_grads()
     for layer in model.base_model.model.model.layers:
+
         def wrapped(hidden, *args, _forward=layer.forward, **kwargs):
             return checkpoint(functools.partial(_forward, **kwargs), hidden, *args, use_reentrant=False)
 

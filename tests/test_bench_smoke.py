@@ -91,8 +91,21 @@ def test_bench_smoke_over_a_quantised_base(tmp_path: Path) -> None:
     bench = _load_bench()
     threads = torch.get_num_threads()
     try:
-        rc = bench.main(["--smoke", "--models", "llama-tiny", "--methods", "lora,lorta", "--quantize", "4bit",
-                         "--threads", "1", "--out", str(tmp_path)])
+        rc = bench.main(
+            [
+                "--smoke",
+                "--models",
+                "llama-tiny",
+                "--methods",
+                "lora,lorta",
+                "--quantize",
+                "4bit",
+                "--threads",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
         sys.modules.pop("lorta_bench_script", None)

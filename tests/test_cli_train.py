@@ -66,12 +66,30 @@ def test_outputs_metrics_png_and_loadable_adapter(tiny_run: tuple[Path, str]) ->
 
     out, _ = tiny_run
     m = metrics_of(out)
-    for key in ("method", "model", "rank", "adapter_params", "head_params", "lora_r8_params", "accuracy",
-                "eval_loss", "train_loss", "loss_curve", "wall_time_s", "train_time_s", "n_train", "n_test", "saved"):
+    for key in (
+        "method",
+        "model",
+        "rank",
+        "adapter_params",
+        "head_params",
+        "lora_r8_params",
+        "accuracy",
+        "eval_loss",
+        "train_loss",
+        "loss_curve",
+        "wall_time_s",
+        "train_time_s",
+        "n_train",
+        "n_test",
+        "saved",
+    ):
         assert key in m, key
     assert (m["method"], m["model"], m["task"], m["rank"]) == ("lorta", "minilm", "sentiment", 16)
-    assert (m["adapter_params"], m["head_params"], m["lora_r8_params"]) == (LORTA_R16_MINILM, HEAD_MINILM,
-                                                                             LORA_R8_MINILM)
+    assert (m["adapter_params"], m["head_params"], m["lora_r8_params"]) == (
+        LORTA_R16_MINILM,
+        HEAD_MINILM,
+        LORA_R8_MINILM,
+    )
     assert (m["n_train"], m["n_test"], m["steps"]) == (48, 32, 3)
     assert m["targets"] == ["key", "query", "value"]  # the classify recipe keeps LoRTA off o
     assert len(m["loss_curve"]) == 3 and 0.0 <= m["accuracy"] <= 1.0
@@ -134,8 +152,12 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path: Path, capsys: pytest.C
     ("method", "extra", "adapter", "saved"),
     [
         ("lora", [], LORA_R8_MINILM, "adapter"),
-        ("tenslora", ["--rank", "4", "--decomposition", "cp", "--construction", "att_qkv_depth"],
-         4 * (384 + 32 + 12 + 3 + 6), "adapter"),
+        (
+            "tenslora",
+            ["--rank", "4", "--decomposition", "cp", "--construction", "att_qkv_depth"],
+            4 * (384 + 32 + 12 + 3 + 6),
+            "adapter",
+        ),
         ("tenslora", ["--rank", "2"], 2 * (384 + 32 + 12 + 3 + 6) + 2**5, "adapter"),
         ("tlora", ["--rank", "4"], 2 * 6 * (4 * 4 + 1), "adapter"),
         ("full", [], None, "model"),
@@ -143,7 +165,11 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path: Path, capsys: pytest.C
     ],
 )
 def test_every_method_runs(
-    method: str, extra: list[str], adapter: int | None, saved: str, tmp_path: Path,
+    method: str,
+    extra: list[str],
+    adapter: int | None,
+    saved: str,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     args = ["train", "--method", method, *extra, *TINY, "--steps", "1", "--out", str(tmp_path / method)]
@@ -179,10 +205,23 @@ def test_lorta_modes_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         ("tlora", "k", ["key"], 6 * (4 * 4 + 1)),
     ],
 )
-def test_targets_flag(method: str, targets: str, expected: list[str], adapter: int, tmp_path: Path,
-                      capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["train", "--method", method, "--rank", "4", "--targets", targets, *TINY, "--steps", "1",
-            "--out", str(tmp_path / "t")]
+def test_targets_flag(
+    method: str, targets: str, expected: list[str], adapter: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        "train",
+        "--method",
+        method,
+        "--rank",
+        "4",
+        "--targets",
+        targets,
+        *TINY,
+        "--steps",
+        "1",
+        "--out",
+        str(tmp_path / "t"),
+    ]
     code, out, err = lorta(args, capsys)
     assert code == 0, err
     m = metrics_of(tmp_path / "t")
@@ -240,16 +279,32 @@ def test_lortas_classify_lr_grows_like_the_root_of_its_rank() -> None:
 
 
 @pytest.mark.parametrize(("schedule", "warmup"), [("linear", 0.3), ("cosine", 0.0), ("constant", 0.3)])
-def test_schedule_and_warmup_set_the_lr_of_every_step(schedule: str, warmup: float, tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_schedule_and_warmup_set_the_lr_of_every_step(
+    schedule: str, warmup: float, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """--warmup raises the lr linearly from 0 over ceil(warmup * steps) steps, then --schedule takes it linearly or
     as a half cosine to 0 at the last step, or holds it; metrics.json's lr_curve is the lr of every step."""
     import math
     import sys
 
     lr, steps = 1e-2, 10
-    code, _, err = lorta(["train", *TINY, "--steps", str(steps), "--lr", str(lr), "--schedule", schedule,
-                          "--warmup", str(warmup), "--out", str(tmp_path / "o")], capsys)
+    code, _, err = lorta(
+        [
+            "train",
+            *TINY,
+            "--steps",
+            str(steps),
+            "--lr",
+            str(lr),
+            "--schedule",
+            schedule,
+            "--warmup",
+            str(warmup),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capsys,
+    )
     assert code == 0, err
     metrics = metrics_of(tmp_path / "o")
     assert (metrics["schedule"], metrics["warmup"], metrics["weight_decay"]) == (schedule, warmup, 0.0)
@@ -267,8 +322,7 @@ def test_schedule_and_warmup_set_the_lr_of_every_step(schedule: str, warmup: flo
         assert abs(value - expected(step - 1)) <= 16 * sys.float_info.epsilon * lr, (step, value)
 
 
-def test_weight_decay_shrinks_the_adapter_by_lr_times_decay(tmp_path: Path, capsys: pytest.CaptureFixture[str]
-                                                            ) -> None:
+def test_weight_decay_shrinks_the_adapter_by_lr_times_decay(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """AdamW's decay reaches the adapter's optimizer groups: after one step, in which only the zero-initialised B
     has a gradient, the mode factors are their start times (1 - lr * decay) and B is the run without decay's."""
     import torch
@@ -279,8 +333,25 @@ def test_weight_decay_shrinks_the_adapter_by_lr_times_decay(tmp_path: Path, caps
     factors = {}
     for wd in (0.0, decay):
         out = tmp_path / f"wd{wd}"
-        code, _, err = lorta(["train", *TINY, "--steps", "1", "--warmup", "0", "--lr", str(lr), "--weight-decay",
-                              str(wd), "--rank", "4", "--out", str(out)], capsys)
+        code, _, err = lorta(
+            [
+                "train",
+                *TINY,
+                "--steps",
+                "1",
+                "--warmup",
+                "0",
+                "--lr",
+                str(lr),
+                "--weight-decay",
+                str(wd),
+                "--rank",
+                "4",
+                "--out",
+                str(out),
+            ],
+            capsys,
+        )
         assert code == 0, err
         tensors = load_file(out / "adapter" / "adapter_model.safetensors")
         factors[wd] = {k.rsplit(".", 1)[-1]: v for k, v in tensors.items() if "lorta_factors" in k}
@@ -305,11 +376,13 @@ def test_the_prompt_and_dpo_jobs_have_their_own_recipes() -> None:
     assert resolve_options(TrainOptions(method="vera", task="dpo")).lr == 5e-3
 
 
-def test_targets_flag_in_the_default_folder_name(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_targets_flag_in_the_default_folder_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
-    code, _, err = lorta(["train", *TINY, "--steps", "1", "--rank", "2", "--targets", "q,attention.output.dense"],
-                         capsys)
+    code, _, err = lorta(
+        ["train", *TINY, "--steps", "1", "--rank", "2", "--targets", "q,attention.output.dense"], capsys
+    )
     assert code == 0, err
     assert (tmp_path / "runs" / "lorta-q+attention_output_dense-minilm-sentiment-r2-seed0" / "metrics.json").is_file()
 
@@ -322,8 +395,9 @@ def test_data_order_is_seeded_grouped_and_exact() -> None:
     assert order == grouped_order(lengths, batch_size=8, total=2500, seed=0)
     assert order != grouped_order(lengths, batch_size=8, total=2500, seed=1)
     assert len(order) == 2500 and sorted(order[:1000]) == list(range(1000))  # each epoch is a permutation
-    spread = [max(lengths[i] for i in order[k:k + 8]) - min(lengths[i] for i in order[k:k + 8])
-              for k in range(0, 1000, 8)]
+    spread = [
+        max(lengths[i] for i in order[k : k + 8]) - min(lengths[i] for i in order[k : k + 8]) for k in range(0, 1000, 8)
+    ]
     assert sum(spread) / len(spread) < 3  # batches hold examples of similar length
 
 
@@ -335,8 +409,9 @@ def test_lora_reference_count_is_exact() -> None:
     assert lora_reference_parameters(resolve_model("minilm"), rank=4) == LORA_R8_MINILM // 2
 
 
-def test_default_output_folder_name(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_output_folder_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     code, _, err = lorta(["train", *TINY, "--steps", "1", "--method", "lora"], capsys)
     assert code == 0, err
@@ -352,8 +427,11 @@ def _rows(n: int = 60) -> list[dict]:
     good = ["a wonderful, moving film", "brilliant and funny", "a joy from start to finish", "superb acting"]
     bad = ["a dull, lifeless mess", "tedious and far too long", "a waste of a fine cast", "painfully unfunny"]
     return [
-        {"review": f"{(good if i % 2 else bad)[i % 4]} (take {i})", "stars": "pos" if i % 2 else "neg",
-         "group": f"film{i % 12}"}
+        {
+            "review": f"{(good if i % 2 else bad)[i % 4]} (take {i})",
+            "stars": "pos" if i % 2 else "neg",
+            "group": f"film{i % 12}",
+        }
         for i in range(n)
     ]
 
@@ -364,8 +442,18 @@ def test_csv_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         writer = csv.DictWriter(fh, fieldnames=["review", "stars", "group"])
         writer.writeheader()
         writer.writerows(_rows())
-    args = ["train", "--data", str(path), "--text-column", "review", "--label-column", "stars", *TINY,
-            "--out", str(tmp_path / "o")]
+    args = [
+        "train",
+        "--data",
+        str(path),
+        "--text-column",
+        "review",
+        "--label-column",
+        "stars",
+        *TINY,
+        "--out",
+        str(tmp_path / "o"),
+    ]
     code, out, err = lorta(args, capsys)
     assert code == 0, err
     m = metrics_of(tmp_path / "o")
@@ -375,8 +463,13 @@ def test_csv_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_jsonl_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "reviews.jsonl"
-    path.write_text("".join(json.dumps({"text": r["review"], "label": int(r["stars"] == "pos"), "movie": r["group"]})
-                            + "\n" for r in _rows()), encoding="utf-8")
+    path.write_text(
+        "".join(
+            json.dumps({"text": r["review"], "label": int(r["stars"] == "pos"), "movie": r["group"]}) + "\n"
+            for r in _rows()
+        ),
+        encoding="utf-8",
+    )
     code, _, err = lorta(["train", "--data", str(path), *TINY, "--out", str(tmp_path / "o")], capsys)
     assert code == 0, err
     assert metrics_of(tmp_path / "o")["label_names"] == ["0", "1"]
@@ -398,15 +491,15 @@ def _write(path: Path, text: str) -> Path:
         (lambda d: d / "missing.csv", "Data file not found"),
         (lambda d: _write(d / "cols.csv", "sentence,label\nnice,1\nbad,0\n"), "lacks required column"),
         (lambda d: _write(d / "empty.csv", "text,label\n"), "holds no examples"),
-        (lambda d: _write(d / "bad.jsonl", '{"text": "fine", "label": 1}\n{"text": "meh", "label": -3}\n'),
-         "labels outside the expected set"),
+        (
+            lambda d: _write(d / "bad.jsonl", '{"text": "fine", "label": 1}\n{"text": "meh", "label": -3}\n'),
+            "labels outside the expected set",
+        ),
         (lambda d: _write(d / "one.csv", "text,label\nnice,1\ngreat,1\n"), "only one class"),
         (lambda d: _write(d / "notes.txt", "text,label\n"), "Unsupported file extension"),
     ],
 )
-def test_bad_data_exits_2_with_message(
-    make, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_bad_data_exits_2_with_message(make, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = lorta(["train", "--data", str(make(tmp_path)), *TINY, "--out", str(tmp_path / "o")], capsys)
     assert code == 2
     assert message in err and err.startswith("error: ")
@@ -448,8 +541,14 @@ def test_entry_point_subprocess(tmp_path: Path) -> None:
     assert helped.returncode == 0, helped.stderr
     for flag in ("--method", "--rank", "--model", "--data", "--out", "--resume", "--save-steps", "--construction"):
         assert flag in helped.stdout
-    bad = subprocess.run([exe, "train", "--data", str(tmp_path / "nope.csv")], capture_output=True, text=True,
-                         env=env, timeout=300, cwd=tmp_path)
+    bad = subprocess.run(
+        [exe, "train", "--data", str(tmp_path / "nope.csv")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert bad.returncode == 2
     assert "Data file not found" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -460,8 +559,18 @@ def test_entry_point_subprocess(tmp_path: Path) -> None:
 
 
 def test_compare_writes_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["compare", "--methods", "lorta,head-only", "--ranks", "2,4", *TINY, "--steps", "1",
-            "--out", str(tmp_path / "cmp")]
+    args = [
+        "compare",
+        "--methods",
+        "lorta,head-only",
+        "--ranks",
+        "2,4",
+        *TINY,
+        "--steps",
+        "1",
+        "--out",
+        str(tmp_path / "cmp"),
+    ]
     code, out, err = lorta(args, capsys)
     assert code == 0, err
     table = (tmp_path / "cmp" / "compare.md").read_text(encoding="utf-8")
@@ -486,11 +595,28 @@ def test_compare_rejects_unknown_method(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("task", "words"), [("sentiment", [" negative", " positive"]),
-                                            ("party", [" Democratic", " Republican"])])
+@pytest.mark.parametrize(
+    ("task", "words"), [("sentiment", [" negative", " positive"]), ("party", [" Democratic", " Republican"])]
+)
 def test_smollm2_prompt_tiny(task: str, words: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["train", "--model", "smollm2", "--task", task, "--max-train", "16", "--max-test", "8", "--steps", "2",
-            "--batch-size", "4", "--quiet", "--out", str(tmp_path / "p")]
+    args = [
+        "train",
+        "--model",
+        "smollm2",
+        "--task",
+        task,
+        "--max-train",
+        "16",
+        "--max-test",
+        "8",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--quiet",
+        "--out",
+        str(tmp_path / "p"),
+    ]
     code, out, err = lorta(args, capsys)
     assert code == 0, err
     m = metrics_of(tmp_path / "p")
@@ -502,8 +628,24 @@ def test_smollm2_prompt_tiny(task: str, words: list[str], tmp_path: Path, capsys
 
 @pytest.mark.slow
 def test_smollm2_dpo_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["train", "--task", "dpo", "--max-train", "8", "--max-test", "4", "--steps", "2", "--batch-size", "2",
-            "--max-length", "64", "--quiet", "--out", str(tmp_path / "d")]
+    args = [
+        "train",
+        "--task",
+        "dpo",
+        "--max-train",
+        "8",
+        "--max-test",
+        "4",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--max-length",
+        "64",
+        "--quiet",
+        "--out",
+        str(tmp_path / "d"),
+    ]
     code, out, err = lorta(args, capsys)
     assert code == 0, err
     m = metrics_of(tmp_path / "d")
@@ -520,8 +662,7 @@ def test_default_train_job(tmp_path: Path) -> None:
     """``lorta train`` with no arguments: the main job, for real, under 10 minutes with > 70% accuracy."""
     exe = shutil.which("lorta") or str(Path(sys.executable).with_name("lorta"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run([exe, "train", "--quiet"], capture_output=True, text=True, env=env, timeout=900,
-                          cwd=tmp_path)
+    proc = subprocess.run([exe, "train", "--quiet"], capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = metrics_of(tmp_path / "runs" / "lorta-minilm-sentiment-r16-seed0")
     assert m["accuracy"] > 0.70, m["accuracy"]

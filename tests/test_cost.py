@@ -37,7 +37,8 @@ def test_backward_keeps_only_thin_tensors(arch, method):
         rank = sum(module.adapter_factors("default").maps(s)[0].shape[1] for s in module.lorta_slots["default"])
         weight = module.get_base_layer().weight
         kept = [
-            t for t in saved_tensors(lambda module=module, x=x: module(x))
+            t
+            for t in saved_tensors(lambda module=module, x=x: module(x))
             if t.data_ptr() not in (x.data_ptr(), weight.data_ptr())
         ]
         limit = max(n_tokens * rank, max(module.in_features, module.out_features) * rank)

@@ -79,9 +79,7 @@ def test_movies_sharing_a_snippet_stay_together() -> None:
     # "An absorbing documentary." is filed under three films; they form one split unit.
     for seed in range(3):
         ds = load_rotten_tomatoes(seed=seed)
-        sides = {
-            movie: movie in _groups(ds.test) for movie in ("hell_house", "shanghai_ghetto", "strange_fruit")
-        }
+        sides = {movie: movie in _groups(ds.test) for movie in ("hell_house", "shanghai_ghetto", "strange_fruit")}
         assert len(set(sides.values())) == 1, (seed, sides)
 
 
@@ -156,10 +154,7 @@ def _write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
 
 def _reviews(n: int = 40) -> list[tuple[str, str, str]]:
     """(text, sentiment, movie) triples, 4 snippets per movie, both labels in every movie."""
-    return [
-        (f"review number {i}  of\tmovie {i // 4}", "pos" if i % 2 else "neg", f"movie_{i // 4}")
-        for i in range(n)
-    ]
+    return [(f"review number {i}  of\tmovie {i // 4}", "pos" if i % 2 else "neg", f"movie_{i // 4}") for i in range(n)]
 
 
 def test_load_table_csv_string_labels_and_group_column(tmp_path: Path) -> None:
@@ -170,9 +165,7 @@ def test_load_table_csv_string_labels_and_group_column(tmp_path: Path) -> None:
     assert all("  " not in t and "\t" not in t for t in ds.train.texts)
     assert {g for g in ds.train.groups} <= {f"movie_{i}" for i in range(10)}
     check_disjoint(ds)
-    by_text = {
-        t: y for t, y in zip(ds.train.texts + ds.test.texts, ds.train.labels + ds.test.labels, strict=True)
-    }
+    by_text = {t: y for t, y in zip(ds.train.texts + ds.test.texts, ds.train.labels + ds.test.labels, strict=True)}
     assert by_text["review number 1 of movie 0"] == 1
     assert load_table(path, test_fraction=0.25) == ds
 
@@ -351,9 +344,7 @@ def test_preference_pair_errors(rt: TextDataset, tmp_path: Path) -> None:
     three = TextDataset(rt.train, rt.test, ["a", "b", "c"])
     with pytest.raises(DataError, match="binary"):
         make_preference_pairs(three)
-    no_groups = load_table(
-        _write_jsonl(tmp_path / "d.jsonl", [{"text": f"t{i}", "label": i % 2} for i in range(20)])
-    )
+    no_groups = load_table(_write_jsonl(tmp_path / "d.jsonl", [{"text": f"t{i}", "label": i % 2} for i in range(20)]))
     with pytest.raises(DataError, match="No preference pairs"):
         make_preference_pairs(no_groups)
 

@@ -33,9 +33,16 @@ import train_factors  # noqa: E402
 SCRIPT = Path(__file__).parent / "dist_scripts" / "train_factors.py"
 
 TORCHRUN_SCENARIOS = [
-    "ddp-lorta-sgd", "ddp-tenslora-tucker-sgd", "ddp-tlora-sgd", "ddp-lorta-adamw",
-    "ddp-gc-lorta-sgd", "ddp-gcre-lorta-sgd", "ddp-gcre-static-lorta-sgd",
-    "fsdp2-lorta-sgd", "fsdp2-tenslora-cp-qkv-sgd", "fsdp2-layers-lorta-sgd",
+    "ddp-lorta-sgd",
+    "ddp-tenslora-tucker-sgd",
+    "ddp-tlora-sgd",
+    "ddp-lorta-adamw",
+    "ddp-gc-lorta-sgd",
+    "ddp-gcre-lorta-sgd",
+    "ddp-gcre-static-lorta-sgd",
+    "fsdp2-lorta-sgd",
+    "fsdp2-tenslora-cp-qkv-sgd",
+    "fsdp2-layers-lorta-sgd",
 ]
 ACCELERATE_SCENARIOS = ["acc-lorta-adamw", "acc-tlora-seed-only-adamw"]
 REFUSED = {"ddp-gcre-lorta-sgd": "use_reentrant", "fsdp2-layers-lorta-sgd": "outside every FSDP unit"}
@@ -87,8 +94,17 @@ def _launch(name: str, command: list[str], out: Path, tmp_path_factory) -> Path:
 def torchrun_out(tmp_path_factory) -> Path:
     out = _session_dir(tmp_path_factory) / "torchrun_out"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(SCRIPT), "--out", str(out), "--scenarios", ",".join(TORCHRUN_SCENARIOS),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(SCRIPT),
+        "--out",
+        str(out),
+        "--scenarios",
+        ",".join(TORCHRUN_SCENARIOS),
     ]
     return _launch("torchrun", command, out, tmp_path_factory)
 
@@ -97,10 +113,25 @@ def torchrun_out(tmp_path_factory) -> Path:
 def accelerate_out(tmp_path_factory) -> Path:
     out = _session_dir(tmp_path_factory) / "accelerate_out"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()),
-        str(SCRIPT), "--out", str(out), "--scenarios", ",".join(ACCELERATE_SCENARIOS),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(SCRIPT),
+        "--out",
+        str(out),
+        "--scenarios",
+        ",".join(ACCELERATE_SCENARIOS),
     ]
     return _launch("accelerate", command, out, tmp_path_factory)
 
@@ -227,9 +258,26 @@ def test_lorta_train_under_torchrun(tmp_path):
     if not all(f in help_text for f in flags):
         pytest.skip(f"lorta train lacks some of {flags}")
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "lorta.cli", "train", "--steps", "2", "--max-train", "32", "--max-test", "16", "--batch-size", "4",
-        "--quiet", "--out", str(tmp_path / "run"),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "lorta.cli",
+        "train",
+        "--steps",
+        "2",
+        "--max-train",
+        "32",
+        "--max-test",
+        "16",
+        "--batch-size",
+        "4",
+        "--quiet",
+        "--out",
+        str(tmp_path / "run"),
     ]
     proc = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -30,8 +30,15 @@ from lorta.tuner.config import AdapterConfigError, AdapterFileError
 
 LLAMA_SHAPE = {"num_layers": 3, "hidden_size": 48, "num_heads": 6, "num_kv_heads": 2, "head_dim": 8}
 LLAMA = dict(
-    vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=6,
-    num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=False,
+    vocab_size=97,
+    hidden_size=48,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
 )
 
 
@@ -40,7 +47,8 @@ def weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base model's weights by their original names (PEFT's '.base_layer' removed), factors excluded."""
     return {
         n.replace(".base_layer", ""): p.detach().clone()
-        for n, p in model.named_parameters() if "lorta_factors" not in n
+        for n, p in model.named_parameters()
+        if "lorta_factors" not in n
     }
 
 
@@ -100,27 +108,36 @@ def test_rank_must_be_a_positive_integer(config_cls, r):
     assert issubclass(AdapterConfigError, ValueError) and issubclass(AdapterConfigError, TypeError)
 
 
-@pytest.mark.parametrize("ranks,match", [
-    (0, r"ranks\['in'\] must be a positive integer, got 0"),
-    ({"in": 4, "out": 4, "att": 2, "qkv": 2, "depth": 2.5}, r"ranks\['depth'\] must be a positive integer"),
-    ([4, 4, 2], r"one rank per mode \['in', 'out', 'att', 'qkv', 'depth'\]"),
-    ({"in": 4, "out": 4, "heads": 2}, r"unknown \['heads'\], missing \['att', 'qkv', 'depth'\]"),
-    ("8", "ranks must be an int, a list or a dict"),
-])
+@pytest.mark.parametrize(
+    "ranks,match",
+    [
+        (0, r"ranks\['in'\] must be a positive integer, got 0"),
+        ({"in": 4, "out": 4, "att": 2, "qkv": 2, "depth": 2.5}, r"ranks\['depth'\] must be a positive integer"),
+        ([4, 4, 2], r"one rank per mode \['in', 'out', 'att', 'qkv', 'depth'\]"),
+        ({"in": 4, "out": 4, "heads": 2}, r"unknown \['heads'\], missing \['att', 'qkv', 'depth'\]"),
+        ("8", "ranks must be an int, a list or a dict"),
+    ],
+)
 def test_tenslora_ranks_per_mode(ranks, match):
     with pytest.raises((ValueError, TypeError), match=match):
         lorta.TensLoraConfig(ranks=ranks)
 
 
-@pytest.mark.parametrize("make,match", [
-    (lambda: lorta.LortaConfig(modes=["heads", "depth"]), r"unknown LoRTA mode\(s\) \['depth'\]; expected a subset"),
-    (lambda: lorta.LortaConfig(modes=3), r"LortaConfig\.modes must be list\[str\], got 3 \(int\)"),
-    (lambda: lorta.LortaConfig(mode_factor_init="zeros"), r"mode_factor_init='zeros' is not one of \['signs'"),
-    (lambda: lorta.TensLoraConfig(construction="att_layers"), r"unknown construction 'att_layers'; expected one"),
-    (lambda: lorta.TensLoraConfig(decomposition="tensor_train"), r"unknown decomposition 'tensor_train'"),
-    (lambda: lorta.LortaConfig(lora_dropout=1.5), r"lora_dropout must be in \[0, 1\)"),
-    (lambda: lorta.LortaConfig(bias="some"), r"bias='some' is not one of \['none', 'all', 'lorta_only'\]"),
-])
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (
+            lambda: lorta.LortaConfig(modes=["heads", "depth"]),
+            r"unknown LoRTA mode\(s\) \['depth'\]; expected a subset",
+        ),
+        (lambda: lorta.LortaConfig(modes=3), r"LortaConfig\.modes must be list\[str\], got 3 \(int\)"),
+        (lambda: lorta.LortaConfig(mode_factor_init="zeros"), r"mode_factor_init='zeros' is not one of \['signs'"),
+        (lambda: lorta.TensLoraConfig(construction="att_layers"), r"unknown construction 'att_layers'; expected one"),
+        (lambda: lorta.TensLoraConfig(decomposition="tensor_train"), r"unknown decomposition 'tensor_train'"),
+        (lambda: lorta.LortaConfig(lora_dropout=1.5), r"lora_dropout must be in \[0, 1\)"),
+        (lambda: lorta.LortaConfig(bias="some"), r"bias='some' is not one of \['none', 'all', 'lorta_only'\]"),
+    ],
+)
 def test_unknown_names_and_bad_values(make, match):
     with pytest.raises(ValueError, match=match):
         make()
@@ -188,13 +205,17 @@ def test_target_of_an_unsupported_module_type():
 
 
 # ------------------------------------------------------------------------------ adapter vs another base
-@pytest.mark.parametrize("change,key,values", [
-    ({"num_hidden_layers": 2}, "num_layers", "adapter 3 vs model 2"),
-    ({"hidden_size": 36}, "hidden_size", "adapter 48 vs model 36"),
-    ({"num_attention_heads": 4}, "num_heads", "adapter 6 vs model 4"),
-    ({"num_key_value_heads": 3}, "num_kv_heads", "adapter 2 vs model 3"),
-    ({"head_dim": 6}, "head_dim", "adapter 8 vs model 6"),
-], ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize(
+    "change,key,values",
+    [
+        ({"num_hidden_layers": 2}, "num_layers", "adapter 3 vs model 2"),
+        ({"hidden_size": 36}, "hidden_size", "adapter 48 vs model 36"),
+        ({"num_attention_heads": 4}, "num_heads", "adapter 6 vs model 4"),
+        ({"num_key_value_heads": 3}, "num_kv_heads", "adapter 2 vs model 3"),
+        ({"head_dim": 6}, "head_dim", "adapter 8 vs model 6"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
 def test_adapter_onto_a_base_of_another_shape(saved, change, key, values):
     other = llama(**change)
     with Unchanged(other), pytest.raises(lorta.LayoutError) as info:
@@ -222,10 +243,15 @@ def test_lora_adapter_loaded_as_lorta(tmp_path):
         PeftModel.from_pretrained(model, tmp_path / "lora", config=lorta.LortaConfig(r=2))
 
 
-@pytest.mark.parametrize("source,edited,field", [
-    ("lorta", "TLORA", "modes"), ("lorta", "TENSLORA", "modes"), ("tlora", "LORTA", "projection_seed"),
-    ("tenslora-tucker", "LORTA", "construction"),
-])
+@pytest.mark.parametrize(
+    "source,edited,field",
+    [
+        ("lorta", "TLORA", "modes"),
+        ("lorta", "TENSLORA", "modes"),
+        ("tlora", "LORTA", "projection_seed"),
+        ("tenslora-tucker", "LORTA", "construction"),
+    ],
+)
 def test_peft_type_edited_to_another_lorta_method(tmp_path, source, edited, field):
     get_peft_model(make_model("llama"), METHODS[source]()).save_pretrained(tmp_path / "a")
     adapter = copy_adapter(tmp_path / "a", tmp_path / "edited", peft_type=edited)
@@ -268,10 +294,14 @@ def test_damaged_torch_weights_file(tmp_path):
         PeftModel.from_pretrained(base, tmp_path / "bin")
 
 
-@pytest.mark.parametrize(("missing", "error", "match"), [
-    ("adapter_model.safetensors", AdapterFileError, r"no adapter weights in .*missing.*expected adap"),
-    ("adapter_config.json", ValueError, r"Can't find 'adapter_config.json' at .*missing"),
-], ids=["weights", "config"])
+@pytest.mark.parametrize(
+    ("missing", "error", "match"),
+    [
+        ("adapter_model.safetensors", AdapterFileError, r"no adapter weights in .*missing.*expected adap"),
+        ("adapter_config.json", ValueError, r"Can't find 'adapter_config.json' at .*missing"),
+    ],
+    ids=["weights", "config"],
+)
 def test_missing_file(saved, tmp_path, missing, error, match):
     adapter = copy_adapter(saved, tmp_path / "missing")
     (adapter / missing).unlink()
@@ -280,12 +310,22 @@ def test_missing_file(saved, tmp_path, missing, error, match):
         PeftModel.from_pretrained(model, adapter)
 
 
-@pytest.mark.parametrize("edit,match", [
-    (lambda sd: {k: v[..., :2].contiguous() for k, v in sd.items()}, r"A has shape \[1, 1, 48, 2\] there but \[1, 1,"),
-    (lambda sd: {k: v for k, v in sd.items() if not k.endswith(".C_L")}, r"factors \['C_L'\] are missing"),
-    (lambda sd: {**sd, "base_model.lorta_factors.D": torch.zeros(3)}, r"factors \['D'\] are not part of this adapter"),
-    (lambda sd: {k: v.to(torch.int32) for k, v in sd.items()}, r"dtype .*expected a floating-point dtype"),
-], ids=["other-rank", "missing-factor", "extra-factor", "int-dtype"])
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (
+            lambda sd: {k: v[..., :2].contiguous() for k, v in sd.items()},
+            r"A has shape \[1, 1, 48, 2\] there but \[1, 1,",
+        ),
+        (lambda sd: {k: v for k, v in sd.items() if not k.endswith(".C_L")}, r"factors \['C_L'\] are missing"),
+        (
+            lambda sd: {**sd, "base_model.lorta_factors.D": torch.zeros(3)},
+            r"factors \['D'\] are not part of this adapter",
+        ),
+        (lambda sd: {k: v.to(torch.int32) for k, v in sd.items()}, r"dtype .*expected a floating-point dtype"),
+    ],
+    ids=["other-rank", "missing-factor", "extra-factor", "int-dtype"],
+)
 def test_weights_that_do_not_fit(saved, tmp_path, edit, match):
     adapter = copy_adapter(saved, tmp_path / "edited")
     path = adapter / "adapter_model.safetensors"
@@ -300,16 +340,23 @@ def test_weights_that_do_not_fit(saved, tmp_path, edit, match):
         PeftModel.from_pretrained(other, adapter, config=config)
 
 
-@pytest.mark.parametrize("field,value,shown", [
-    ("r", "8", "r must be a positive integer, got '8' (str)"), ("r", 8.0, "got 8.0 (float)"),
-    ("modes", 3, "modes must be list[str], got 3"), ("lora_alpha", "x", "lora_alpha must be float, got 'x'"),
-    ("target_modules", 5, "target_modules must be list[str] | str | None, got 5"),
-    ("model_shape", "x", "model_shape must be dict[str, Any] | None, got 'x'"),
-    ("matrix_names", 3, "matrix_names must be list[str] | None, got 3"),
-    ("lora_dropout", "0.1", "lora_dropout must be float, got '0.1'"),
-    ("init_weights", "yes", "init_weights must be bool, got 'yes'"), ("use_rslora", "no", "got 'no'"),
-    ("model_shape", {**LLAMA_SHAPE, "num_heads": "6"}, "model_shape['num_heads'] must be a non-negative integer"),
-], ids=lambda v: None if isinstance(v, (str, dict)) and len(str(v)) > 12 else str(v))
+@pytest.mark.parametrize(
+    "field,value,shown",
+    [
+        ("r", "8", "r must be a positive integer, got '8' (str)"),
+        ("r", 8.0, "got 8.0 (float)"),
+        ("modes", 3, "modes must be list[str], got 3"),
+        ("lora_alpha", "x", "lora_alpha must be float, got 'x'"),
+        ("target_modules", 5, "target_modules must be list[str] | str | None, got 5"),
+        ("model_shape", "x", "model_shape must be dict[str, Any] | None, got 'x'"),
+        ("matrix_names", 3, "matrix_names must be list[str] | None, got 3"),
+        ("lora_dropout", "0.1", "lora_dropout must be float, got '0.1'"),
+        ("init_weights", "yes", "init_weights must be bool, got 'yes'"),
+        ("use_rslora", "no", "got 'no'"),
+        ("model_shape", {**LLAMA_SHAPE, "num_heads": "6"}, "model_shape['num_heads'] must be a non-negative integer"),
+    ],
+    ids=lambda v: None if isinstance(v, (str, dict)) and len(str(v)) > 12 else str(v),
+)
 def test_config_json_with_wrong_types(saved, tmp_path, field, value, shown):
     adapter = copy_adapter(saved, tmp_path / "wrong", **{field: value})
     model = make_model("llama")
@@ -411,8 +458,10 @@ def test_failed_save_leaves_the_earlier_adapter_intact(saved, monkeypatch, fail_
     if fail_in == "weights":
         monkeypatch.setattr(peft.peft_model, "safe_save_file", _partial_write)
     else:
+
         def fail(self, *args, **kwargs):
             raise RuntimeError("crash while writing adapter_config.json (simulated)")
+
         monkeypatch.setattr(lorta.LortaConfig, "save_pretrained", fail)
     with pytest.raises((OSError, RuntimeError), match="simulated"):
         other.save_pretrained(saved)

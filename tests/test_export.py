@@ -49,8 +49,17 @@ class Cases:
         self.expected: dict[str, torch.Tensor] = {}
         self.base_outputs: dict[str, torch.Tensor] = {}
 
-    def add(self, name: str, base: torch.nn.Module, peft_model, inputs: dict, kind: str, read, engine="peft",
-            run=("default",)) -> None:
+    def add(
+        self,
+        name: str,
+        base: torch.nn.Module,
+        peft_model,
+        inputs: dict,
+        kind: str,
+        read,
+        engine="peft",
+        run=("default",),
+    ) -> None:
         folder = self.root / name.replace("/", "_")
         base_dir, lora_dir = folder / "base", folder / "lora"
         peft_model.eval()
@@ -63,17 +72,29 @@ class Cases:
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(inputs, folder / "inputs.pt")
         self.cases[name] = {
-            "class": type(base).__name__, "base": str(base_dir), "lora": str(lora_dir),
+            "class": type(base).__name__,
+            "base": str(base_dir),
+            "lora": str(lora_dir),
             "inputs": str(folder / "inputs.pt"),
-            "kind": kind, "run": list(run), "extra": {a: str(lora_dir / a) for a in run if a != "default"},
+            "kind": kind,
+            "run": list(run),
+            "extra": {a: str(lora_dir / a) for a in run if a != "default"},
         }
 
     def run(self) -> dict[str, torch.Tensor]:
         (self.root / "cases.json").write_text(json.dumps(self.cases))
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         done = subprocess.run(
-            [sys.executable, str(HERE / "plain_peft_outputs.py"), str(self.root / "cases.json"),
-             str(self.root / "out.pt")], env=env, capture_output=True, text=True, timeout=1200,
+            [
+                sys.executable,
+                str(HERE / "plain_peft_outputs.py"),
+                str(self.root / "cases.json"),
+                str(self.root / "out.pt"),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
         )
         assert done.returncode == 0, done.stderr[-4000:]
         return torch.load(self.root / "out.pt")
@@ -90,13 +111,25 @@ def _table_case(cases: Cases, case: str, method: str) -> None:
 
 # Beyond the attention defaults: MLP extras, several adapters, the serving variants, trained biases and heads.
 EXTRA_CASES = {
-    "llama-mlp-extras": ("llama", lambda: lorta.LortaConfig(
-        r=3, init_weights=False, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                 "down_proj"]), "peft"),
-    "gpt2-mlp-extras": ("gpt2", lambda: lorta.LortaConfig(r=3, init_weights=False,
-                                                          target_modules=["c_attn", "c_proj", "c_fc"]), "peft"),
-    "llama-layers-to-transform": ("llama", lambda: lorta.LortaConfig(r=3, init_weights=False,
-                                                                     layers_to_transform=[1]), "peft"),
+    "llama-mlp-extras": (
+        "llama",
+        lambda: lorta.LortaConfig(
+            r=3,
+            init_weights=False,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+        "peft",
+    ),
+    "gpt2-mlp-extras": (
+        "gpt2",
+        lambda: lorta.LortaConfig(r=3, init_weights=False, target_modules=["c_attn", "c_proj", "c_fc"]),
+        "peft",
+    ),
+    "llama-layers-to-transform": (
+        "llama",
+        lambda: lorta.LortaConfig(r=3, init_weights=False, layers_to_transform=[1]),
+        "peft",
+    ),
     "gpt2-bias-all": ("gpt2", lambda: lorta.LortaConfig(r=3, init_weights=False, bias="all"), "peft"),
     "bert-classifier": ("bert", lambda: lorta.LortaConfig(r=3, init_weights=False, task_type="SEQ_CLS"), "peft"),
     "llama-vllm": ("llama", lambda: lorta.TensLoraConfig(ranks=3, init_weights=False), "vllm"),
@@ -132,8 +165,7 @@ def _family_case(cases: Cases, method: str) -> None:
     rank = {"tenslora-tucker": {"ranks": [2, 2, 2, 2, 2]}, "tenslora-cp-qkv": {"ranks": 2}}.get(method, {"r": 2})
     model.add_adapter("other", FAMILY[method](init_weights=False, **rank))
     inputs = make_inputs("llama")
-    cases.add(f"family-{method}", base, model, inputs, "ids", lambda m: output_of(m, inputs),
-              run=("default", "other"))
+    cases.add(f"family-{method}", base, model, inputs, "ids", lambda m: output_of(m, inputs), run=("default", "other"))
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +217,9 @@ def test_the_lora_is_exact_factors_not_an_svd():
     assert set(export.ranks) == set(layers)
     assert export.ranks["transformer.h.0.attn.c_attn"] == 9  # q, k, v with their own P: block-diagonal, 3 x 3
     assert export.config["rank_pattern"] == {
-        r"transformer\.h\.0\.attn\.c_proj": 3, r"transformer\.h\.1\.attn\.c_proj": 3}
+        r"transformer\.h\.0\.attn\.c_proj": 3,
+        r"transformer\.h\.1\.attn\.c_proj": 3,
+    }
     for path, layer in layers.items():
         a = export.tensors[f"base_model.model.{path}.lora_A.weight"]
         b = export.tensors[f"base_model.model.{path}.lora_B.weight"]
@@ -212,17 +246,28 @@ def test_sglang_gets_the_q_k_v_siblings_it_reads_together_as_zeros():
     assert len({t.shape[0] for key, t in tensors.items() if key.endswith("lora_A.weight")}) == 1  # one rank
 
 
-@pytest.mark.parametrize(("arch", "config", "engine", "rule"), [
-    ("gpt2", lambda: lorta.LortaConfig(r=2), "vllm", r"vLLM \(0\.33\) serves GPT2LMHeadModel without LoRA support"),
-    ("llama", lambda: lorta.LortaConfig(r=2, bias="all"), "vllm", "does not load adapter biases"),
-    ("llama", lambda: lorta.LortaConfig(r=2, bias="lorta_only"), "sglang", "does not load adapter biases"),
-    ("bert", lambda: lorta.LortaConfig(r=2), "sglang", r"adapts only the modules .* not \['dense', 'key'"),
-    ("bert", lambda: lorta.LortaConfig(r=2, task_type="SEQ_CLS", target_modules=["query"]), "sglang",
-     r"loads none of the fully trained modules \(modules_to_save\), and this adapter trains \['classifier'\]"),
-    ("llama", lambda: lorta.LortaConfig(r=2, modules_to_save=["lm_head"]), "vllm",
-     r"loads only \['classifier', 'score'\] of the fully trained modules"),
-    ("llama", lambda: lorta.LortaConfig(r=520), "vllm", "serves LoRA ranks up to 512"),
-])
+@pytest.mark.parametrize(
+    ("arch", "config", "engine", "rule"),
+    [
+        ("gpt2", lambda: lorta.LortaConfig(r=2), "vllm", r"vLLM \(0\.33\) serves GPT2LMHeadModel without LoRA support"),
+        ("llama", lambda: lorta.LortaConfig(r=2, bias="all"), "vllm", "does not load adapter biases"),
+        ("llama", lambda: lorta.LortaConfig(r=2, bias="lorta_only"), "sglang", "does not load adapter biases"),
+        ("bert", lambda: lorta.LortaConfig(r=2), "sglang", r"adapts only the modules .* not \['dense', 'key'"),
+        (
+            "bert",
+            lambda: lorta.LortaConfig(r=2, task_type="SEQ_CLS", target_modules=["query"]),
+            "sglang",
+            r"loads none of the fully trained modules \(modules_to_save\), and this adapter trains \['classifier'\]",
+        ),
+        (
+            "llama",
+            lambda: lorta.LortaConfig(r=2, modules_to_save=["lm_head"]),
+            "vllm",
+            r"loads only \['classifier', 'score'\] of the fully trained modules",
+        ),
+        ("llama", lambda: lorta.LortaConfig(r=520), "vllm", "serves LoRA ranks up to 512"),
+    ],
+)
 def test_engine_rules_refuse_with_the_rule_named_and_write_nothing(arch, config, engine, rule, tmp_path):
     model = get_peft_model(make_model(arch), config())
     with pytest.raises(ExportError, match=rule):
@@ -268,17 +313,23 @@ def test_an_existing_folder_is_kept_unless_overwrite_and_a_failed_write_leaves_n
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     monkeypatch.undo()
     export_lora(model, out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"] \
-        or sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ] or sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert set(load_file(out / "adapter_model.safetensors")) == set(lora_export(model).tensors)
 
 
 # ------------------------------------------------------------------------------------------------- merged
-@pytest.mark.parametrize(("arch", "config"), [
-    ("llama", lambda: lorta.LortaConfig(r=3, init_weights=False)),
-    ("gpt2", lambda: lorta.TensLoraConfig(ranks=3, init_weights=False, bias="all")),
-    ("bert", lambda: lorta.TLoraConfig(r=3, init_weights=False, task_type="SEQ_CLS")),
-])
+@pytest.mark.parametrize(
+    ("arch", "config"),
+    [
+        ("llama", lambda: lorta.LortaConfig(r=3, init_weights=False)),
+        ("gpt2", lambda: lorta.TensLoraConfig(ranks=3, init_weights=False, bias="all")),
+        ("bert", lambda: lorta.TLoraConfig(r=3, init_weights=False, task_type="SEQ_CLS")),
+    ],
+)
 def test_merged_export_equals_merge_and_unload_and_leaves_the_model_alone(arch, config, tmp_path):
     import transformers
 
@@ -294,8 +345,10 @@ def test_merged_export_equals_merge_and_unload_and_leaves_the_model_alone(arch, 
     want = output_of(model.merge_and_unload(), inputs)
     torch.testing.assert_close(output_of(loaded, inputs), want, atol=0, rtol=0)  # the same weights, the same ops
     assert_close(want, adapted, terms=2 * FORWARD_TERMS)
-    assert not any("lora" in k or "base_layer" in k or "modules_to_save" in k
-                   for k in load_file(tmp_path / "merged" / "model.safetensors"))
+    assert not any(
+        "lora" in k or "base_layer" in k or "modules_to_save" in k
+        for k in load_file(tmp_path / "merged" / "model.safetensors")
+    )
 
 
 def test_merged_export_refuses_a_quantised_base_and_a_foreign_merge(tmp_path):
@@ -374,11 +427,14 @@ def test_the_gguf_adapter_holds_the_exact_update_under_llama_cpp_names(arch, tmp
         assert_close(b @ a, delta, terms=MAP_TERMS)
 
 
-@pytest.mark.parametrize(("arch", "config", "rule"), [
-    ("gpt2", lambda: lorta.LortaConfig(r=2), r"takes adapters here for the model types .* not 'gpt2'"),
-    ("bert", lambda: lorta.LortaConfig(r=2), "not 'bert'"),
-    ("llama", lambda: lorta.LortaConfig(r=2, bias="all"), "llama.cpp .* does not load adapter biases"),
-])
+@pytest.mark.parametrize(
+    ("arch", "config", "rule"),
+    [
+        ("gpt2", lambda: lorta.LortaConfig(r=2), r"takes adapters here for the model types .* not 'gpt2'"),
+        ("bert", lambda: lorta.LortaConfig(r=2), "not 'bert'"),
+        ("llama", lambda: lorta.LortaConfig(r=2, bias="all"), "llama.cpp .* does not load adapter biases"),
+    ],
+)
 def test_gguf_refuses_what_llama_cpp_cannot_take(arch, config, rule, tmp_path):
     model = get_peft_model(make_model(arch), config())
     with pytest.raises(ExportError, match=rule):
@@ -419,8 +475,9 @@ def _cli(*argv: str) -> int:
 @pytest.mark.parametrize("engine", ["peft", "vllm", "sglang"])
 def test_cli_export_lora_loads_in_peft(saved, engine):
     root, want = saved
-    assert _cli("export", str(root / "adapter"), str(root / "out"), "--base", str(root / "base"),
-                "--engine", engine) == 0
+    assert (
+        _cli("export", str(root / "adapter"), str(root / "out"), "--base", str(root / "base"), "--engine", engine) == 0
+    )
     got = output_of(PeftModel.from_pretrained(make_model("llama"), root / "out").eval(), make_inputs("llama"))
     assert_close(got, want, terms=2 * FORWARD_TERMS)
 
@@ -429,11 +486,15 @@ def test_cli_export_gguf_and_merged(saved):
     import transformers
 
     root, want = saved
-    assert _cli("export", str(root / "adapter"), str(root / "a.gguf"), "--format", "gguf", "--base",
-                str(root / "base")) == 0
+    assert (
+        _cli("export", str(root / "adapter"), str(root / "a.gguf"), "--format", "gguf", "--base", str(root / "base"))
+        == 0
+    )
     assert _read_gguf(root / "a.gguf")[0]["general.architecture"] == "llama"
-    assert _cli("export", str(root / "adapter"), str(root / "merged"), "--format", "merged", "--base",
-                str(root / "base")) == 0
+    assert (
+        _cli("export", str(root / "adapter"), str(root / "merged"), "--format", "merged", "--base", str(root / "base"))
+        == 0
+    )
     merged = transformers.LlamaForCausalLM.from_pretrained(root / "merged").eval()
     assert_close(output_of(merged, make_inputs("llama")), want, terms=2 * FORWARD_TERMS)
 
@@ -456,8 +517,13 @@ def test_cli_bad_input_says_what_and_writes_nothing(saved, capsys, tmp_path_fact
     fails(adapter, out, "--base", str(root / "missing"), match="is neither a packaged model")
     other = tmp_path_factory.mktemp("other")
     make_model("mistral").save_pretrained(other)  # another shape
-    fails(adapter, out, "--base", str(other), match="made for a base model of another shape (num_layers: adapter 3 "
-          "vs model 2")
+    fails(
+        adapter,
+        out,
+        "--base",
+        str(other),
+        match="made for a base model of another shape (num_layers: adapter 3 vs model 2",
+    )
     fails(adapter, out, "--base", base, "--format", "gguf", "--engine", "vllm", match="applies to --format lora")
     (root / "out").mkdir()
     assert _cli("export", adapter, out, "--base", base) == 2

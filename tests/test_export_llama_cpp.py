@@ -50,9 +50,21 @@ def test_our_gguf_is_what_llama_cpps_own_converter_writes(model_type, tmp_path):
     model = get_peft_model(base, lorta.LortaConfig(r=2, init_weights=False))
     export_lora(model, tmp_path / "lora")
     done = subprocess.run(
-        [sys.executable, "convert_lora_to_gguf.py", str(tmp_path / "lora"), "--base", str(tmp_path / "base"),
-         "--outtype", "f32", "--outfile", str(tmp_path / "theirs.gguf")],
-        cwd=converters, env=dict(os.environ, PYTHONPATH=str(converters / "gguf-py")), capture_output=True, text=True,
+        [
+            sys.executable,
+            "convert_lora_to_gguf.py",
+            str(tmp_path / "lora"),
+            "--base",
+            str(tmp_path / "base"),
+            "--outtype",
+            "f32",
+            "--outfile",
+            str(tmp_path / "theirs.gguf"),
+        ],
+        cwd=converters,
+        env=dict(os.environ, PYTHONPATH=str(converters / "gguf-py")),
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     reader = gguf.GGUFReader(tmp_path / "theirs.gguf")
@@ -103,8 +115,14 @@ def _dequantised(src: Path, dst: Path) -> Path:
 
 def _llama_cpp_logits(model_path: Path, lora: Path | None, token_ids: list[list[int]]) -> list[np.ndarray]:
     llama_cpp = pytest.importorskip("llama_cpp", reason=BUILD_HINT)
-    llm = llama_cpp.Llama(model_path=str(model_path), lora_path=str(lora) if lora else None, logits_all=True,
-                          verbose=False, n_ctx=256, n_threads=os.cpu_count())
+    llm = llama_cpp.Llama(
+        model_path=str(model_path),
+        lora_path=str(lora) if lora else None,
+        logits_all=True,
+        verbose=False,
+        n_ctx=256,
+        n_threads=os.cpu_count(),
+    )
     out = []
     for ids in token_ids:
         llm.reset()
@@ -118,11 +136,33 @@ def test_llama_cpp_runs_an_adapter_trained_by_lorta_train(tmp_path):
     q4 = _smollm2_gguf()
     run = tmp_path / "run"
     cli = [sys.executable, "-m", "lorta.cli"]
-    train = subprocess.run(cli + ["train", "--model", "smollm2", "--steps", "12", "--lr", "3e-3", "--max-train", "96",
-                                  "--max-test", "8", "--quiet", "--out", str(run)], capture_output=True, text=True)
+    train = subprocess.run(
+        cli
+        + [
+            "train",
+            "--model",
+            "smollm2",
+            "--steps",
+            "12",
+            "--lr",
+            "3e-3",
+            "--max-train",
+            "96",
+            "--max-test",
+            "8",
+            "--quiet",
+            "--out",
+            str(run),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert train.returncode == 0, train.stderr[-3000:]
-    export = subprocess.run(cli + ["export", str(run / "adapter"), str(tmp_path / "adapter.gguf"), "--format",
-                                   "gguf"], capture_output=True, text=True)
+    export = subprocess.run(
+        cli + ["export", str(run / "adapter"), str(tmp_path / "adapter.gguf"), "--format", "gguf"],
+        capture_output=True,
+        text=True,
+    )
     assert export.returncode == 0, export.stderr[-3000:]
 
     from peft import PeftModel
@@ -144,8 +184,9 @@ def test_llama_cpp_runs_an_adapter_trained_by_lorta_train(tmp_path):
         cpp_adapted = _llama_cpp_logits(gguf_base, tmp_path / "adapter.gguf", ids)
         change_hf = np.concatenate([(a - b).ravel() for a, b in zip(hf_adapted, hf_base, strict=True)])
         change_cpp = np.concatenate([(a - b).ravel() for a, b in zip(cpp_adapted, cpp_base, strict=True)])
-        greedy = np.mean(np.concatenate([a.argmax(-1) == h.argmax(-1)
-                                         for a, h in zip(cpp_adapted, hf_adapted, strict=True)]))
+        greedy = np.mean(
+            np.concatenate([a.argmax(-1) == h.argmax(-1) for a, h in zip(cpp_adapted, hf_adapted, strict=True)])
+        )
         report[name] = {
             "correlation_of_logit_changes": float(np.corrcoef(change_cpp, change_hf)[0, 1]),
             "mean_abs_change_hf": float(np.abs(change_hf).mean()),

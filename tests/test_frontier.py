@@ -65,8 +65,9 @@ def test_party_task_classifies_convention_paragraphs(tmp_path: Path, capsys: pyt
         (["--task", "party", "--data", "x.csv"], "--task party reads the 2012 convention speeches"),
     ],
 )
-def test_bad_combinations_exit_2(args: list[str], message: str, tmp_path: Path,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_combinations_exit_2(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, _, err = lorta(["train", *TINY, *args, "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and message in err and "Traceback" not in err
 
@@ -88,7 +89,10 @@ def test_plan_picks_the_largest_rank_within_each_budget() -> None:
     assert by[("vera", vera_r10)].adapter_params == MINILM_VERA * (vera_r10 + 384)
     assert by[("head-only", None)].adapter_params == 0
     assert {(u.method, u.budget, u.smallest) for u in unreachable} == {
-        ("lora", 5_000, 18_432), ("lora", 10_000, 18_432), ("vera", 5_000, MINILM_VERA * 385)}
+        ("lora", 5_000, 18_432),
+        ("lora", 10_000, 18_432),
+        ("vera", 5_000, MINILM_VERA * 385),
+    }
 
 
 def test_plan_merges_budgets_that_land_on_one_rank() -> None:
@@ -97,14 +101,25 @@ def test_plan_merges_budgets_that_land_on_one_rank() -> None:
 
 
 def _row(method: str, rank: int | None, seed: int, accuracy: float, params: int) -> dict:
-    return {"method": method, "rank": rank, "seed": seed, "accuracy": accuracy, "adapter_params": params,
-            "trainable_params": params + 770, "wall_time_s": 1.0}
+    return {
+        "method": method,
+        "rank": rank,
+        "seed": seed,
+        "accuracy": accuracy,
+        "adapter_params": params,
+        "trainable_params": params + 770,
+        "wall_time_s": 1.0,
+    }
 
 
 def test_summary_mean_std_and_table() -> None:
     cells = [frontier.Cell("lorta", 4, 1_748, (2_000,)), frontier.Cell("vera", 8, 2_000, (2_000,))]
-    rows = [_row("lorta", 4, 0, 0.80, 1_748), _row("lorta", 4, 1, 0.70, 1_748), _row("lorta", 4, 2, 0.75, 1_748),
-            _row("vera", 8, 0, 0.60, 2_000)]
+    rows = [
+        _row("lorta", 4, 0, 0.80, 1_748),
+        _row("lorta", 4, 1, 0.70, 1_748),
+        _row("lorta", 4, 2, 0.75, 1_748),
+        _row("vera", 8, 0, 0.60, 2_000),
+    ]
     points = frontier.summarise(cells, rows)
     lorta_point = points[0]
     assert math.isclose(lorta_point.mean, 0.75, rel_tol=1e-15)
@@ -127,8 +142,18 @@ def test_summary_mean_std_and_table() -> None:
 
 def test_frontier_end_to_end_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "f"
-    args = ["compare", "--frontier", "3000,20000", "--methods", "lorta,lora", "--seeds", "0,1", *TINY,
-            "--out", str(root)]
+    args = [
+        "compare",
+        "--frontier",
+        "3000,20000",
+        "--methods",
+        "lorta,lora",
+        "--seeds",
+        "0,1",
+        *TINY,
+        "--out",
+        str(root),
+    ]
     code, out, err = lorta(args, capsys)
     assert code == 0, err
     assert "note: lora cannot reach 3,000 parameters (its rank 1 has 18,432)" in out
@@ -137,8 +162,13 @@ def test_frontier_end_to_end_and_resume(tmp_path: Path, capsys: pytest.CaptureFi
     r_small, r_big = 3_000 // MINILM_LORTA_QKV, 20_000 // MINILM_LORTA_QKV
     assert [(c["method"], c["rank"]) for c in data["cells"]] == [("lorta", r_small), ("lorta", r_big), ("lora", 1)]
     assert [(r["method"], r["rank"], r["seed"]) for r in data["runs"]] == [
-        ("lorta", r_small, 0), ("lorta", r_big, 0), ("lora", 1, 0), ("lorta", r_small, 1), ("lorta", r_big, 1),
-        ("lora", 1, 1)]
+        ("lorta", r_small, 0),
+        ("lorta", r_big, 0),
+        ("lora", 1, 0),
+        ("lorta", r_small, 1),
+        ("lorta", r_big, 1),
+        ("lora", 1, 1),
+    ]
     for run in data["runs"]:  # every run made with the same job settings, its own seed
         assert run["steps"] == 2 and run["n_train"] == 48 and run["options"]["seed"] == run["seed"]
     table = (root / "frontier.md").read_text(encoding="utf-8")
@@ -161,8 +191,9 @@ def test_frontier_end_to_end_and_resume(tmp_path: Path, capsys: pytest.CaptureFi
     assert "reusing" not in out  # other options: nothing reused
 
 
-def test_frontier_report_gathers_finished_runs_and_trains_nothing(tmp_path: Path,
-                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_frontier_report_gathers_finished_runs_and_trains_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     root = tmp_path / "f"
     args = ["compare", "--frontier", "20000", "--methods", "lorta,lora", "--seeds", "0,1", *TINY, "--out", str(root)]
     code, _, err = lorta(args, capsys)
@@ -193,8 +224,9 @@ def test_frontier_report_gathers_finished_runs_and_trains_nothing(tmp_path: Path
         (["--frontier", "100", "--methods", "lorta,nope"], "unknown method"),
     ],
 )
-def test_frontier_bad_input_exits_2(args: list[str], message: str, tmp_path: Path,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_frontier_bad_input_exits_2(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, _, err = lorta(["compare", *args, *TINY, "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
@@ -229,6 +261,7 @@ def test_mode_lr_zero_freezes_the_mode_factors(tmp_path: Path, capsys: pytest.Ca
     for name in ("C_H", "C_L", "C_M"):
         assert set(by_factor[name].unique().tolist()) <= {-1.0, 1.0}, name
     assert by_factor["B"].abs().max() > 0  # B starts at zero and trained
-    code, _, err = lorta(["train", "--method", "lora", "--mode-lr", "1e-2", *TINY, "--out", str(tmp_path / "x")],
-                         capsys)
+    code, _, err = lorta(
+        ["train", "--method", "lora", "--mode-lr", "1e-2", *TINY, "--out", str(tmp_path / "x")], capsys
+    )
     assert code == 2 and "--method lora has none" in err

@@ -34,16 +34,19 @@ TARGETS = {"bert": ["query", "key", "value"], "gpt2": ["c_attn"]}
 # updates) leaves ALS and Adam a wide margin on any BLAS, while a fit that fails is off by O(1).
 RECOVERED = 1e-4
 
+
 def _random_lora(arch: str, r: int = 3, seed: int = 0, **kwargs) -> PeftModel:
     torch.manual_seed(seed)
     config = LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights=False, target_modules=TARGETS.get(arch), **kwargs)
     return get_peft_model(make_model(arch), config)
+
 
 def _lorta_as_lora(arch: str, tmp_path, config) -> tuple[PeftModel, torch.Tensor]:
     tensor_model = get_peft_model(make_model(arch), config).eval()
     want = output_of(tensor_model, make_inputs(arch))
     export_lora(tensor_model, tmp_path / "lora")
     return PeftModel.from_pretrained(make_model(arch), tmp_path / "lora"), want
+
 
 def _dense_error(model, updates: dict[str, LoraUpdate]) -> dict[str, torch.Tensor]:
     """The papers' formula in float64: || scale * P Q - (s B A)^T ||_F^2 per module, from dense matrices."""
@@ -56,13 +59,17 @@ def _dense_error(model, updates: dict[str, LoraUpdate]) -> dict[str, torch.Tenso
             out[path] = ((delta - updates[path].U @ updates[path].V) ** 2).sum()
     return out
 
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
 @pytest.mark.parametrize("method", ["lorta", "tenslora", "tlora"])
 def test_fit_objective_is_the_dense_error(arch, method):
     lora = _random_lora(arch)
     updates = lora_updates(lora)
-    configs = {"lorta": lorta.LortaConfig(r=4, init_weights=False), "tlora": lorta.TLoraConfig(r=4, init_weights=False),
-               "tenslora": lorta.TensLoraConfig(r=3, init_weights=False)}
+    configs = {
+        "lorta": lorta.LortaConfig(r=4, init_weights=False),
+        "tlora": lorta.TLoraConfig(r=4, init_weights=False),
+        "tenslora": lorta.TensLoraConfig(r=3, init_weights=False),
+    }
     config = configs[method]
     config.target_modules = sorted(updates)
     model = get_peft_model(make_model(arch), config)
@@ -72,6 +79,7 @@ def test_fit_objective_is_the_dense_error(arch, method):
     for path in fast:
         scale = float(dense[path]) + updates[path].norm2
         assert abs(float(fast[path] - dense[path])) <= MAP_TERMS * eps(torch.float64) * scale, path
+
 
 def _random_slices(shape, r, observed, seed=0) -> tuple[Slices, torch.Tensor, torch.Tensor]:
     """Random rank-r slices at the `observed` (h, l, m) and the dense tensor and mask they stand for."""
@@ -98,13 +106,19 @@ def test_cp_als_takes_tensorlys_steps_without_the_dense_tensor():
     shape, rank = (12, 4, 3, 2, 2), 5
     observed = [(h, layer, m) for h in range(3) for layer in range(2) for m in range(2)]
     data, dense, _ = _random_slices(shape, 2, observed)
-    assert data.norm2 == pytest.approx(float((dense ** 2).sum()), rel=64 * eps(torch.float64))
+    assert data.norm2 == pytest.approx(float((dense**2).sum()), rel=64 * eps(torch.float64))
     g = torch.Generator().manual_seed(1)
     init = [torch.randn(n, rank, generator=g, dtype=torch.float64) for n in shape]
     ours, history = cp_als(data, rank, iterations=3, init=init, tol=0)
     with tensorly.backend_context("pytorch"):
-        reference = parafac(dense, rank=rank, init=CPTensor((torch.ones(rank, dtype=torch.float64), init)),
-                            n_iter_max=3, tol=0, normalize_factors=False)
+        reference = parafac(
+            dense,
+            rank=rank,
+            init=CPTensor((torch.ones(rank, dtype=torch.float64), init)),
+            n_iter_max=3,
+            tol=0,
+            normalize_factors=False,
+        )
     for got, want in zip(ours, reference.factors, strict=True):
         # three sweeps of normal equations; each solve may amplify rounding by the Gram's condition number
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
@@ -118,8 +132,9 @@ def test_cp_als_leaves_unobserved_slices_out_and_recovers_an_exact_cp():
     truth = [torch.randn(n, rank, generator=g, dtype=torch.float64) for n in shape]
     dense = _cp_dense(truth)
     # GQA-like: matrix 1 observes every second head only; layer 2 lacks matrix 1
-    observed = [(h, layer, m) for h in range(4) for layer in range(3) for m in range(2)
-                if m == 0 or (h % 2 == 0 and layer < 2)]
+    observed = [
+        (h, layer, m) for h in range(4) for layer in range(3) for m in range(2) if m == 0 or (h % 2 == 0 and layer < 2)
+    ]
     X, Y = [], []
     for h, layer, m in observed:  # the slices of the exact CP, as rank-`rank` products
         X.append(truth[0] * (truth[2][h] * truth[3][layer] * truth[4][m]))
@@ -164,11 +179,13 @@ def test_an_exported_lorta_adapter_is_recovered_at_its_rank(arch, tmp_path):
     base = output_of(make_model(arch), make_inputs(arch))
     assert float((got - want).abs().max()) <= 0.01 * float((want - base).abs().max())
 
+
 def test_tensLoRA_recovers_its_own_export(tmp_path):
     lora, _ = _lorta_as_lora("llama", tmp_path, lorta.TensLoraConfig(r=2, lora_alpha=4, init_weights=False))
     _, report = import_lora(lora, "tenslora", rank=4, seed=0, steps=1000)
     # Adam from the random start (relative error ~1) into a Tucker model that holds the exported one
     assert report.overall <= 1e-2, report.table()
+
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_tlora_is_exact_at_the_loras_rank_and_eckart_young_below(arch):
@@ -185,10 +202,13 @@ def test_tlora_is_exact_at_the_loras_rank_and_eckart_young_below(arch):
             order = layer.lorta_out_order
             if order is not None:
                 dense = dense[:, torch.argsort(order)]
-            optimum = sum(float((torch.linalg.svdvals(dense[:, s.out_offset:s.out_offset + s.out_features])[2:] ** 2
-                                 ).sum()) for s in slots)
-            want = (optimum / float((dense ** 2).sum())) ** 0.5
+            optimum = sum(
+                float((torch.linalg.svdvals(dense[:, s.out_offset : s.out_offset + s.out_features])[2:] ** 2).sum())
+                for s in slots
+            )
+            want = (optimum / float((dense**2).sum())) ** 0.5
             assert abs(report.per_module[path] - want) <= 1e-4 + 1e-3 * want, path
+
 
 def test_fitting_more_rank_fits_a_random_lora_better():
     errors = []
@@ -197,6 +217,7 @@ def test_fitting_more_rank_fits_a_random_lora_better():
         errors.append(report.overall)
     assert errors[0] > errors[1] > errors[2], errors
     assert errors[0] < 1.0  # the fit beats the zero adapter
+
 
 def test_heads_and_biases_are_carried_over(tmp_path):
     lora = _random_lora("bert", bias="all")
@@ -211,14 +232,20 @@ def test_heads_and_biases_are_carried_over(tmp_path):
     for key, value in carried.items():
         assert torch.equal(state[key.replace(".base_layer", "")] if key not in state else state[key], value), key
 
+
 def test_classifier_head_is_carried_and_the_saved_adapter_reloads(tmp_path):
     import transformers
 
     torch.manual_seed(0)
     base = transformers.BertForSequenceClassification(make_model("bert").config)
     base.save_pretrained(tmp_path / "base")
-    config = LoraConfig(r=2, init_lora_weights=False, target_modules=TARGETS["bert"], task_type="SEQ_CLS",
-                        modules_to_save=["classifier"])
+    config = LoraConfig(
+        r=2,
+        init_lora_weights=False,
+        target_modules=TARGETS["bert"],
+        task_type="SEQ_CLS",
+        modules_to_save=["classifier"],
+    )
     lora = get_peft_model(base, config)
     with torch.no_grad():
         lora.base_model.model.classifier.modules_to_save["default"].weight.normal_()
@@ -233,6 +260,7 @@ def test_classifier_head_is_carried_and_the_saved_adapter_reloads(tmp_path):
     inputs = make_inputs("bert")
     assert torch.equal(output_of(loaded, inputs), output_of(model, inputs))
 
+
 def test_not_a_plain_lora_is_refused():
     with pytest.raises(ImportLoraError, match="use_dora=True"):
         import_lora(_random_lora("llama", use_dora=True))
@@ -245,11 +273,13 @@ def test_not_a_plain_lora_is_refused():
     with pytest.raises(ImportLoraError, match="method='loha' is not one of"):
         import_lora(_random_lora("llama"), "loha")
 
+
 # ----------------------------------------------------------------------------------------------- the CLI
 def _cli(*argv: str) -> int:
     from lorta.cli import main
 
     return main(list(argv))
+
 
 @pytest.fixture
 def saved_lora(tmp_path):
@@ -258,6 +288,7 @@ def saved_lora(tmp_path):
     tensor_model = get_peft_model(base, lorta.LortaConfig(r=2, lora_alpha=4, init_weights=False)).eval()
     export_lora(tensor_model, tmp_path / "lora")
     return tmp_path
+
 
 def test_cli_imports_and_reports(saved_lora, capsys):
     root = saved_lora
@@ -271,6 +302,7 @@ def test_cli_imports_and_reports(saved_lora, capsys):
     # the imported adapter exports again (lorta export defaults to the base it names)
     assert _cli("export", str(root / "out"), str(root / "again")) == 0
     assert (root / "again" / "adapter_model.safetensors").is_file()
+
 
 def test_cli_bad_input_says_what_and_writes_nothing(saved_lora, capsys, tmp_path_factory):
     root = saved_lora
@@ -298,12 +330,17 @@ def test_cli_bad_input_says_what_and_writes_nothing(saved_lora, capsys, tmp_path
     assert _cli("import-lora", lora, out, "--base", base) == 2
     assert "already exists; choose another output folder or pass --overwrite" in capsys.readouterr().err
     assert (root / "out" / "keep.txt").read_text() == "mine"
-    for bad, says in ((("--method", "loha"), "invalid choice: 'loha'"), (("--rank", "0"), "must be a positive"),
-                      (("--steps", "-1"), "must be an integer >= 0"), (("--steps", "many"), "must be an integer >= 0")):
+    for bad, says in (
+        (("--method", "loha"), "invalid choice: 'loha'"),
+        (("--rank", "0"), "must be a positive"),
+        (("--steps", "-1"), "must be an integer >= 0"),
+        (("--steps", "many"), "must be an integer >= 0"),
+    ):
         with pytest.raises(SystemExit):
             _cli("import-lora", lora, str(root / "x"), *bad)
         assert says in capsys.readouterr().err
     assert not (root / "x").exists()
+
 
 def test_a_failed_write_leaves_nothing(saved_lora, monkeypatch):
     root = saved_lora

@@ -17,12 +17,15 @@ from lorta import params as lp
 LLAMA_2_7B = catalogue.config_for("llama-2-7b")  # d 4096, d_h 128, H 32, L 32
 
 
-@pytest.mark.parametrize("kwargs,layers", [
-    ({}, 32),
-    ({"layers_to_transform": [0]}, 1),
-    ({"layers_to_transform": [0, 5], "layers_pattern": "layers"}, 2),
-    ({"layers_to_transform": 7}, 1),
-])
+@pytest.mark.parametrize(
+    "kwargs,layers",
+    [
+        ({}, 32),
+        ({"layers_to_transform": [0]}, 1),
+        ({"layers_to_transform": [0, 5], "layers_pattern": "layers"}, 2),
+        ({"layers_to_transform": 7}, 1),
+    ],
+)
 def test_the_layers_mode_holds_the_adapted_layers_only(kwargs, layers):
     config = lorta.LortaConfig(r=4, target_modules=["q_proj", "v_proj"], **kwargs)
     assert lp.count_trainable(LLAMA_2_7B, config) == (4096 + 128 + 32 + layers + 2) * 4  # 17,036 for one layer
@@ -56,12 +59,15 @@ def every_value_gets_a_gradient(peft_model, inputs) -> None:
 # GQA model the k/v groups read H_kv of the H rows of their head factor, and extra matrices leave their group's B
 # and C_H unread. Those ablations are tested on models without GQA or extras; the defaults everywhere.
 @pytest.mark.parametrize("method", sorted(METHODS))
-@pytest.mark.parametrize("arch,kwargs", [
-    ("llama", {"layers_to_transform": [1]}),
-    ("gpt2", {"layers_to_transform": [0]}),
-    ("bert", {}),
-    ("mistral", {"target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]}),
-])
+@pytest.mark.parametrize(
+    "arch,kwargs",
+    [
+        ("llama", {"layers_to_transform": [1]}),
+        ("gpt2", {"layers_to_transform": [0]}),
+        ("bert", {}),
+        ("mistral", {"target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]}),
+    ],
+)
 def test_no_factor_value_that_cannot_train(arch, kwargs, method):
     if method == "lorta-heads" and arch in ("llama", "mistral"):
         pytest.skip("an ablation with per-matrix groups of one shape (see above)")

@@ -47,6 +47,7 @@ def test_starts_exactly_at_the_base_model(arch, method):
 def test_lorta_mode_factors_start_as_seeded_random_signs():
     """C_H, C_L, C_M start at +-1 with different signs across heads, layers and q/k/v/o (B = 0 keeps the update
     at zero); the 'ones' option gives the identical start; the draw follows torch's seed."""
+
     def factors(**kw):
         torch.manual_seed(7)
         return get_peft_model(make_model("llama"), lorta.LortaConfig(r=8, **kw)).base_model.lorta_factors["default"]
@@ -96,8 +97,11 @@ def test_merge_unmerge_merge_and_unload(arch, method):
     inputs = make_inputs(arch)
     base_before = base_weights(model)
     unmerged = output_of(model, inputs)
-    deltas = {n: m.delta_weight("default").detach() for n, m in model.base_model.model.named_modules()
-              if isinstance(m, TensorAdapterLayer)}
+    deltas = {
+        n: m.delta_weight("default").detach()
+        for n, m in model.base_model.model.named_modules()
+        if isinstance(m, TensorAdapterLayer)
+    }
     model.base_model.merge_adapter()
     assert_close(output_of(model, inputs), unmerged, FORWARD_TERMS)  # W x + (x P) Q vs (W + P Q) x
     merged_weights = base_weights(model)

@@ -174,9 +174,7 @@ def test_cache_follows_factor_changes_and_adapter_set(arch):
     model.add_adapter("new", METHODS["lorta"](init_weights=False))
     model.delete_adapter("a2")
     names = ["new", "a1", "__base__"]
-    assert_close(
-        mixed(model, inputs, names), rows_alone(model, inputs, names, base=base), FORWARD_TERMS
-    )
+    assert_close(mixed(model, inputs, names), rows_alone(model, inputs, names, base=base), FORWARD_TERMS)
     with pytest.raises(ValueError, match="non-existing adapter"):
         mixed(model, inputs, ["a2", "a1", "new"])
 
@@ -193,9 +191,7 @@ def test_modules_to_save_heads_follow_the_rows():
     model.eval()
     names = ["b", "default", "__base__", "b"]
     inputs = make_inputs("bert", batch=4)
-    assert_close(
-        mixed(model, inputs, names), rows_alone(model, inputs, names, base=make_model("bert")), FORWARD_TERMS
-    )
+    assert_close(mixed(model, inputs, names), rows_alone(model, inputs, names, base=make_model("bert")), FORWARD_TERMS)
 
 
 # ----------------------------------------------------------------------------------------- generate
@@ -364,9 +360,7 @@ def test_bank_sources_and_errors(tmp_path):
         lorta.AdapterBank(make_model("gpt2"))
     names = ["ad2", "x", "__base__"]
     inputs = make_inputs("gpt2", batch=3)
-    assert_close(
-        mixed(model, inputs, names), rows_alone(model, inputs, names, base=make_model("gpt2")), FORWARD_TERMS
-    )
+    assert_close(mixed(model, inputs, names), rows_alone(model, inputs, names, base=make_model("gpt2")), FORWARD_TERMS)
 
 
 # ---------------------------------------------------------------------------------------- benchmark
@@ -374,7 +368,11 @@ def test_mixed_bench_smoke(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "mixed_bench.py"), "--smoke", "--out", str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     md = (tmp_path / "mixed_results.md").read_text()

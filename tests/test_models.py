@@ -205,9 +205,7 @@ def test_smollm2_gguf_is_converted_once_and_reused(tmp_cache: Path) -> None:
     ref_tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     text = ["Write a positive review of About A Boy:", "Hello"]
     batch = tokenizer(text, padding=True, return_tensors="pt")
-    assert torch.equal(
-        batch["input_ids"], ref_tokenizer(text, padding=True, return_tensors="pt")["input_ids"]
-    )
+    assert torch.equal(batch["input_ids"], ref_tokenizer(text, padding=True, return_tensors="pt")["input_ids"])
     with torch.no_grad():
         assert torch.equal(cached(**batch).logits, reference(**batch).logits)
     print(f"\nGGUF conversion {converted_s:.1f} s, cached load {cached_load_s:.2f} s")

@@ -10,10 +10,22 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import lorta
 from lorta.methods import LORTA_MODES, lorta_num_params
 
-LLAMA2_7B = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                        num_key_value_heads=32, vocab_size=32000)
-ROBERTA_BASE = RobertaConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                             vocab_size=50265, max_position_embeddings=514)
+LLAMA2_7B = LlamaConfig(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+)
+ROBERTA_BASE = RobertaConfig(
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    vocab_size=50265,
+    max_position_embeddings=514,
+)
 
 
 def meta_model(config, auto=AutoModelForCausalLM):
@@ -60,13 +72,21 @@ def test_print_trainable_parameters_counts_shared_factors_once(capsys):
     assert "trainable params: 17,160" in capsys.readouterr().out
 
 
-ROBERTA_LARGE = RobertaConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                              vocab_size=50265, max_position_embeddings=514)
+ROBERTA_LARGE = RobertaConfig(
+    hidden_size=1024,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    intermediate_size=4096,
+    vocab_size=50265,
+    max_position_embeddings=514,
+)
 
 
 def test_tlora_roberta_large_qv_r32_is_49200():
-    model = get_peft_model(meta_model(ROBERTA_LARGE, AutoModelForSequenceClassification),
-                           lorta.TLoraConfig(r=32, target_modules=["query", "value"]))
+    model = get_peft_model(
+        meta_model(ROBERTA_LARGE, AutoModelForSequenceClassification),
+        lorta.TLoraConfig(r=32, target_modules=["query", "value"]),
+    )
     assert model.base_model.lorta_factors["default"].num_trainable() == 49_200
     assert lorta.methods.tlora_num_params(L=24, M=2, r=32) == 49_200
 

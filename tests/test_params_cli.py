@@ -90,8 +90,10 @@ def test_every_catalogue_model_every_method_matches_closed_form(name):
 def test_catalogue_values_are_the_published_ones():
     shape = lp.compare(catalogue.config_for("llama-3-8b"), "lora", 1).shape
     assert (shape["hidden_size"], shape["num_layers"], shape["num_heads"], shape["num_kv_heads"]) == (4096, 32, 32, 8)
-    sizes = {n: lp.compare(catalogue.config_for(n), "lora", 1).base_parameters
-             for n in ("llama-3-8b", "smollm2-135m", "gpt2")}
+    sizes = {
+        n: lp.compare(catalogue.config_for(n), "lora", 1).base_parameters
+        for n in ("llama-3-8b", "smollm2-135m", "gpt2")
+    }
     assert sizes == {"llama-3-8b": 8_030_261_248, "smollm2-135m": 134_515_008, "gpt2": 124_439_808}
     with pytest.raises(catalogue.UnknownModelError, match="llama-2-7b, llama-3-8b"):
         catalogue.config_for("llama-9")
@@ -103,8 +105,18 @@ def test_tenslora_and_lorta_options_through_cli(capsys):
     result = run_json(capsys, "llama-3-8b", "--method", "tenslora", "--ranks", arg)
     assert result["trainable"] == 8 * 4096 + 8 * 128 + 4 * 32 + 3 * 3 + 4 * 32 + 8 * 8 * 4 * 3 * 4 == 37_129
     assert result["lora"] == 32 * 8 * ((4096 + 4096) + 2 * (4096 + 1024))  # q, k, v (GQA) at r = the in-rank
-    cp = run_json(capsys, "roberta-base", "--method", "tenslora", "--ranks", "6", "--decomposition", "cp",
-                  "--construction", "att_qkv")
+    cp = run_json(
+        capsys,
+        "roberta-base",
+        "--method",
+        "tenslora",
+        "--ranks",
+        "6",
+        "--decomposition",
+        "cp",
+        "--construction",
+        "att_qkv",
+    )
     assert cp["trainable"] == 12 * 6 * (768 + 64 + 12 + 3)
     heads = run_json(capsys, "llama-2-7b", "--modes", "heads", "--rank", "8")
     assert heads["trainable"] == 4 * 32 * (4096 + 128 + 32) * 8  # paper Table 4, first row
@@ -151,8 +163,15 @@ def test_budget_with_mlp_targets_counts_their_own_factors(capsys):
 def test_local_hf_folder(tmp_path, capsys):
     from transformers import LlamaConfig
 
-    LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=6,
-                num_key_value_heads=2, head_dim=8).save_pretrained(tmp_path)
+    LlamaConfig(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=8,
+    ).save_pretrained(tmp_path)
     result = run_json(capsys, str(tmp_path), "--rank", "2")
     assert result["shape"]["num_kv_heads"] == 2
     assert result["trainable"] == (48 + 8 + 6 + 3 + 4) * 2
@@ -181,26 +200,32 @@ def test_library_leaves_the_callers_config_alone():
 
 
 # --------------------------------------------------------------------------------------------------- errors
-@pytest.mark.parametrize("argv,message", [
-    (["llama-9"], "unknown model 'llama-9': not in the catalogue (llama-2-7b, llama-3-8b, mistral-7b, roberta-base"),
-    (["./no/such/folder"], "no such file or folder"),
-    (["missing.gguf"], "no such file or folder"),
-    (["gpt2", "--rank", "0"], "must be a positive integer"),
-    (["gpt2", "--rank", "-3"], "must be a positive integer"),
-    (["gpt2", "--rank", "two"], "must be a positive integer"),
-    (["gpt2", "--rank", "1.5"], "must be a positive integer"),
-    (["gpt2", "--budget", "0"], "must be a positive integer"),
-    (["gpt2", "--method", "dora"], "invalid choice"),
-    (["gpt2", "--targets", "q_proj,v_proj"], "matched no module"),
-    (["gpt2", "--method", "lora", "--targets", "nothing"], "not found in the base model"),
-    (["gpt2", "--method", "tenslora", "--ranks", "in=4"], "must name exactly the modes"),
-    (["gpt2", "--method", "tenslora", "--construction", "heads"], "unknown construction"),
-    (["gpt2", "--method", "tlora", "--modes", "heads"], "--modes applies to --method lorta"),
-    (["gpt2", "--modes", "rows"], "unknown LoRTA mode"),
-    (["gpt2", "--budget", "1000", "--rank", "2"], "leave out --rank"),
-    (["gpt2", "--budget", "1000", "--targets", "nothing"], "matched no module"),
-    (["gpt2", "--method", "tenslora", "--rank", "2", "--ranks", "3"], "not both"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["llama-9"],
+            "unknown model 'llama-9': not in the catalogue (llama-2-7b, llama-3-8b, mistral-7b, roberta-base",
+        ),
+        (["./no/such/folder"], "no such file or folder"),
+        (["missing.gguf"], "no such file or folder"),
+        (["gpt2", "--rank", "0"], "must be a positive integer"),
+        (["gpt2", "--rank", "-3"], "must be a positive integer"),
+        (["gpt2", "--rank", "two"], "must be a positive integer"),
+        (["gpt2", "--rank", "1.5"], "must be a positive integer"),
+        (["gpt2", "--budget", "0"], "must be a positive integer"),
+        (["gpt2", "--method", "dora"], "invalid choice"),
+        (["gpt2", "--targets", "q_proj,v_proj"], "matched no module"),
+        (["gpt2", "--method", "lora", "--targets", "nothing"], "not found in the base model"),
+        (["gpt2", "--method", "tenslora", "--ranks", "in=4"], "must name exactly the modes"),
+        (["gpt2", "--method", "tenslora", "--construction", "heads"], "unknown construction"),
+        (["gpt2", "--method", "tlora", "--modes", "heads"], "--modes applies to --method lorta"),
+        (["gpt2", "--modes", "rows"], "unknown LoRTA mode"),
+        (["gpt2", "--budget", "1000", "--rank", "2"], "leave out --rank"),
+        (["gpt2", "--budget", "1000", "--targets", "nothing"], "matched no module"),
+        (["gpt2", "--method", "tenslora", "--rank", "2", "--ranks", "3"], "not both"),
+    ],
+)
 def test_errors_exit_2_with_a_message(capsys, argv, message):
     code, out, err = run_cli(capsys, *argv)
     assert code == 2

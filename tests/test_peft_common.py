@@ -54,7 +54,9 @@ def _custom_rows() -> list[tuple[str, str, type, dict]]:
 CUSTOM_ROWS = _custom_rows()
 MULTIPLE_ACTIVE_ROWS = [
     (
-        f"{cls.__name__.removesuffix('Config')} {kind}", "lorta", cls,
+        f"{cls.__name__.removesuffix('Config')} {kind}",
+        "lorta",
+        cls,
         {"target_modules": ["lin0"], "init_weights": False},
         {"target_modules": ["lin0" if kind == "Same" else "lin1"], "init_weights": False},
     )
@@ -66,8 +68,16 @@ MULTIPLE_ACTIVE_ROWS = [
 def _decoder_configs(task_type: str) -> list[tuple[type, dict]]:
     return [
         (lorta.LortaConfig, {"task_type": task_type, "r": 4, "lora_alpha": 8, "target_modules": None}),
-        (lorta.LortaConfig, {"task_type": task_type, "r": 4, "target_modules": None, "lora_dropout": 0.05,
-                             "modes": ["heads", "matrices"]}),
+        (
+            lorta.LortaConfig,
+            {
+                "task_type": task_type,
+                "r": 4,
+                "target_modules": None,
+                "lora_dropout": 0.05,
+                "modes": ["heads", "matrices"],
+            },
+        ),
         (lorta.TensLoraConfig, {"task_type": task_type, "r": 3, "target_modules": None}),
         (lorta.TLoraConfig, {"task_type": task_type, "r": 4, "target_modules": None, "lora_dropout": 0.05}),
     ]
@@ -80,7 +90,8 @@ SKIPS = {
     name: "shared factors are one tensor: PEFT's layer-indexing test counts tensors (PEFT skips it for VB-LoRA, "
     "VeRA and UniLoRA alike); the number of trainable values per layer is tested in tests/test_layers.py"
     for name in (
-        "test_training_decoders_layer_indexing", "test_training_encoder_decoders_layer_indexing",
+        "test_training_decoders_layer_indexing",
+        "test_training_encoder_decoders_layer_indexing",
         "test_training_layer_indexing",
     )
 }
@@ -88,6 +99,7 @@ SKIPS = {
 
 def _lorta_supports(skip_helper):
     """PEFT's helper that skips a test for methods it does not know to support something lorta supports."""
+
     def helper(*args, **kwargs):
         if any(isinstance(a, type) and a in CONFIG_CLASSES for a in args):
             return None

@@ -78,8 +78,11 @@ def test_safe_merge_of_broken_factors_says_what_peft_says(method):
     for name, p in model.named_parameters():
         if model.prefix in name:
             p.data[0] = torch.nan
-    with pytest.raises(ValueError, match="^NaNs detected in the merged weights. The adapter default seems to be "
-                                         "broken: its factor '.*' holds [0-9]+ NaN or Inf value"):
+    with pytest.raises(
+        ValueError,
+        match="^NaNs detected in the merged weights. The adapter default seems to be "
+        "broken: its factor '.*' holds [0-9]+ NaN or Inf value",
+    ):
         model.merge_and_unload(safe_merge=True)
     after = dict(model.base_model.model.named_parameters())
     assert all(torch.equal(after[n], w) for n, w in before.items())  # nothing was merged

@@ -47,8 +47,12 @@ def lorta_configs(draw) -> lorta.LortaConfig:
     modes = draw(st.lists(st.sampled_from(LORTA_MODES), max_size=3, unique=True))
     extra = draw(st.sampled_from([[], ["gate_proj"], ["down_proj"]]))
     return lorta.LortaConfig(
-        r=draw(st.integers(1, 4)), lora_alpha=draw(st.sampled_from([1.0, 3.0, 8.0])), modes=modes,
-        target_modules=draw(targets) + extra, use_rslora=draw(st.booleans()), init_weights=False,
+        r=draw(st.integers(1, 4)),
+        lora_alpha=draw(st.sampled_from([1.0, 3.0, 8.0])),
+        modes=modes,
+        target_modules=draw(targets) + extra,
+        use_rslora=draw(st.booleans()),
+        init_weights=False,
     )
 
 
@@ -62,15 +66,21 @@ def tenslora_configs(draw) -> lorta.TensLoraConfig:
     else:
         ranks = {m: draw(st.integers(1, 3)) for m in modes}
     return lorta.TensLoraConfig(
-        construction=construction, decomposition=decomposition, ranks=ranks, target_modules=draw(targets),
-        lora_alpha=draw(st.sampled_from([1.0, 4.0])), init_weights=False,
+        construction=construction,
+        decomposition=decomposition,
+        ranks=ranks,
+        target_modules=draw(targets),
+        lora_alpha=draw(st.sampled_from([1.0, 4.0])),
+        init_weights=False,
     )
 
 
 @st.composite
 def tlora_configs(draw) -> lorta.TLoraConfig:
     return lorta.TLoraConfig(
-        r=draw(st.integers(1, 4)), target_modules=draw(targets), projection_seed=draw(st.integers(0, 5)),
+        r=draw(st.integers(1, 4)),
+        target_modules=draw(targets),
+        projection_seed=draw(st.integers(0, 5)),
         init_weights=False,
     )
 

@@ -35,10 +35,17 @@ def float_dir(tmp_path_factory) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
-    ))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=97,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
     path = tmp_path_factory.mktemp("float-llama")
     model.save_pretrained(path)
     return str(path)
@@ -51,12 +58,18 @@ def load(path: str, backend: str | None) -> torch.nn.Module:
 
     configs = {
         "bnb-8bit": lambda: BitsAndBytesConfig(load_in_8bit=True),
-        "bnb-nf4": lambda: BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                             bnb_4bit_compute_dtype=torch.float32, bnb_4bit_use_double_quant=True),
-        "bnb-fp4": lambda: BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4",
-                                             bnb_4bit_compute_dtype=torch.float32),
-        "bnb-nf4-bf16": lambda: BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                  bnb_4bit_compute_dtype=torch.bfloat16),
+        "bnb-nf4": lambda: BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_use_double_quant=True,
+        ),
+        "bnb-fp4": lambda: BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32
+        ),
+        "bnb-nf4-bf16": lambda: BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        ),
         "torchao-int8": lambda: TorchAoConfig(_torchao_int8()),
     }
     with warnings.catch_warnings():
@@ -147,8 +160,11 @@ def merged_float_logits(float_dir: str, model, backend: str, tmp_path) -> tuple[
     """Outputs of the float model with the adapter's updates added, and of that model quantised from scratch."""
     from transformers import LlamaForCausalLM
 
-    deltas = {n.removeprefix("base_model.model."): m.delta_weight("default").detach()
-              for n, m in model.named_modules() if isinstance(m, TensorAdapterLayer)}
+    deltas = {
+        n.removeprefix("base_model.model."): m.delta_weight("default").detach()
+        for n, m in model.named_modules()
+        if isinstance(m, TensorAdapterLayer)
+    }
     dense = LlamaForCausalLM.from_pretrained(float_dir).eval()
     for name, delta in deltas.items():
         dense.get_submodule(name).weight.data += delta
@@ -213,8 +229,11 @@ def test_a_base_that_cannot_be_requantised_refuses_to_merge_and_stays_untouched(
     quantize_(base, _torchao_int8())  # directly: no quantization config to re-quantise a merged weight with
     model = get_peft_model(base, lorta.LortaConfig(r=3, init_weights=False))
     before, out = base_state(model), logits(model)
-    with pytest.raises(lorta.QuantizedMergeError, match=r"cannot merge into a torchao .* base layer.*load the base "
-                                                        r"model unquantised"):
+    with pytest.raises(
+        lorta.QuantizedMergeError,
+        match=r"cannot merge into a torchao .* base layer.*load the base "
+        r"model unquantised",
+    ):
         model.merge_and_unload()
     assert all(torch.equal(v, before[k]) for k, v in base_state(model).items())
     assert_close(logits(model), out, 0)  # still adapted, unmerged

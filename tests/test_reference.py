@@ -42,11 +42,14 @@ def test_lorta_matches_dense_reference(arch, modes):
     assert_matches_reference(arch, config, reference_lorta)
 
 
-@pytest.mark.parametrize("arch,targets", [
-    ("llama", ["q_proj", "v_proj", "gate_proj", "down_proj"]),
-    ("gpt2", ["c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]),
-    ("bert", ["query", "value", "intermediate.dense"]),
-])
+@pytest.mark.parametrize(
+    "arch,targets",
+    [
+        ("llama", ["q_proj", "v_proj", "gate_proj", "down_proj"]),
+        ("gpt2", ["c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]),
+        ("bert", ["query", "value", "intermediate.dense"]),
+    ],
+)
 @pytest.mark.parametrize("modes", [["heads", "layers", "matrices"], ["heads"]], ids=["all", "heads"])
 def test_lorta_extra_matrices_match_reference(arch, targets, modes):
     config = lorta.LortaConfig(r=2, target_modules=targets, modes=modes, init_weights=False, use_rslora=True)
@@ -60,8 +63,9 @@ def test_tenslora_matches_dense_reference(arch, construction, decomposition):
     modes = lorta.methods.tensor_modes(construction)
     ranks = {m: 2 + i % 2 for i, m in enumerate(modes)} if decomposition == "tucker" else 3
     targets = None if arch != "llama" else ["q_proj", "k_proj", "v_proj", "o_proj"]  # o is optional
-    config = lorta.TensLoraConfig(construction=construction, decomposition=decomposition, ranks=ranks,
-                                  target_modules=targets, init_weights=False)
+    config = lorta.TensLoraConfig(
+        construction=construction, decomposition=decomposition, ranks=ranks, target_modules=targets, init_weights=False
+    )
     assert_matches_reference(arch, config, reference_tenslora)
 
 

@@ -19,6 +19,7 @@ def _no_grad(fn, *args):
     with torch.no_grad():
         fn(*args)
 
+
 EDITS = {
     "data.normal_": lambda p: p.data.normal_(),
     "data.copy_": lambda p: p.data.copy_(torch.randn_like(p)),

@@ -27,8 +27,16 @@ class TinyLM(torch.utils.data.Dataset):
 def test_trainer_trains_and_checkpoints(method, tmp_path):
     model = get_peft_model(make_model("llama"), METHODS[method]())
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=5e-2,
-        save_steps=6, logging_steps=1, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=5e-2,
+        save_steps=6,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
     )
     data = TinyLM()
     trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data)

@@ -29,8 +29,9 @@ def eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
 
 
-def tolerance(expected: torch.Tensor, terms: int, scale: float | None = None, dtype: torch.dtype | None = None
-              ) -> float:
+def tolerance(
+    expected: torch.Tensor, terms: int, scale: float | None = None, dtype: torch.dtype | None = None
+) -> float:
     """The absolute tolerance for `terms` rounding steps of `dtype` (default: expected's) at the magnitude `scale`
     (default: max |expected|)."""
     if scale is None:
@@ -39,8 +40,14 @@ def tolerance(expected: torch.Tensor, terms: int, scale: float | None = None, dt
     return terms * eps(dtype) * max(scale, torch.finfo(dtype).tiny)
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, terms: int, msg: str | None = None,
-                 scale: float | None = None, dtype: torch.dtype | None = None) -> None:
+def assert_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    terms: int,
+    msg: str | None = None,
+    scale: float | None = None,
+    dtype: torch.dtype | None = None,
+) -> None:
     """|actual - expected| <= terms * eps(dtype) * scale, elementwise (and equal shapes and dtypes)."""
     atol = tolerance(expected, terms, scale, dtype)
     torch.testing.assert_close(actual, expected, atol=atol, rtol=0, msg=msg)

@@ -38,8 +38,15 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 # Config fields that decide where an adapter's matrices sit in the model: equal fields, equal slots.
 _LAYOUT_FIELDS = (
-    "peft_type", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "matrix_names",
-    "layer_names", "model_shape", "target_parameters",
+    "peft_type",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "matrix_names",
+    "layer_names",
+    "model_shape",
+    "target_parameters",
 )
 
 Source = str | os.PathLike | Iterable[str | os.PathLike] | Mapping[str, str | os.PathLike]
@@ -97,8 +104,12 @@ class AdapterBank:
             stack = time.perf_counter() - start
         n = len(pairs)
         self.load_stats = {
-            "adapters": n, "fast_path": fast, "load_s": loaded, "load_ms_per_adapter": 1e3 * loaded / max(n, 1),
-            "stack_s": stack, "file_bytes_per_adapter": sum(self.file_bytes.get(k, 0) for k, _ in pairs) / max(n, 1),
+            "adapters": n,
+            "fast_path": fast,
+            "load_s": loaded,
+            "load_ms_per_adapter": 1e3 * loaded / max(n, 1),
+            "stack_s": stack,
+            "file_bytes_per_adapter": sum(self.file_bytes.get(k, 0) for k, _ in pairs) / max(n, 1),
         }
         return [n for n, _ in pairs]
 
@@ -171,8 +182,8 @@ class AdapterBank:
         report = self.engine.memory()
         sizes = [self.file_bytes[n] for n in self.names if n in self.file_bytes]
         report["file_bytes_per_adapter"] = sum(sizes) / len(sizes) if sizes else None
-        report["parameters_per_adapter"] = (
-            sum(self.tuner.lorta_factors[n].num_trainable() for n in self.names) / max(1, len(self))
+        report["parameters_per_adapter"] = sum(self.tuner.lorta_factors[n].num_trainable() for n in self.names) / max(
+            1, len(self)
         )
         return report
 

@@ -22,25 +22,54 @@ class UnknownModelError(KeyError):
 
 
 _LLAMA_2_7B = dict(
-    model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-    intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+    model_type="llama",
+    hidden_size=4096,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    intermediate_size=11008,
+    vocab_size=32000,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
 )
-_ROBERTA = dict(model_type="roberta", vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
-                layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+_ROBERTA = dict(
+    model_type="roberta",
+    vocab_size=50265,
+    max_position_embeddings=514,
+    type_vocab_size=1,
+    layer_norm_eps=1e-5,
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=2,
+)
 
 CATALOGUE: dict[str, dict[str, Any]] = {
     # meta-llama/Llama-2-7b-hf
     "llama-2-7b": _LLAMA_2_7B,
     # meta-llama/Meta-Llama-3-8B: grouped-query attention, 8 KV heads
     "llama-3-8b": dict(
-        model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-        intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
+        model_type="llama",
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
         rope_theta=500000.0,
     ),
     # mistralai/Mistral-7B-v0.1
     "mistral-7b": dict(
-        model_type="mistral", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-        intermediate_size=14336, vocab_size=32000, max_position_embeddings=32768, sliding_window=4096,
+        model_type="mistral",
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=32000,
+        max_position_embeddings=32768,
+        sliding_window=4096,
         rms_norm_eps=1e-5,
     ),
     # FacebookAI/roberta-base, FacebookAI/roberta-large
@@ -54,15 +83,32 @@ CATALOGUE: dict[str, dict[str, Any]] = {
     "gpt2": dict(model_type="gpt2", n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257),
     # HuggingFaceTB/SmolLM2-135M: head_dim 64, 3 KV heads
     "smollm2-135m": dict(
-        model_type="llama", hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-        intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
-        rope_theta=100000.0, tie_word_embeddings=True,
+        model_type="llama",
+        hidden_size=576,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
     ),
     # facebook/esm2_t12_35M_UR50D: protein language model, rotary positions
     "esm2-35m": dict(
-        model_type="esm", hidden_size=480, num_hidden_layers=12, num_attention_heads=20, intermediate_size=1920,
-        vocab_size=33, max_position_embeddings=1026, position_embedding_type="rotary", pad_token_id=1,
-        mask_token_id=32, token_dropout=True, emb_layer_norm_before=False,
+        model_type="esm",
+        hidden_size=480,
+        num_hidden_layers=12,
+        num_attention_heads=20,
+        intermediate_size=1920,
+        vocab_size=33,
+        max_position_embeddings=1026,
+        position_embedding_type="rotary",
+        pad_token_id=1,
+        mask_token_id=32,
+        token_dropout=True,
+        emb_layer_norm_before=False,
     ),
 }
 
@@ -74,4 +120,3 @@ def config_for(name: str) -> PretrainedConfig:
         raise UnknownModelError(f"unknown model {name!r}; the catalogue knows {', '.join(CATALOGUE)}")
     kwargs = dict(entry)
     return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-

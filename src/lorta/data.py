@@ -205,9 +205,7 @@ def _take(examples: list[_Example], limit: int | None, num_labels: int, rng: ran
     by_label: dict[int, list[_Example]] = defaultdict(list)
     for ex in examples:
         by_label[ex.label].append(ex)
-    quota = {
-        label: limit // num_labels + (1 if label < limit % num_labels else 0) for label in range(num_labels)
-    }
+    quota = {label: limit // num_labels + (1 if label < limit % num_labels else 0) for label in range(num_labels)}
     chosen: list[_Example] = []
     for label in range(num_labels):
         chosen.extend(by_label[label][: quota[label]])
@@ -274,9 +272,7 @@ def check_disjoint(ds: TextDataset) -> None:
         )
     shared_texts = {t.casefold() for t in ds.train.texts} & {t.casefold() for t in ds.test.texts}
     if shared_texts:
-        raise DataError(
-            f"Train/test leak: {len(shared_texts)} text(s) in both splits, e.g. {sorted(shared_texts)[:3]}"
-        )
+        raise DataError(f"Train/test leak: {len(shared_texts)} text(s) in both splits, e.g. {sorted(shared_texts)[:3]}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -415,9 +411,7 @@ def load_convention_speeches(
     """
     _check_fraction(test_fraction)
     raw = list(_parse_convention_speeches(convention_speeches_path()))
-    return _build_dataset(
-        raw, PARTY_NAMES, test_fraction, seed, max_train, max_test, "the 2012 convention speeches"
-    )
+    return _build_dataset(raw, PARTY_NAMES, test_fraction, seed, max_train, max_test, "the 2012 convention speeches")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -450,8 +444,7 @@ def _read_rows(path: Path, fmt: str) -> tuple[list[dict[str, Any]], list[str], i
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(
-                f"{path}:{lineno} is not valid JSON ({exc.msg}). "
-                f"Expected one JSON object per line (JSON lines)."
+                f"{path}:{lineno} is not valid JSON ({exc.msg}). Expected one JSON object per line (JSON lines)."
             ) from exc
         if not isinstance(row, dict):
             raise DataError(f"{path}:{lineno} holds a {type(row).__name__}; expected a JSON object per line.")

@@ -58,35 +58,75 @@ class EngineRules:
 # k from rotate-half to interleaved RoPE pairs, which the LoRA's lora_B must follow).
 # Checked tensor for tensor against llama.cpp's own convert_lora_to_gguf.py (tests/test_export_llama_cpp.py).
 GGUF_ARCHITECTURES: dict[str, tuple[str, bool]] = {
-    "llama": ("llama", True), "mistral": ("llama", True), "mixtral": ("llama", True), "granite": ("granite", True),
-    "olmo": ("olmo", True), "smollm3": ("smollm3", True),
-    "qwen2": ("qwen2", False), "qwen2_moe": ("qwen2moe", False), "qwen3": ("qwen3", False),
-    "qwen3_moe": ("qwen3moe", False), "gemma": ("gemma", False), "gemma2": ("gemma2", False),
-    "gemma3_text": ("gemma3", False), "phi3": ("phi3", False), "phi": ("phi2", False),
-    "starcoder2": ("starcoder2", False), "olmo2": ("olmo2", False), "cohere": ("command-r", False),
+    "llama": ("llama", True),
+    "mistral": ("llama", True),
+    "mixtral": ("llama", True),
+    "granite": ("granite", True),
+    "olmo": ("olmo", True),
+    "smollm3": ("smollm3", True),
+    "qwen2": ("qwen2", False),
+    "qwen2_moe": ("qwen2moe", False),
+    "qwen3": ("qwen3", False),
+    "qwen3_moe": ("qwen3moe", False),
+    "gemma": ("gemma", False),
+    "gemma2": ("gemma2", False),
+    "gemma3_text": ("gemma3", False),
+    "phi3": ("phi3", False),
+    "phi": ("phi2", False),
+    "starcoder2": ("starcoder2", False),
+    "olmo2": ("olmo2", False),
+    "cohere": ("command-r", False),
     "stablelm": ("stablelm", False),
 }
 
 ENGINES: dict[str, EngineRules] = {
     "peft": EngineRules("PEFT", "0.21"),
     "vllm": EngineRules(
-        "vLLM", "0.33", ranks=(1, 8, 16, 32, 64, 128, 256, 320, 512), uniform_rank=True,
-        modules_to_save=frozenset({"classifier", "score"}), bias=False,
-        refused_architectures=frozenset({
-            "GPT2LMHeadModel", "GPT2Model", "BloomForCausalLM", "FalconForCausalLM", "GPTJForCausalLM",
-            "StableLmForCausalLM",
-        }),
+        "vLLM",
+        "0.33",
+        ranks=(1, 8, 16, 32, 64, 128, 256, 320, 512),
+        uniform_rank=True,
+        modules_to_save=frozenset({"classifier", "score"}),
+        bias=False,
+        refused_architectures=frozenset(
+            {
+                "GPT2LMHeadModel",
+                "GPT2Model",
+                "BloomForCausalLM",
+                "FalconForCausalLM",
+                "GPTJForCausalLM",
+                "StableLmForCausalLM",
+            }
+        ),
     ),
     "sglang": EngineRules(
-        "SGLang", "0.5.23", uniform_rank=True,
-        module_names=frozenset({
-            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj",
-        }),
-        modules_to_save=frozenset(), bias=False,
-        sibling_groups=(("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")), needs_layer_index=True,
+        "SGLang",
+        "0.5.23",
+        uniform_rank=True,
+        module_names=frozenset(
+            {
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+                "qkv_proj",
+                "gate_up_proj",
+            }
+        ),
+        modules_to_save=frozenset(),
+        bias=False,
+        sibling_groups=(("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")),
+        needs_layer_index=True,
     ),
     "llama.cpp": EngineRules(
-        "llama.cpp", "of llama-cpp-python 0.3.36", uniform_rank=True, modules_to_save=frozenset(), bias=False,
+        "llama.cpp",
+        "of llama-cpp-python 0.3.36",
+        uniform_rank=True,
+        modules_to_save=frozenset(),
+        bias=False,
         model_types=frozenset(GGUF_ARCHITECTURES),
     ),
 }
@@ -161,8 +201,11 @@ def lora_export(model: nn.Module, adapter_name: str = "default", engine: str = "
 
 
 def export_lora(
-    model: nn.Module, out_dir: str | os.PathLike[str], adapter_name: str | list[str] | None = None,
-    engine: str = "peft", overwrite: bool = False,
+    model: nn.Module,
+    out_dir: str | os.PathLike[str],
+    adapter_name: str | list[str] | None = None,
+    engine: str = "peft",
+    overwrite: bool = False,
 ) -> Path:
     """Write adapter(s) of a PeftModel as standard PEFT LoRA folders that plain PEFT (and `engine`) load.
 
@@ -190,8 +233,9 @@ def write_lora(export: LoraExport, folder: Path) -> None:
 
     config = LoraConfig(**export.config)
     config.save_pretrained(str(folder))
-    save_file({k: t.contiguous() for k, t in export.tensors.items()}, str(folder / WEIGHTS_NAME),
-              metadata={"format": "pt"})
+    save_file(
+        {k: t.contiguous() for k, t in export.tensors.items()}, str(folder / WEIGHTS_NAME), metadata={"format": "pt"}
+    )
 
 
 # ------------------------------------------------------------------------------------------- GGUF (llama.cpp)
@@ -209,16 +253,20 @@ def gguf_tensors(model: nn.Module, adapter_name: str = "default") -> tuple[str, 
     arch_name, reorder_qk = GGUF_ARCHITECTURES[config.model_type]
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-    heads = {"q_proj": config.num_attention_heads,
-             "k_proj": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
+    heads = {
+        "q_proj": config.num_attention_heads,
+        "k_proj": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+    }
     tensors: dict[str, Tensor] = {}
     prefix = "base_model.model."
     for key, value in export.tensors.items():
         path, _, kind = key.removeprefix(prefix).rpartition(".lora_")
         gguf_name = names.get_name(path)
         if gguf_name is None:
-            raise ExportError(f"llama.cpp has no tensor for {path} in its {arch_name!r} architecture; export "
-                              "--format lora or --format merged instead")
+            raise ExportError(
+                f"llama.cpp has no tensor for {path} in its {arch_name!r} architecture; export "
+                "--format lora or --format merged instead"
+            )
         leaf = path.rsplit(".", 1)[-1]
         if kind == "B.weight" and reorder_qk and leaf in heads:
             value = value[_interleaved_rope_rows(value.shape[0], heads[leaf])]
@@ -232,8 +280,10 @@ def _gguf() -> Any:
     except ImportError as exc:
         from .models import MissingDependencyError
 
-        raise MissingDependencyError("--format gguf writes through the gguf package, which is not installed; "
-                                     "pip install 'gguf>=0.10' (or pip install 'lorta[cli]')") from exc
+        raise MissingDependencyError(
+            "--format gguf writes through the gguf package, which is not installed; "
+            "pip install 'gguf>=0.10' (or pip install 'lorta[cli]')"
+        ) from exc
     return gguf
 
 
@@ -298,7 +348,10 @@ def merged_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[s
 
 
 def export_merged(
-    model: nn.Module, out_dir: str | os.PathLike[str], adapter_name: str = "default", overwrite: bool = False,
+    model: nn.Module,
+    out_dir: str | os.PathLike[str],
+    adapter_name: str = "default",
+    overwrite: bool = False,
     tokenizer: Any = None,
 ) -> Path:
     """Write a plain transformers model folder (safetensors) equal to `merge_and_unload()` of `adapter_name`,
@@ -350,33 +403,46 @@ def _check_rules(rules: EngineRules, base: nn.Module, config: Any, matrices: dic
 
     model_type = getattr(getattr(base, "config", None), "model_type", None)
     if rules.model_types is not None and model_type not in rules.model_types:
-        refuse(f"takes adapters here for the model types {sorted(rules.model_types)}, not {model_type!r}",
-               "export --format lora (llama.cpp's convert_lora_to_gguf.py converts that for its other "
-               "architectures), or --format merged")
+        refuse(
+            f"takes adapters here for the model types {sorted(rules.model_types)}, not {model_type!r}",
+            "export --format lora (llama.cpp's convert_lora_to_gguf.py converts that for its other "
+            "architectures), or --format merged",
+        )
     architectures = set(getattr(base.config, "architectures", None) or ()) | {type(base).__name__}
     refused = sorted(architectures & rules.refused_architectures)
     if refused:
-        refuse(f"serves {refused[0]} without LoRA support", "serve it with PEFT (engine='peft') or merge it "
-               "into the base (lorta export --format merged)")
+        refuse(
+            f"serves {refused[0]} without LoRA support",
+            "serve it with PEFT (engine='peft') or merge it into the base (lorta export --format merged)",
+        )
     if config.bias != "none" and not rules.bias:
-        refuse(f"does not load adapter biases (this adapter trains bias={config.bias!r})",
-               "train with bias='none', or serve with PEFT, or export --format merged")
+        refuse(
+            f"does not load adapter biases (this adapter trains bias={config.bias!r})",
+            "train with bias='none', or serve with PEFT, or export --format merged",
+        )
     saved = set(_list_or_none(config.modules_to_save) or ())
     present = {p.rsplit(".", 1)[-1] for p, _ in _trained_modules(base)} & saved
     if rules.modules_to_save is not None and present - rules.modules_to_save:
         allowed = f"only {sorted(rules.modules_to_save)}" if rules.modules_to_save else "none"
-        refuse(f"loads {allowed} of the fully trained modules (modules_to_save), and this adapter trains "
-               f"{sorted(present)}", "serve with PEFT, or export --format merged")
+        refuse(
+            f"loads {allowed} of the fully trained modules (modules_to_save), and this adapter trains "
+            f"{sorted(present)}",
+            "serve with PEFT, or export --format merged",
+        )
     if rules.module_names is not None:
         bad = sorted({p.rsplit(".", 1)[-1] for p in matrices} - rules.module_names)
         if bad:
-            refuse(f"adapts only the modules {sorted(rules.module_names)}, not {bad}",
-                   "adapt only those (target_modules), serve with PEFT, or export --format merged")
+            refuse(
+                f"adapts only the modules {sorted(rules.module_names)}, not {bad}",
+                "adapt only those (target_modules), serve with PEFT, or export --format merged",
+            )
     if rules.needs_layer_index:
         bad = [p for p in matrices if not re.search(r"(^|\.)layers\.\d+\.", p)]
         if bad:
-            refuse(f"finds a module's layer by 'layers.<n>.' in its name, which {bad[0]} lacks",
-                   "serve with PEFT, or export --format merged")
+            refuse(
+                f"finds a module's layer by 'layers.<n>.' in its name, which {bad[0]} lacks",
+                "serve with PEFT, or export --format merged",
+            )
 
 
 def _ranks(rules: EngineRules, ranks: dict[str, int]) -> tuple[int, dict[str, int]]:
@@ -469,8 +535,10 @@ def _adapter_config(model: nn.Module, adapter_name: str) -> Any:
     config = configs[adapter_name]
     kind = getattr(config.peft_type, "value", config.peft_type)
     if kind not in peft_types():
-        raise ExportError(f"adapter {adapter_name!r} is {kind}, not a lorta adapter "
-                          f"({sorted(peft_types())}): save it with save_pretrained")
+        raise ExportError(
+            f"adapter {adapter_name!r} is {kind}, not a lorta adapter "
+            f"({sorted(peft_types())}): save it with save_pretrained"
+        )
     return config
 
 
@@ -488,8 +556,10 @@ def _adapter_names(model: nn.Module, adapter_name: str | list[str] | None) -> li
     for name in names:
         _adapter_config(model, name)
     if len(names) > 1 and "default" not in names:
-        raise ExportError(f"several adapters {names} go to <out_dir>/<name> beside a 'default' one at <out_dir> "
-                          "(as save_pretrained lays them out); export them one at a time instead")
+        raise ExportError(
+            f"several adapters {names} go to <out_dir>/<name> beside a 'default' one at <out_dir> "
+            "(as save_pretrained lays them out); export them one at a time instead"
+        )
     return names
 
 
@@ -514,4 +584,3 @@ def _list_or_none(value: Any) -> list[str] | None:
     if value is None:
         return None
     return [value] if isinstance(value, str) else sorted(value)
-

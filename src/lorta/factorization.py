@@ -115,8 +115,10 @@ def slot_index(factors: Factorization, slots: list[Slot], memo: dict | None = No
     if hit is None:
         groups = [factors._groups(s) for s in slots]
         columns = {
-            "gl": [g[0] for g in groups], "gm": [g[1] for g in groups],
-            "l": [s.layer for s in slots], "m": [s.matrix for s in slots],
+            "gl": [g[0] for g in groups],
+            "gm": [g[1] for g in groups],
+            "l": [s.layer for s in slots],
+            "m": [s.matrix for s in slots],
         }
         hit = (slots, {k: torch.tensor(v, device=device) for k, v in columns.items()})  # slots held: ids stay theirs
         if memo is not None:

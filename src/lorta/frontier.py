@@ -131,15 +131,23 @@ def summarise(cells: Sequence[Cell], rows: Sequence[dict[str, Any]]) -> list[Poi
     for cell in cells:
         runs = [r for r in rows if r["method"] == cell.method and r["rank"] == cell.rank]
         if runs:
-            points.append(Point(
-                cell.method, cell.rank, runs[0]["adapter_params"], runs[0]["trainable_params"], cell.budgets,
-                {int(r["seed"]): float(r["accuracy"]) for r in runs}, sum(r["wall_time_s"] for r in runs),
-            ))
+            points.append(
+                Point(
+                    cell.method,
+                    cell.rank,
+                    runs[0]["adapter_params"],
+                    runs[0]["trainable_params"],
+                    cell.budgets,
+                    {int(r["seed"]): float(r["accuracy"]) for r in runs},
+                    sum(r["wall_time_s"] for r in runs),
+                )
+            )
     return points
 
 
-def table(points: Sequence[Point], unreachable: Sequence[Unreachable], budgets: Sequence[int],
-          seeds: Sequence[int]) -> str:
+def table(
+    points: Sequence[Point], unreachable: Sequence[Unreachable], budgets: Sequence[int], seeds: Sequence[int]
+) -> str:
     """Markdown: per budget, every method's point (mean ± sample std over seeds, each seed's accuracy), the best
     mean in bold when the budget's points share their seeds (means over different seeds do not rank); a method
     that cannot reach the budget says so; a point of one seed has no spread to show."""
@@ -157,13 +165,14 @@ def table(points: Sequence[Point], unreachable: Sequence[Unreachable], budgets: 
             mean = f"{p.mean:.2%} ± {p.std:.2%}" if len(p.accuracies) > 1 else f"{p.mean:.2%} (1 seed)"
             mean = f"**{mean}**" if p.mean == best and len(here) > 1 else mean
             rank = "" if p.rank is None else str(p.rank)
-            lines.append(f"| {budget:,} | {p.method} | {rank} | {p.adapter_params:,} | {p.trainable_params:,} | "
-                         f"{accs} | {mean} |")
+            lines.append(
+                f"| {budget:,} | {p.method} | {rank} | {p.adapter_params:,} | {p.trainable_params:,} | "
+                f"{accs} | {mean} |"
+            )
         for u in unreachable:
             if u.budget == budget:
                 blank = " | ".join("" for _ in seeds)
-                lines.append(f"| {budget:,} | {u.method} | - | rank 1 has {u.smallest:,} | | {blank} | "
-                             "cannot reach |")
+                lines.append(f"| {budget:,} | {u.method} | - | rank 1 has {u.smallest:,} | | {blank} | cannot reach |")
     return "\n".join(lines)
 
 
@@ -184,8 +193,13 @@ def plot(points: Sequence[Point], path: Path, title: str, ylabel: str) -> None:
         ax.errorbar(xs, [p.mean for p in mine], yerr=[p.std for p in mine], marker="o", capsize=3, label=method)
         for p in mine:  # each method's labels on its own side: the points of one budget sit close together
             if p.rank is not None:
-                ax.annotate(f"r={p.rank}", (p.trainable_params, p.mean), textcoords="offset points",
-                            xytext=LABEL_OFFSETS[i % len(LABEL_OFFSETS)], fontsize=7)
+                ax.annotate(
+                    f"r={p.rank}",
+                    (p.trainable_params, p.mean),
+                    textcoords="offset points",
+                    xytext=LABEL_OFFSETS[i % len(LABEL_OFFSETS)],
+                    fontsize=7,
+                )
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (adapter + head, log scale)")
     ax.set_ylabel(f"{ylabel} (mean ± std over seeds)")
@@ -212,4 +226,3 @@ def finished_run(out: Path, o: TrainOptions) -> dict[str, Any] | None:
     defaults = run_identity(TrainOptions())
     stored = {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
     return metrics if stored == run_identity(resolved) else None
-

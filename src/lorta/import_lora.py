@@ -71,9 +71,11 @@ class ImportReport:
 
     def summary(self) -> str:
         worst = max(self.per_module, key=self.per_module.get)
-        return (f"{self.method} rank {self.rank}: {self.tensor_params:,} parameters (the LoRA: {self.lora_params:,}); "
-                f"relative error of the updates ||fit - LoRA|| / ||LoRA||: overall {self.overall:.4f}, "
-                f"worst {self.per_module[worst]:.4f} ({worst})")
+        return (
+            f"{self.method} rank {self.rank}: {self.tensor_params:,} parameters (the LoRA: {self.lora_params:,}); "
+            f"relative error of the updates ||fit - LoRA|| / ||LoRA||: overall {self.overall:.4f}, "
+            f"worst {self.per_module[worst]:.4f} ({worst})"
+        )
 
     def table(self) -> str:
         width = max(len(m) for m in self.per_module)
@@ -127,17 +129,23 @@ def adapter_config(method: str, rank: int, lora_config: Any, targets: list[str],
     if method not in METHODS:
         raise ImportLoraError(f"method={method!r} is not one of {list(METHODS)}")
     common = dict(
-        target_modules=sorted(targets), lora_alpha=float(rank), task_type=lora_config.task_type,
-        modules_to_save=lora_config.modules_to_save, base_model_name_or_path=lora_config.base_model_name_or_path,
-        bias={"none": "none", "all": "all", "lora_only": "lorta_only"}[lora_config.bias], init_weights=False,
+        target_modules=sorted(targets),
+        lora_alpha=float(rank),
+        task_type=lora_config.task_type,
+        modules_to_save=lora_config.modules_to_save,
+        base_model_name_or_path=lora_config.base_model_name_or_path,
+        bias={"none": "none", "all": "all", "lora_only": "lorta_only"}[lora_config.bias],
+        init_weights=False,
     )
     if method == "lorta":
         return lorta.LortaConfig(r=rank, **common, **kwargs)
     if method == "tenslora":
         return lorta.TensLoraConfig(r=rank, **common, **kwargs)
     if not kwargs.get("save_projection", True):
-        raise ImportLoraError("an imported TLoRA's projections are the LoRA's singular bases, not a seed's draw: "
-                              "they must be saved (save_projection=True)")
+        raise ImportLoraError(
+            "an imported TLoRA's projections are the LoRA's singular bases, not a seed's draw: "
+            "they must be saved (save_projection=True)"
+        )
     return lorta.TLoraConfig(r=rank, **common, **kwargs)
 
 
@@ -219,16 +227,20 @@ def tensor_slices(model: nn.Module, updates: dict[str, LoraUpdate]) -> Slices | 
             for j in range(slot.n_heads):
                 if slot.role == OUT_HEADS:  # the head's output columns: U @ V[:, cols]
                     start = slot.out_offset + j * d_h
-                    X.append(U), Y.append(V[:, start:start + d_h])
+                    X.append(U), Y.append(V[:, start : start + d_h])
                 else:  # the head's input rows, transposed: (U[rows] @ V)^T = V^T @ U[rows]^T
-                    X.append(V.t()), Y.append(U[j * d_h:(j + 1) * d_h].t())
+                    X.append(V.t()), Y.append(U[j * d_h : (j + 1) * d_h].t())
                 index.append((j * slot.head_stride, slot.layer, slot.matrix))
     shape = (d, d_h, layout.shape.num_heads, layout.num_layers, layout.num_matrices)
     return Slices(shape, torch.stack(X), torch.stack(Y), torch.tensor(index))
 
 
 def cp_als(
-    data: Slices, rank: int, iterations: int = 500, seed: int = 0, tol: float = 1e-6,
+    data: Slices,
+    rank: int,
+    iterations: int = 500,
+    seed: int = 0,
+    tol: float = 1e-6,
     init: list[Tensor] | None = None,
 ) -> tuple[list[Tensor], list[float]]:
     """CP by alternating least squares over the observed slices: (factors [A, B, C_H, C_L, C_M], relative error
@@ -236,9 +248,11 @@ def cp_als(
     slices); every contraction goes through the slices' rank-r factors, so a sweep costs O(S r R (d + d_h) + S R^2)
     for S slices, not O(R) times the dense tensor's size as a dense MTTKRP does."""
     generator = torch.Generator().manual_seed(seed)
-    F = [f.clone() for f in init] if init is not None else [
-        torch.randn(n, rank, generator=generator, dtype=torch.float64) / math.sqrt(n) for n in data.shape
-    ]
+    F = (
+        [f.clone() for f in init]
+        if init is not None
+        else [torch.randn(n, rank, generator=generator, dtype=torch.float64) / math.sqrt(n) for n in data.shape]
+    )
     X, Y, index = data.X, data.Y, data.index
     total = data.norm2
     history: list[float] = []
@@ -341,7 +355,7 @@ def tlora_start(model: nn.Module, updates: dict[str, LoraUpdate], seed: int) -> 
             update = updates[path]
             V = _concatenated(module, update.V)
             for slot in module.lorta_slots["default"]:
-                left, values, right = _thin_svd(update.U, V[:, slot.out_offset:slot.out_offset + slot.out_features])
+                left, values, right = _thin_svd(update.U, V[:, slot.out_offset : slot.out_offset + slot.out_features])
                 row, j = factors.rows[(slot.layer, slot.matrix)]
                 getattr(factors, f"A{slot.matrix}")[j] = _complete(left[:, :r], r, generator)
                 getattr(factors, f"B{slot.matrix}")[j] = _complete(right[:, :r], r, generator).t()
@@ -398,8 +412,13 @@ def refine(model: nn.Module, updates: dict[str, LoraUpdate], steps: int, lr: flo
 
 
 def import_lora(
-    lora_model: nn.Module, method: str = "lorta", rank: int = 16, steps: int | None = None, seed: int = 0,
-    als_iterations: int = 500, **config_kwargs: Any,
+    lora_model: nn.Module,
+    method: str = "lorta",
+    rank: int = 16,
+    steps: int | None = None,
+    seed: int = 0,
+    als_iterations: int = 500,
+    **config_kwargs: Any,
 ) -> tuple[nn.Module, ImportReport]:
     """Fit a tensor adapter to a PeftModel's LoRA adapter "default"; returns (the PeftModel of the base with the
     tensor adapter, the report). The LoRA model is consumed: its LoRA layers are unloaded from the base."""
@@ -437,8 +456,7 @@ def import_lora(
     factors.float()
     per_module, overall = relative_errors(model, updates)
     tensor_params = sum(p.numel() for p in factors.parameters() if p.requires_grad)
-    report = ImportReport(method, rank, per_module, overall, lora_params, tensor_params,
-                          steps, history)
+    report = ImportReport(method, rank, per_module, overall, lora_params, tensor_params, steps, history)
     model.eval()
     return model, report
 

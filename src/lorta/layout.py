@@ -94,9 +94,27 @@ _NEOX = Attention(qkv="query_key_value", o="attention.dense")
 ARCHITECTURES: dict[str, Attention] = {
     **dict.fromkeys(
         (
-            "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3",
-            "gemma3_text", "olmo", "olmo2", "starcoder2", "smollm3", "granite", "cohere", "stablelm", "llama4_text",
-            "nemotron_h", "vit",
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen2_moe",
+            "qwen3",
+            "qwen3_moe",
+            "gemma",
+            "gemma2",
+            "gemma3",
+            "gemma3_text",
+            "olmo",
+            "olmo2",
+            "starcoder2",
+            "smollm3",
+            "granite",
+            "cohere",
+            "stablelm",
+            "llama4_text",
+            "nemotron_h",
+            "vit",
         ),
         _LLAMA,
     ),
@@ -104,7 +122,15 @@ ARCHITECTURES: dict[str, Attention] = {
     **dict.fromkeys(("opt", "bart", "mbart", "whisper", "m2m_100", "gptj", "gpt_neo"), _BART),
     **dict.fromkeys(
         (
-            "bert", "roberta", "xlm-roberta", "esm", "electra", "camembert", "ernie", "mpnet", "data2vec-text",
+            "bert",
+            "roberta",
+            "xlm-roberta",
+            "esm",
+            "electra",
+            "camembert",
+            "ernie",
+            "mpnet",
+            "data2vec-text",
             "layoutlm",
         ),
         _BERT,
@@ -265,8 +291,11 @@ class TensorLayout:
         """The sizes the methods' closed-form counts take: d (0: no matrix with a model-dimension side), d_h, H (0:
         no head-structured matrix), L, M and the extra matrices' own sizes, in matrix order."""
         return {
-            "d": self.model_dim if self.uses_model_dim else 0, "d_h": self.shape.head_dim,
-            "H": self.shape.num_heads if self.has_head_slots else 0, "L": self.num_layers, "M": self.num_matrices,
+            "d": self.model_dim if self.uses_model_dim else 0,
+            "d_h": self.shape.head_dim,
+            "H": self.shape.num_heads if self.has_head_slots else 0,
+            "L": self.num_layers,
+            "M": self.num_matrices,
             "extra_sizes": tuple(self.extra_sizes[n] for n in self.matrix_names if n in self.extra_sizes),
             "free_sizes": tuple(self.free_sizes[n] for n in self.matrix_names if n in self.free_sizes),
         }
@@ -449,8 +478,7 @@ def build_layout(
     names = sorted(kinds, key=lambda k: _kind_order(k, blocks))
     if recorded_names is not None and list(recorded_names) != names:
         raise LayoutError(
-            f"the adapter was trained on matrices {list(recorded_names)} but target_modules match {names} "
-            "on this model"
+            f"the adapter was trained on matrices {list(recorded_names)} but target_modules match {names} on this model"
         )
     stacks = list(dict.fromkeys(i.layer[0] for i in items))
     layers = sorted({i.layer for i in items}, key=lambda s: (stacks.index(s[0]), s[1]))

@@ -295,16 +295,13 @@ def check_model_path(path: Path) -> None:
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelNotFoundError(
-                f"{path} is a file but not a .gguf checkpoint; "
-                "pass its Hugging Face folder (with config.json) instead."
+                f"{path} is a file but not a .gguf checkpoint; pass its Hugging Face folder (with config.json) instead."
             )
         return
     if not (path / "config.json").is_file():
         ggufs = sorted(p.name for p in path.glob("*.gguf"))
         hint = f" It holds GGUF file(s) {ggufs}: pass one of them as the path." if ggufs else ""
-        raise ModelNotFoundError(
-            f"{path} has no config.json, so it is not a Hugging Face model folder.{hint}"
-        )
+        raise ModelNotFoundError(f"{path} has no config.json, so it is not a Hugging Face model folder.{hint}")
 
 
 def _finish_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -347,7 +344,10 @@ def quantization_config(quantize: str | None, keep: tuple[str, ...] = ()) -> Any
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(keep) or None)
     compute = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
         llm_int8_skip_modules=list(keep) or None,
     )
 
@@ -387,7 +387,11 @@ def load_for_classification(
     path = resolve_model(name_or_path)
     with _quiet_transformers():
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, dtype=dtype, local_files_only=True, **kwargs,
+            path,
+            num_labels=num_labels,
+            dtype=dtype,
+            local_files_only=True,
+            **kwargs,
             **_quantized_kwargs(quantize, keep),
         )
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -413,15 +417,19 @@ def load_for_causal_lm(
 
 
 _TASK_CLASSES = {
-    "SEQ_CLS": "AutoModelForSequenceClassification", "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "TOKEN_CLS": "AutoModelForTokenClassification",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
     "QUESTION_ANS": "AutoModelForQuestionAnswering",
 }
 
 
 def load_adapted(
-    adapter_dir: str | os.PathLike[str], base: str | os.PathLike[str] | None = None,
-    dtype: torch.dtype = torch.float32, peft_types: Collection[str] | None = None,
+    adapter_dir: str | os.PathLike[str],
+    base: str | os.PathLike[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+    peft_types: Collection[str] | None = None,
 ) -> tuple[Any, PreTrainedTokenizerBase | None]:
     """A saved adapter on its base model, in float: (PeftModel, the base's tokenizer or None).
 
@@ -440,8 +448,10 @@ def load_adapted(
     folder = Path(adapter_dir)
     config_file = folder / "adapter_config.json"
     if not config_file.is_file():
-        raise ModelNotFoundError(f"{folder} holds no adapter_config.json, so it is not a saved adapter; pass the "
-                                 "folder save_pretrained (or lorta train's run/adapter) wrote")
+        raise ModelNotFoundError(
+            f"{folder} holds no adapter_config.json, so it is not a saved adapter; pass the "
+            "folder save_pretrained (or lorta train's run/adapter) wrote"
+        )
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as exc:
@@ -473,9 +483,11 @@ def load_adapted(
     except (RuntimeError, ValueError) as exc:
         if isinstance(exc, AdapterFileError):
             raise
-        raise AdapterFileError(f"the adapter in {folder} does not fit the base model {name} ({path}): "
-                               f"{str(exc).strip().splitlines()[0][:300]}; pass --base with the model it was "
-                               "trained on") from exc
+        raise AdapterFileError(
+            f"the adapter in {folder} does not fit the base model {name} ({path}): "
+            f"{str(exc).strip().splitlines()[0][:300]}; pass --base with the model it was "
+            "trained on"
+        ) from exc
     return adapted.eval(), tokenizer
 
 

@@ -33,8 +33,20 @@ from .models import PACKAGED_MODELS, ModelNotFoundError
 from .registry import method_specs
 
 __all__ = [
-    "METHODS", "Comparison", "Fit", "ParamsError", "adapt", "closed_form", "compare", "count_trainable",
-    "fit_budget", "largest_rank_within", "lora_count", "lora_default_targets", "meta_model", "method_config",
+    "METHODS",
+    "Comparison",
+    "Fit",
+    "ParamsError",
+    "adapt",
+    "closed_form",
+    "compare",
+    "count_trainable",
+    "fit_budget",
+    "largest_rank_within",
+    "lora_count",
+    "lora_default_targets",
+    "meta_model",
+    "method_config",
     "model_config",
 ]
 
@@ -168,8 +180,11 @@ def lora_default_targets(config: PretrainedConfig, vera: bool = False) -> list[s
     DEFAULT_TARGETS."""
     from peft.utils import constants
 
-    peft_defaults = (constants.TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING if vera
-                     else constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
+    peft_defaults = (
+        constants.TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING
+        if vera
+        else constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    )
     model_type = getattr(config, "model_type", "")
     if model_type in peft_defaults or model_type not in DEFAULT_TARGETS:
         return None
@@ -179,7 +194,8 @@ def lora_default_targets(config: PretrainedConfig, vera: bool = False) -> list[s
 def trainable_of(peft_model: nn.Module) -> int:
     """Trainable adapter parameters, each shared factor once; heads in modules_to_save are not counted."""
     return sum(
-        p.numel() for name, p in peft_model.named_parameters()
+        p.numel()
+        for name, p in peft_model.named_parameters()
         if p.requires_grad and "modules_to_save" not in name and "original_module" not in name
     )
 
@@ -224,7 +240,11 @@ class Comparison:
 
 
 def compare(
-    config: PretrainedConfig, method: str, rank: int | None = None, *, targets: Sequence[str] | None = None,
+    config: PretrainedConfig,
+    method: str,
+    rank: int | None = None,
+    *,
+    targets: Sequence[str] | None = None,
     **options: Any,
 ) -> Comparison:
     """Count `method` at `rank` (or TensLoRA `ranks=`) on `targets` (default: the method's own) and LoRA at the
@@ -240,9 +260,16 @@ def compare(
     ranks = dict(adapter_config.ranks) if isinstance(getattr(adapter_config, "ranks", None), dict) else None
     matrices = getattr(adapter_config, "matrix_names", None)
     return Comparison(
-        method=method, rank=r, ranks=ranks, options=method_options(adapter_config), targets=resolved,
-        matrices=list(matrices) if matrices else None, shape=ModelShape.from_model(model.base_model.model).to_dict(),
-        base_parameters=base, trainable=trainable, lora=lora,
+        method=method,
+        rank=r,
+        ranks=ranks,
+        options=method_options(adapter_config),
+        targets=resolved,
+        matrices=list(matrices) if matrices else None,
+        shape=ModelShape.from_model(model.base_model.model).to_dict(),
+        base_parameters=base,
+        trainable=trainable,
+        lora=lora,
     )
 
 
@@ -256,8 +283,9 @@ def method_options(adapter_config: PeftConfig) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------------------- budget search
-def closed_form(config: PretrainedConfig, method: str, *, targets: Sequence[str] | None = None,
-                **options: Any) -> Callable[[int], int]:
+def closed_form(
+    config: PretrainedConfig, method: str, *, targets: Sequence[str] | None = None, **options: Any
+) -> Callable[[int], int]:
     """rank -> trainable count from the method's closed form, its sizes read off the adapted meta model
     (TensLoRA: a uniform rank). LoRA's is Σ r · (d_in + d_out) over the adapted matrices; VeRA's Σ (r + d_out),
     its trainable vectors d and b (the shared random matrices are frozen)."""
@@ -285,8 +313,9 @@ class Fit:
     options: dict[str, Any]  # as in Comparison
 
 
-def fit_budget(budget: int, config: PretrainedConfig, method: str, *, targets: Sequence[str] | None = None,
-               **options: Any) -> Fit:
+def fit_budget(
+    budget: int, config: PretrainedConfig, method: str, *, targets: Sequence[str] | None = None, **options: Any
+) -> Fit:
     """Binary search over the closed form (counts grow strictly with the rank), then the meta-device count at the
     answer and one above it must agree with the closed form, so the answer is exact."""
     if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
@@ -312,8 +341,13 @@ def fit_budget(budget: int, config: PretrainedConfig, method: str, *, targets: S
     return Fit(method, lo, exact.get(lo), exact[lo + 1], resolved_targets(model), method_options(adapter_config))
 
 
-def largest_rank_within(budget: int, config: PretrainedConfig, method: str = "lorta", *,
-                        targets: Sequence[str] | None = None, **options: Any) -> int:
+def largest_rank_within(
+    budget: int,
+    config: PretrainedConfig,
+    method: str = "lorta",
+    *,
+    targets: Sequence[str] | None = None,
+    **options: Any,
+) -> int:
     """The largest rank whose exact trainable count is at most `budget` (0 when rank 1 already exceeds it)."""
     return fit_budget(budget, config, method, targets=targets, **options).rank
-

@@ -34,7 +34,8 @@ def _plain_float(base_layer: nn.Module) -> bool:
     weight = getattr(base_layer, "weight", None)
     return (
         (type(base_layer) is nn.Linear or type(base_layer).__name__ == "Conv1D")
-        and type(weight) in (nn.Parameter, torch.Tensor) and weight.dtype.is_floating_point
+        and type(weight) in (nn.Parameter, torch.Tensor)
+        and weight.dtype.is_floating_point
     )
 
 

@@ -130,7 +130,8 @@ def install_atomic_save() -> None:
     if getattr(original, _MARK, False):
         return
     positional = [
-        p.name for p in list(inspect.signature(original).parameters.values())[2:]
+        p.name
+        for p in list(inspect.signature(original).parameters.values())[2:]
         if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
     ]
 

@@ -60,9 +60,7 @@ def atomic_save(save: Any, model: Any, save_directory: str | os.PathLike, **kwar
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_directory(
-    out_dir: str | os.PathLike[str], write: Callable[[str], None], overwrite: bool = False
-) -> Path:
+def write_directory(out_dir: str | os.PathLike[str], write: Callable[[str], None], overwrite: bool = False) -> Path:
     """Create `out_dir` whole or not at all: `write(tmp)` fills a fresh temporary sibling, which then takes the
     name. An existing `out_dir` is refused unless `overwrite`, and then replaced in one step (never merged)."""
     target = os.path.realpath(os.fspath(out_dir))
@@ -70,8 +68,10 @@ def write_directory(
         if not os.path.isdir(target):
             raise FileExistsError(f"{out_dir} exists and is not a directory; choose another output path")
         if not overwrite:
-            raise FileExistsError(f"{out_dir} already exists; choose another output folder or pass --overwrite "
-                                  "(overwrite=True) to replace it")
+            raise FileExistsError(
+                f"{out_dir} already exists; choose another output folder or pass --overwrite "
+                "(overwrite=True) to replace it"
+            )
         if _holds_cwd(target):
             raise FileExistsError(f"{out_dir} holds the working directory and cannot be replaced; run from elsewhere")
     parent, base = os.path.split(target)

@@ -101,7 +101,7 @@ def run(scenario: str, out: str, accelerator=None) -> None:
     os.makedirs(folder, exist_ok=True)
     ids = global_batch()
     per_rank = GLOBAL_BATCH // world
-    mine = ids[rank * per_rank:(rank + 1) * per_rank]
+    mine = ids[rank * per_rank : (rank + 1) * per_rank]
     model = build(method)
     if "gc" in kind:
         reentrant = "gcre" in kind
@@ -150,8 +150,7 @@ def run(scenario: str, out: str, accelerator=None) -> None:
             model.save_pretrained(adapter, is_main_process=rank == 0)
         result["status"] = "ok"
     except Exception as exc:  # recorded for the test to check; the other scenarios still run
-        result.update(status="error", error_type=type(exc).__name__, message=str(exc),
-                      traceback=traceback.format_exc())
+        result.update(status="error", error_type=type(exc).__name__, message=str(exc), traceback=traceback.format_exc())
     with open(os.path.join(folder, f"rank{rank}.json"), "w") as handle:
         json.dump(result, handle, indent=1)
     dist.barrier()

@@ -45,14 +45,21 @@ def register(subparsers: Any) -> None:
 
     engines = [e for e in ENGINES if e != "llama.cpp"]
     p = subparsers.add_parser(
-        "export", help="write an adapter as a standard LoRA, a llama.cpp GGUF adapter or a merged model",
-        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "export",
+        help="write an adapter as a standard LoRA, a llama.cpp GGUF adapter or a merged model",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="a saved lorta adapter (e.g. a run's adapter/)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the folder (or, for gguf, the .gguf file) to create")
     p.add_argument("--format", choices=FORMATS, default="lora", help="what to write (default: lora)")
-    p.add_argument("--engine", choices=engines, default="peft",
-                   help="for --format lora: the serving engine whose rules the folder obeys (default: peft)")
+    p.add_argument(
+        "--engine",
+        choices=engines,
+        default="peft",
+        help="for --format lora: the serving engine whose rules the folder obeys (default: peft)",
+    )
     add_file_job_arguments(p, "the adapter", "base_model_name_or_path")
     p.set_defaults(func=run)
 
@@ -64,8 +71,10 @@ def run(args: argparse.Namespace) -> int:
     from ..tuner.config import AdapterConfigError, AdapterFileError
 
     if args.engine != "peft" and args.format != "lora":
-        return _fail(f"--engine {args.engine} applies to --format lora only (gguf follows llama.cpp's rules, "
-                     "merged is a plain model)")
+        return _fail(
+            f"--engine {args.engine} applies to --format lora only (gguf follows llama.cpp's rules, "
+            "merged is a plain model)"
+        )
     try:
         _check_target(Path(args.out_dir), args.overwrite)
         model, tokenizer = load_adapted(args.adapter_dir, args.base)
@@ -74,10 +83,18 @@ def run(args: argparse.Namespace) -> int:
         elif args.format == "gguf":
             written = export.export_gguf(model, args.out_dir, "default", overwrite=args.overwrite)
         else:
-            written = export.export_merged(model, args.out_dir, "default", overwrite=args.overwrite,
-                                           tokenizer=tokenizer)
-    except (export.ExportError, LayoutError, AdapterFileError, AdapterConfigError, ModelNotFoundError,
-            MissingDependencyError, FileExistsError) as exc:
+            written = export.export_merged(
+                model, args.out_dir, "default", overwrite=args.overwrite, tokenizer=tokenizer
+            )
+    except (
+        export.ExportError,
+        LayoutError,
+        AdapterFileError,
+        AdapterConfigError,
+        ModelNotFoundError,
+        MissingDependencyError,
+        FileExistsError,
+    ) as exc:
         return _fail(str(exc))
     print(f"wrote {written} ({_size(written)}; the tensor adapter: {_size(Path(args.adapter_dir))})")
     return 0
@@ -90,8 +107,11 @@ def _check_target(out: Path, overwrite: bool) -> None:
 
 
 def _size(path: Path) -> str:
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and p.suffix in (
-        ".safetensors", ".gguf", ".bin")]
+    files = (
+        [path]
+        if path.is_file()
+        else [p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".gguf", ".bin")]
+    )
     total = sum(p.stat().st_size for p in files)
     return f"{total / 1e6:.2f} MB" if total >= 1e5 else f"{total / 1e3:.1f} kB"
 

@@ -36,16 +36,23 @@ def register(subparsers: Any) -> None:
     from .params import positive_int
 
     p = subparsers.add_parser(
-        "import-lora", help="fit a LoRTA / TensLoRA / TLoRA adapter to a saved LoRA adapter",
-        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "import-lora",
+        help="fit a LoRTA / TensLoRA / TLoRA adapter to a saved LoRA adapter",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("lora_dir", metavar="LORA_DIR", help="a saved PEFT LoRA adapter folder")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the lorta adapter folder to create")
     p.add_argument("--method", choices=METHODS, default="lorta", help="the tensor adapter to fit (default: lorta)")
     p.add_argument("--rank", type=positive_int, default=16, help="its rank r, every mode's for TensLoRA (default: 16)")
-    p.add_argument("--steps", type=_non_negative, default=None,
-                   help="Adam steps after the start (default: 0 after LoRTA's ALS and TLoRA's closed form, which "
-                        "already solve the least squares; 3000 for TensLoRA and LoRTA ablations)")
+    p.add_argument(
+        "--steps",
+        type=_non_negative,
+        default=None,
+        help="Adam steps after the start (default: 0 after LoRTA's ALS and TLoRA's closed form, which "
+        "already solve the least squares; 3000 for TensLoRA and LoRTA ablations)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the start (default: 0)")
     add_file_job_arguments(p, "the LoRA", "base_model_name_or_path")
     p.set_defaults(func=run)
@@ -66,8 +73,15 @@ def run(args: argparse.Namespace) -> int:
             lora_model.peft_config["default"].base_model_name_or_path = str(args.base)
         model, report = import_lora(lora_model, args.method, args.rank, steps=args.steps, seed=args.seed)
         written = save_imported(model, out, report, overwrite=args.overwrite)
-    except (ImportLoraError, LayoutError, AdapterFileError, AdapterConfigError, ModelNotFoundError,
-            MissingDependencyError, FileExistsError) as exc:
+    except (
+        ImportLoraError,
+        LayoutError,
+        AdapterFileError,
+        AdapterConfigError,
+        ModelNotFoundError,
+        MissingDependencyError,
+        FileExistsError,
+    ) as exc:
         print(f"lorta import-lora: error: {exc}", file=sys.stderr)
         return 2
     print(report.table())

@@ -69,19 +69,32 @@ def register(subparsers: Any) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", help="a catalogue name (llama-2-7b, llama-3-8b, mistral-7b, roberta-base, "
-                        "roberta-large, gpt2, smollm2-135m, esm2-35m), a Hugging Face folder or a .gguf file")
+    parser.add_argument(
+        "model",
+        help="a catalogue name (llama-2-7b, llama-3-8b, mistral-7b, roberta-base, "
+        "roberta-large, gpt2, smollm2-135m, esm2-35m), a Hugging Face folder or a .gguf file",
+    )
     parser.add_argument("--method", choices=METHODS, default="lorta", help="adapter method (default: lorta)")
     parser.add_argument("--rank", "-r", type=positive_int, help="rank r (default 8)")
-    parser.add_argument("--ranks", type=tenslora_ranks,
-                        help="TensLoRA ranks: 8, 8,8,4,3,4 (one per mode) or in=8,out=8,att=4,qkv=3,depth=4")
+    parser.add_argument(
+        "--ranks",
+        type=tenslora_ranks,
+        help="TensLoRA ranks: 8, 8,8,4,3,4 (one per mode) or in=8,out=8,att=4,qkv=3,depth=4",
+    )
     parser.add_argument("--construction", help="TensLoRA construction (default att_qkv_depth)")
     parser.add_argument("--decomposition", choices=("tucker", "cp"), help="TensLoRA decomposition (default tucker)")
     parser.add_argument("--modes", type=mode_list, help="LoRTA shared modes, e.g. heads,layers,matrices or none")
-    parser.add_argument("--targets", type=name_list, help="target modules, e.g. q_proj,v_proj (default: the "
-                        "method's default for the model type)")
-    parser.add_argument("--budget", type=positive_int, metavar="N",
-                        help=f"print, for {', '.join(METHODS)}, the largest rank within N parameters")
+    parser.add_argument(
+        "--targets",
+        type=name_list,
+        help="target modules, e.g. q_proj,v_proj (default: the method's default for the model type)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=positive_int,
+        metavar="N",
+        help=f"print, for {', '.join(METHODS)}, the largest rank within N parameters",
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
     parser.set_defaults(func=run)
 
@@ -113,9 +126,12 @@ def _run(args: argparse.Namespace) -> int:
 
     method = args.method
     if args.budget is None:
-        for flag, value, owner in (("--ranks", args.ranks, "tenslora"), ("--construction", args.construction,
-                                   "tenslora"), ("--decomposition", args.decomposition, "tenslora"),
-                                   ("--modes", args.modes, "lorta")):
+        for flag, value, owner in (
+            ("--ranks", args.ranks, "tenslora"),
+            ("--construction", args.construction, "tenslora"),
+            ("--decomposition", args.decomposition, "tenslora"),
+            ("--modes", args.modes, "lorta"),
+        ):
             if value is not None and method != owner:
                 raise params.ParamsError(f"{flag} applies to --method {owner}, not {method}")
         if args.rank is not None and args.ranks is not None:
@@ -128,8 +144,15 @@ def _run(args: argparse.Namespace) -> int:
         fits: list[Any] = []  # a Fit, or (method, why) for a method that cannot adapt these targets
         for m in params.METHODS:
             try:
-                fits.append(params.fit_budget(args.budget, config, m, targets=args.targets,
-                                              **{k: v for k, v in _options(args, m).items() if v is not None}))
+                fits.append(
+                    params.fit_budget(
+                        args.budget,
+                        config,
+                        m,
+                        targets=args.targets,
+                        **{k: v for k, v in _options(args, m).items() if v is not None},
+                    )
+                )
             except (params.ParamsError, LayoutError) as err:
                 fits.append((m, str(err)))
         if all(isinstance(f, tuple) for f in fits):
@@ -155,8 +178,10 @@ def _run(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------------- formatting
 def _shape_line(model: str, shape: dict[str, Any]) -> str:
-    return (f"{model} ({shape['model_type'] or 'unknown type'}): d={shape['hidden_size']}, d_h={shape['head_dim']}, "
-            f"H={shape['num_heads']}, H_kv={shape['num_kv_heads']}, L={shape['num_layers']}")
+    return (
+        f"{model} ({shape['model_type'] or 'unknown type'}): d={shape['hidden_size']}, d_h={shape['head_dim']}, "
+        f"H={shape['num_heads']}, H_kv={shape['num_kv_heads']}, L={shape['num_layers']}"
+    )
 
 
 def ratio_text(trainable: int, lora: int) -> str:
@@ -188,16 +213,24 @@ def _compare_table(model: str, result: Any) -> str:
         setting = ",".join(f"{m}={r}" for m, r in result.ranks.items())
     extra = _setting(result.options)
     matrices = f" (matrices {', '.join(result.matrices)})" if result.matrices else ""
-    rows = [[title, setting + (f"; {extra}" if extra else ""), f"{result.trainable:,}",
-             ratio_text(result.trainable, result.lora)]]
+    rows = [
+        [
+            title,
+            setting + (f"; {extra}" if extra else ""),
+            f"{result.trainable:,}",
+            ratio_text(result.trainable, result.lora),
+        ]
+    ]
     if result.method != "lora":
         rows.append(["LoRA", f"r={result.rank}", f"{result.lora:,}", "1"])
-    return "\n".join([
-        f"model    {_shape_line(model, result.shape)}; {result.base_parameters:,} parameters",
-        f"targets  {', '.join(result.targets)}{matrices}",
-        "",
-        _table(["method", "setting", "trainable", "ratio to LoRA"], rows, right={2}),
-    ])
+    return "\n".join(
+        [
+            f"model    {_shape_line(model, result.shape)}; {result.base_parameters:,} parameters",
+            f"targets  {', '.join(result.targets)}{matrices}",
+            "",
+            _table(["method", "setting", "trainable", "ratio to LoRA"], rows, right={2}),
+        ]
+    )
 
 
 def _setting(options: dict[str, Any]) -> str:
@@ -208,14 +241,23 @@ def _budget_table(model: str, shape: dict[str, Any], budget: int, fits: list[Any
     from ..params import METHOD_TITLES
 
     rows = [
-        [METHOD_TITLES[f[0]], "", "n/a", "-", "-", f[1]] if isinstance(f, tuple) else
-        [METHOD_TITLES[f.method], _setting(f.options), str(f.rank) if f.rank else "none",
-         f"{f.trainable:,}" if f.trainable is not None else "-", f"{f.next_trainable:,}", ", ".join(f.targets)]
+        [METHOD_TITLES[f[0]], "", "n/a", "-", "-", f[1]]
+        if isinstance(f, tuple)
+        else [
+            METHOD_TITLES[f.method],
+            _setting(f.options),
+            str(f.rank) if f.rank else "none",
+            f"{f.trainable:,}" if f.trainable is not None else "-",
+            f"{f.next_trainable:,}",
+            ", ".join(f.targets),
+        ]
         for f in fits
     ]
-    return "\n".join([
-        f"model    {_shape_line(model, shape)}",
-        f"budget   {budget:,} trainable parameters",
-        "",
-        _table(["method", "setting", "largest rank", "trainable", "at rank + 1", "targets"], rows, right={2, 3, 4}),
-    ])
+    return "\n".join(
+        [
+            f"model    {_shape_line(model, shape)}",
+            f"budget   {budget:,} trainable parameters",
+            "",
+            _table(["method", "setting", "largest rank", "trainable", "at rank + 1", "targets"], rows, right={2, 3, 4}),
+        ]
+    )

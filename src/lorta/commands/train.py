@@ -64,20 +64,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     compare.add_argument("--methods", default=DEFAULT_COMPARE_METHODS, help=f"comma-separated: {','.join(METHODS)}")
     compare.add_argument("--ranks", default=None, help="comma-separated ranks (default: each method's default rank)")
     compare.add_argument(
-        "--frontier", nargs="?", const=",".join(map(str, DEFAULT_BUDGETS)), default=None, metavar="BUDGETS",
+        "--frontier",
+        nargs="?",
+        const=",".join(map(str, DEFAULT_BUDGETS)),
+        default=None,
+        metavar="BUDGETS",
         help="accuracy-vs-parameters frontier instead of a grid: each method at the largest rank within each "
         f"adapter-parameter budget, at every --seeds (default budgets {','.join(map(str, DEFAULT_BUDGETS))}; "
         f"default methods {','.join(DEFAULT_FRONTIER_METHODS)})",
     )
     compare.add_argument("--seeds", default=None, help="--frontier: comma-separated seeds (default 0,1,2)")
-    compare.add_argument("--resume", action="store_true",
-                         help="reuse every run of the output folder that finished with the same options")
-    compare.add_argument("--report", action="store_true",
-                         help="--frontier: write the table and plot from the runs of --out that finished with the "
-                         "same options, and train nothing (the missing runs are listed)")
+    compare.add_argument(
+        "--resume", action="store_true", help="reuse every run of the output folder that finished with the same options"
+    )
+    compare.add_argument(
+        "--report",
+        action="store_true",
+        help="--frontier: write the table and plot from the runs of --out that finished with the "
+        "same options, and train nothing (the missing runs are listed)",
+    )
     _shared_arguments(compare)
-    compare.add_argument("--out", default=None, help="output folder (default runs/compare-<model>-<task>-seed<seed>; "
-                         "with --frontier runs/frontier-<model>-<task>)")
+    compare.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default runs/compare-<model>-<task>-seed<seed>; "
+        "with --frontier runs/frontier-<model>-<task>)",
+    )
     compare.set_defaults(func=run_compare)
 
 
@@ -87,10 +99,16 @@ def _shared_arguments(p: argparse.ArgumentParser) -> None:
     def add(flag: str, text: str, **kwargs: Any) -> None:
         p.add_argument(flag, help=text, **kwargs)
 
-    add("--model", "catalogue name (minilm, smollm2), a local HF folder or a .gguf file "
-        "(default: minilm; smollm2 for --task dpo)")
-    add("--task", "sentiment (Rotten Tomatoes), party (2012 convention speeches, split by speaker) or dpo",
-        choices=TASKS, default="sentiment")
+    add(
+        "--model",
+        "catalogue name (minilm, smollm2), a local HF folder or a .gguf file (default: minilm; smollm2 for --task dpo)",
+    )
+    add(
+        "--task",
+        "sentiment (Rotten Tomatoes), party (2012 convention speeches, split by speaker) or dpo",
+        choices=TASKS,
+        default="sentiment",
+    )
     add("--data", "a CSV/JSONL table instead of Rotten Tomatoes (split by its group/movie column, else by text)")
     add("--text-column", "text column of --data", default="text")
     add("--label-column", "label column of --data", default="label")
@@ -98,31 +116,63 @@ def _shared_arguments(p: argparse.ArgumentParser) -> None:
     add("--batch-size", "examples per step and device (default: 32; prompt 8; dpo 4)", type=int)
     add("--grad-accum", "gradient accumulation steps", type=int, default=1)
     lorta = method_specs()["lorta"].classify
-    add("--lr", f"adapter learning rate (default: per method; LoRTA's classify lr is {lorta.lr:g} at rank "
-        f"{lorta.rank}, times (rank / {lorta.rank}) ** {lorta.lr_rank_power:g} at others)", type=float)
+    add(
+        "--lr",
+        f"adapter learning rate (default: per method; LoRTA's classify lr is {lorta.lr:g} at rank "
+        f"{lorta.rank}, times (rank / {lorta.rank}) ** {lorta.lr_rank_power:g} at others)",
+        type=float,
+    )
     add("--head-lr", "classification head learning rate (default: per method)", type=float)
     add("--mode-lr", "LoRTA: learning rate of the mode factors C_H, C_L, C_M (default: --lr)", type=float)
     add("--alpha", "scale = alpha / rank (default: per method)", type=float)
     add("--dropout", "adapter input dropout", type=float, default=0.0)
-    add("--schedule", "the lr after warm-up: decays linearly or as a cosine to 0 at the last step, or stays "
-        "constant", choices=tuple(SCHEDULES), default=TrainOptions.schedule)
-    add("--warmup", "fraction of the steps over which the lr rises linearly from 0", type=float,
-        default=TrainOptions.warmup)
-    add("--weight-decay", "AdamW's decoupled weight decay on the adapter and the head", type=float,
-        default=TrainOptions.weight_decay)
+    add(
+        "--schedule",
+        "the lr after warm-up: decays linearly or as a cosine to 0 at the last step, or stays constant",
+        choices=tuple(SCHEDULES),
+        default=TrainOptions.schedule,
+    )
+    add(
+        "--warmup",
+        "fraction of the steps over which the lr rises linearly from 0",
+        type=float,
+        default=TrainOptions.warmup,
+    )
+    add(
+        "--weight-decay",
+        "AdamW's decoupled weight decay on the adapter and the head",
+        type=float,
+        default=TrainOptions.weight_decay,
+    )
     add("--max-train", "class-balanced subset of the training split (DPO: pairs; default: all)", type=int)
     add("--max-test", "class-balanced subset of the held-out split (DPO: pairs; default: all)", type=int)
     add("--max-length", "max tokens per example (default: 64; prompt 96; dpo 128)", type=int)
-    add("--modes", "LoRTA: shared tensor modes, a comma-separated subset of heads,layers,matrices", type=_modes,
-        default=",".join(DEFAULT_MODES))
-    add("--mode-init", "LoRTA: initial C_H, C_L, C_M, random signs or all ones", choices=MODE_FACTOR_INITS,
-        default=DEFAULT_MODE_FACTOR_INIT)
-    add("--targets", "adapted matrices, comma-separated: attention roles q,k,v,o and/or module names (default: "
-        "q,k,v,o; LoRTA on a classifier: q,k,v)", type=_modes)
+    add(
+        "--modes",
+        "LoRTA: shared tensor modes, a comma-separated subset of heads,layers,matrices",
+        type=_modes,
+        default=",".join(DEFAULT_MODES),
+    )
+    add(
+        "--mode-init",
+        "LoRTA: initial C_H, C_L, C_M, random signs or all ones",
+        choices=MODE_FACTOR_INITS,
+        default=DEFAULT_MODE_FACTOR_INIT,
+    )
+    add(
+        "--targets",
+        "adapted matrices, comma-separated: attention roles q,k,v,o and/or module names (default: "
+        "q,k,v,o; LoRTA on a classifier: q,k,v)",
+        type=_modes,
+    )
     add("--construction", "TensLoRA: stacked modes", choices=CONSTRUCTIONS, default=TrainOptions.construction)
     add("--decomposition", "TensLoRA: tucker or cp", choices=DECOMPOSITIONS, default=TrainOptions.decomposition)
-    add("--quantize", "load the base in 8 or 4 bits (bitsandbytes LLM.int8 / nf4 with double quantisation), "
-        "QLoRA-style; the adapter trains in float32", choices=("8bit", "4bit"))
+    add(
+        "--quantize",
+        "load the base in 8 or 4 bits (bitsandbytes LLM.int8 / nf4 with double quantisation), "
+        "QLoRA-style; the adapter trains in float32",
+        choices=("8bit", "4bit"),
+    )
     add("--seed", "seed of the split, subsets, data order and initialisation", type=int, default=0)
     add("--quiet", "no progress bars", action="store_true")
 
@@ -286,8 +336,10 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.frontier is not None:
         return run_frontier(args, methods if args.methods != DEFAULT_COMPARE_METHODS else None, ranks)
     if args.seeds is not None or args.report:
-        print(f"error: {'--seeds' if args.seeds is not None else '--report'} goes with --frontier; a grid runs at "
-              "--seed", file=sys.stderr)
+        print(
+            f"error: {'--seeds' if args.seeds is not None else '--report'} goes with --frontier; a grid runs at --seed",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     model = args.model or ("smollm2" if args.task == "dpo" else "minilm")
     root = Path(args.out or Path("runs") / f"compare-{model_label(model)}-{args.task}-seed{args.seed}")
@@ -330,8 +382,10 @@ def _print_outputs(root: Path, stem: str) -> int:
 def compare_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown table: method, rank, adapted matrices, trainable params (adapter + head), ratio vs LoRA r=8,
     accuracy, wall time."""
-    header = ("| method | rank | adapted matrices | adapter params | head params | vs LoRA r=8 (adapter) | accuracy "
-              "| wall time |\n|---|---:|---|---:|---:|---:|---:|---:|")
+    header = (
+        "| method | rank | adapted matrices | adapter params | head params | vs LoRA r=8 (adapter) | accuracy "
+        "| wall time |\n|---|---:|---|---:|---:|---:|---:|---:|"
+    )
     lines = [header]
     for r in rows:
         rank = "" if r["rank"] is None else str(r["rank"])
@@ -362,8 +416,9 @@ def write_compare(rows: Sequence[dict[str, Any]], root: Path, command: str, tota
         f"{compare_table(rows)}\n"
     )
     (root / "compare.md").write_text(text, encoding="utf-8")
-    (root / "compare.json").write_text(json.dumps({"command": command, "rows": list(rows)}, indent=2) + "\n",
-                                       encoding="utf-8")
+    (root / "compare.json").write_text(
+        json.dumps({"command": command, "rows": list(rows)}, indent=2) + "\n", encoding="utf-8"
+    )
     if first.get("loss_plot") is not None:  # matplotlib is installed (run_job checked it before training)
         plot_compare(rows, root / "compare.png", what)
 
@@ -444,8 +499,14 @@ def run_frontier(args: argparse.Namespace, methods: list[str] | None, ranks: lis
         total = len(cells) * len(seeds)
         for i, (seed, cell) in enumerate(((s, c) for s in seeds for c in cells), start=1):
             print(f"== [{i}/{total}] {cell.label} seed {seed}", flush=True)
-            options = options_from(args, method=cell.method, rank=cell.rank, seed=seed,
-                                   out=str(root / f"{cell.label}-seed{seed}"), resume=False)
+            options = options_from(
+                args,
+                method=cell.method,
+                rank=cell.rank,
+                seed=seed,
+                out=str(root / f"{cell.label}-seed{seed}"),
+                resume=False,
+            )
             if args.report:
                 metrics = frontier.finished_run(Path(options.out), options)
                 if metrics is None:
@@ -453,22 +514,34 @@ def run_frontier(args: argparse.Namespace, methods: list[str] | None, ranks: lis
                     continue
             else:
                 metrics = _run_or_reuse(options, args.resume)
-            print(f"   {metrics['adapter_params']:,} adapter parameters, accuracy {metrics['accuracy']:.2%}",
-                  flush=True)
+            print(
+                f"   {metrics['adapter_params']:,} adapter parameters, accuracy {metrics['accuracy']:.2%}", flush=True
+            )
             rows.append({k: v for k, v in metrics.items() if k != "loss_curve"})
             write_frontier(rows, cells, unreachable, budgets, seeds, root, command, time.perf_counter() - start)
     except _expected_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if not rows:
-        print(f"error: --report found no finished run of this frontier in {root} (the same options made each run; "
-              "run it without --report to train them)", file=sys.stderr)
+        print(
+            f"error: --report found no finished run of this frontier in {root} (the same options made each run; "
+            "run it without --report to train them)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     return _print_outputs(root, "frontier")
 
 
-def write_frontier(rows: Sequence[dict[str, Any]], cells: Sequence[Any], unreachable: Sequence[Any],
-                   budgets: Sequence[int], seeds: Sequence[int], root: Path, command: str, total_s: float) -> None:
+def write_frontier(
+    rows: Sequence[dict[str, Any]],
+    cells: Sequence[Any],
+    unreachable: Sequence[Any],
+    budgets: Sequence[int],
+    seeds: Sequence[int],
+    root: Path,
+    command: str,
+    total_s: float,
+) -> None:
     """The frontier so far: frontier.md (table), frontier.json (plan and runs), frontier.png (when matplotlib is)."""
     import dataclasses
 
@@ -491,10 +564,16 @@ def write_frontier(rows: Sequence[dict[str, Any]], cells: Sequence[Any], unreach
         f"{frontier.table(points, unreachable, budgets, seeds)}\n"
     )
     write_atomically(root / "frontier.md", text)
-    data = {"command": command, "budgets": list(budgets), "seeds": list(seeds), "wall_time_s": total_s,
-            "runs_wall_time_s": runs_s,
-            "cells": [dataclasses.asdict(c) for c in cells],
-            "unreachable": [dataclasses.asdict(u) for u in unreachable], "runs": list(rows)}
+    data = {
+        "command": command,
+        "budgets": list(budgets),
+        "seeds": list(seeds),
+        "wall_time_s": total_s,
+        "runs_wall_time_s": runs_s,
+        "cells": [dataclasses.asdict(c) for c in cells],
+        "unreachable": [dataclasses.asdict(u) for u in unreachable],
+        "runs": list(rows),
+    }
     write_atomically(root / "frontier.json", json.dumps(data, indent=2) + "\n")
     if _has_matplotlib():
         title = f"{first['model']} · {first['task']} · {first['steps']} steps x {first['batch_size']}"

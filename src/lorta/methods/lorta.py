@@ -67,9 +67,7 @@ class LortaConfig(TensorAdapterConfig):
         if isinstance(self.modes, str):
             self.modes = [self.modes]
         if self.mode_factor_init not in MODE_FACTOR_INITS:
-            raise ValueError(
-                f"mode_factor_init={self.mode_factor_init!r} is not one of {list(MODE_FACTOR_INITS)}"
-            )
+            raise ValueError(f"mode_factor_init={self.mode_factor_init!r} is not one of {list(MODE_FACTOR_INITS)}")
         unknown = [m for m in self.modes if m not in LORTA_MODES]
         if unknown:
             raise ValueError(f"unknown LoRTA mode(s) {unknown}; expected a subset of {list(LORTA_MODES)}")
@@ -166,7 +164,7 @@ class LortaFactors(Factorization):
     def head_side(self, role: str, heads: slice, index: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """G slots with the same role and heads (G = 1: one matrix):
 
-            core[g] = C_H[heads] ∘ C_L[l_g] ∘ C_M[m_g]      side[g] = B ∘ core[g]      (G, n_heads, d_h, r)
+        core[g] = C_H[heads] ∘ C_L[l_g] ∘ C_M[m_g]      side[g] = B ∘ core[g]      (G, n_heads, d_h, r)
         """
         shape, r, G = self.layout.shape, self.rank, len(index["l"])
         A = gather_groups(self.A, index)  # (G, d, r)
@@ -192,8 +190,15 @@ class LortaFactors(Factorization):
 
 
 def lorta_num_params(
-    d: int, d_h: int, H: int, L: int, M: int, r: int, modes: tuple[str, ...] = LORTA_MODES,
-    extra_sizes: tuple[int, ...] = (), free_sizes: tuple[tuple[int, int], ...] = (),
+    d: int,
+    d_h: int,
+    H: int,
+    L: int,
+    M: int,
+    r: int,
+    modes: tuple[str, ...] = LORTA_MODES,
+    extra_sizes: tuple[int, ...] = (),
+    free_sizes: tuple[tuple[int, int], ...] = (),
 ) -> int:
     """Closed-form trainable count (paper Table 1 / Table 4), used by `lorta params` and checked by tests.
 
@@ -211,10 +216,14 @@ def lorta_num_params(
 
 
 SPEC = MethodSpec(
-    name="lorta", title="LoRTA", peft_type=LORTA, config_cls=LortaConfig, factors_cls=LortaFactors,
+    name="lorta",
+    title="LoRTA",
+    peft_type=LORTA,
+    config_cls=LortaConfig,
+    factors_cls=LortaFactors,
     tuner_name="LortaModel",
-    closed_form=lambda layout, config: lambda r: lorta_num_params(
-        **layout.count_sizes(), r=r, modes=tuple(config.modes)
+    closed_form=lambda layout, config: (
+        lambda r: lorta_num_params(**layout.count_sizes(), r=r, modes=tuple(config.modes))
     ),
     # The default job's recipe (its sweeps are in the README): q, k, v only, alpha 32 at rank 16 (LoRA r=8's
     # scale alpha / r = 2) and at any other rank, the head at 1e-2, and an lr that grows like sqrt(r): at a fixed

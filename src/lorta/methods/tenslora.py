@@ -139,7 +139,9 @@ class TensLoraFactors(Factorization):
         sizes = {
             "in": layout.model_dim,
             "out": shape.head_dim if self.stack_heads else shape.num_heads * shape.head_dim,
-            "att": shape.num_heads, "qkv": layout.num_matrices, "depth": layout.num_layers,
+            "att": shape.num_heads,
+            "qkv": layout.num_matrices,
+            "depth": layout.num_layers,
         }
         self.sizes = {m: sizes[m] for m in self.modes}
         wanted = {"in": layout.uses_model_dim, "out": heads, "att": heads}
@@ -258,8 +260,16 @@ class TensLoraFactors(Factorization):
 
 
 def tenslora_num_params(
-    construction: str, decomposition: str, ranks: dict[str, int], d: int, d_h: int, H: int, L: int, M: int,
-    extra_sizes: tuple[int, ...] = (), free_sizes: tuple[tuple[int, int], ...] = (),
+    construction: str,
+    decomposition: str,
+    ranks: dict[str, int],
+    d: int,
+    d_h: int,
+    H: int,
+    L: int,
+    M: int,
+    extra_sizes: tuple[int, ...] = (),
+    free_sizes: tuple[tuple[int, int], ...] = (),
 ) -> int:
     """TensLoRA's published count: Σ rank·size + Π ranks (Tucker core) per tensor, times the number of tensors;
     plus each extra matrix's own factors (H = 0: no head-structured matrix; d = 0: none with a model side)."""
@@ -277,18 +287,37 @@ def tenslora_num_params(
 def _bench_config(r: int, alpha: float, targets: list[str], shape: dict) -> TensLoraConfig:
     """Tucker att_qkv_depth with rank r on the in/out modes and min(r, size) on heads, matrices, layers (the
     core is a product of the five ranks: r on every mode would be r^5 parameters, 1e9 at r=64)."""
-    ranks = {"in": r, "out": r, "att": min(r, shape["heads"]), "qkv": min(r, shape["matrices"]),
-             "depth": min(r, shape["layers"])}
-    return TensLoraConfig(construction=DEFAULT_CONSTRUCTION, decomposition=DEFAULT_DECOMPOSITION, ranks=ranks,
-                          lora_alpha=alpha, target_modules=targets)
+    ranks = {
+        "in": r,
+        "out": r,
+        "att": min(r, shape["heads"]),
+        "qkv": min(r, shape["matrices"]),
+        "depth": min(r, shape["layers"]),
+    }
+    return TensLoraConfig(
+        construction=DEFAULT_CONSTRUCTION,
+        decomposition=DEFAULT_DECOMPOSITION,
+        ranks=ranks,
+        lora_alpha=alpha,
+        target_modules=targets,
+    )
 
 
 SPEC = MethodSpec(
-    name="tenslora", title="TensLoRA", peft_type=TENSLORA, config_cls=TensLoraConfig, factors_cls=TensLoraFactors,
-    tuner_name="TensLoraModel", default_kinds=("q", "k", "v"),
-    closed_form=lambda layout, config: lambda r: tenslora_num_params(
-        config.construction, config.decomposition, dict.fromkeys(tensor_modes(config.construction), r),
-        **layout.count_sizes(),
+    name="tenslora",
+    title="TensLoRA",
+    peft_type=TENSLORA,
+    config_cls=TensLoraConfig,
+    factors_cls=TensLoraFactors,
+    tuner_name="TensLoraModel",
+    default_kinds=("q", "k", "v"),
+    closed_form=lambda layout, config: (
+        lambda r: tenslora_num_params(
+            config.construction,
+            config.decomposition,
+            dict.fromkeys(tensor_modes(config.construction), r),
+            **layout.count_sizes(),
+        )
     ),
     classify=Recipe(8, 16.0, 2e-3, 1e-2),
     causal_lm=Recipe(8, 16.0, 1e-3, 0.0),

@@ -107,7 +107,7 @@ class TLoraFactors(Factorization):
             A, B = getattr(self, f"A{m}"), getattr(self, f"B{m}")
             # drawn on the CPU whatever the target device, so the same seed gives the same projections everywhere
             a = (torch.rand(A.shape, generator=generator, dtype=torch.float64, device="cpu") * 2 - 1) / math.sqrt(d_in)
-            b = (torch.rand(B.shape, generator=generator, dtype=torch.float64, device="cpu") * 2 - 1)
+            b = torch.rand(B.shape, generator=generator, dtype=torch.float64, device="cpu") * 2 - 1
             b = b / math.sqrt(self.rank)
             A.copy_(a)
             B.copy_(b)
@@ -144,10 +144,17 @@ def tlora_num_params(L: int, M: int, r: int, matrices: int | None = None) -> int
 
 
 SPEC = MethodSpec(
-    name="tlora", title="TLoRA", peft_type=TLORA, config_cls=TLoraConfig, factors_cls=TLoraFactors,
-    tuner_name="TLoraModel", default_kinds=TLORA_DEFAULT_TARGETS,
-    closed_form=lambda layout, config: lambda r: tlora_num_params(
-        L=layout.num_layers, M=layout.num_matrices, r=r, matrices=sum(len(s) for s in layout.slots.values())
+    name="tlora",
+    title="TLoRA",
+    peft_type=TLORA,
+    config_cls=TLoraConfig,
+    factors_cls=TLoraFactors,
+    tuner_name="TLoraModel",
+    default_kinds=TLORA_DEFAULT_TARGETS,
+    closed_form=lambda layout, config: (
+        lambda r: tlora_num_params(
+            L=layout.num_layers, M=layout.num_matrices, r=r, matrices=sum(len(s) for s in layout.slots.values())
+        )
     ),
     classify=Recipe(16, 16.0, 1e-2, 2e-3),
     causal_lm=Recipe(16, 16.0, 2e-3, 0.0),

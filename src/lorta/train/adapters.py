@@ -1,5 +1,4 @@
-"""The adapter of a run: its PEFT config, the wrapped model, its counts, and where it is saved.
-"""
+"""The adapter of a run: its PEFT config, the wrapped model, its counts, and where it is saved."""
 
 from __future__ import annotations
 
@@ -38,7 +37,6 @@ def peft_config(o: TrainOptions, task_type: str, model_type: str) -> Any:
     """The PEFT config of an adapter method."""
     import peft
 
-
     common: dict[str, Any] = {"lora_alpha": o.alpha, "lora_dropout": o.dropout, "task_type": task_type}
     targets = target_modules(o.targets, model_type)
     if targets is not None:
@@ -49,8 +47,7 @@ def peft_config(o: TrainOptions, task_type: str, model_type: str) -> Any:
     common.setdefault("target_modules", default_targets(model_type))
     if o.method == "vera":  # seeded random projections, saved with the adapter (PEFT's default)
         common.pop("lora_alpha")
-        return peft.VeraConfig(r=o.rank, vera_dropout=common.pop("lora_dropout"), projection_prng_key=o.seed,
-                               **common)
+        return peft.VeraConfig(r=o.rank, vera_dropout=common.pop("lora_dropout"), projection_prng_key=o.seed, **common)
     return peft.LoraConfig(r=o.rank, **common)
 
 

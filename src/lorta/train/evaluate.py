@@ -1,5 +1,4 @@
-"""Held-out evaluation: the classifier's accuracy, and the prompt job's label-word log-likelihoods.
-"""
+"""Held-out evaluation: the classifier's accuracy, and the prompt job's label-word log-likelihoods."""
 
 from __future__ import annotations
 
@@ -42,7 +41,7 @@ def evaluate_classifier(
     collate = DataCollatorWithPadding(tokenizer)
     correct, loss = 0, 0.0
     for start in tqdm(range(0, len(order), batch_size), desc="evaluating", disable=quiet, leave=False):
-        batch = collate([features[i] for i in order[start:start + batch_size]])
+        batch = collate([features[i] for i in order[start : start + batch_size]])
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
@@ -76,12 +75,14 @@ def prompt_features(
     for text, label in zip(split.texts, split.labels, strict=True):
         prompt = _prompt_ids(tokenizer, text, max_text, template)
         answer = answers[label]
-        feats.append({
-            "input_ids": prompt + answer,
-            "attention_mask": [1] * (len(prompt) + len(answer)),
-            "labels": [-100] * len(prompt) + answer,
-            "prompt_len": len(prompt),
-        })
+        feats.append(
+            {
+                "input_ids": prompt + answer,
+                "attention_mask": [1] * (len(prompt) + len(answer)),
+                "labels": [-100] * len(prompt) + answer,
+                "prompt_len": len(prompt),
+            }
+        )
     return feats
 
 
@@ -99,8 +100,12 @@ def pad_right(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Te
 
 @torch.no_grad()
 def score_answers(
-    model: nn.Module, prompts: Sequence[list[int]], answers: Sequence[list[int]], pad_id: int,
-    batch_size: int = 16, quiet: bool = False,
+    model: nn.Module,
+    prompts: Sequence[list[int]],
+    answers: Sequence[list[int]],
+    pad_id: int,
+    batch_size: int = 16,
+    quiet: bool = False,
 ) -> torch.Tensor:
     """Log-probability of each answer given each prompt: a tensor (len(prompts), len(answers)).
 
@@ -116,7 +121,7 @@ def score_answers(
     order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
     scores = torch.empty(len(items), len(answers) if single else 1)
     for start in tqdm(range(0, len(order), batch_size), desc="evaluating", disable=quiet, leave=False):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         width = max(len(items[i][0]) for i in idx)
         ids = torch.tensor([[pad_id] * (width - len(items[i][0])) + items[i][0] for i in idx], device=device)
         mask = torch.tensor([[0] * (width - len(items[i][0])) + [1] * len(items[i][0]) for i in idx], device=device)
@@ -129,13 +134,18 @@ def score_answers(
                 scores[i] = logp[row, -1, [a[0] for a in answers]].cpu()
             else:
                 ans = items[i][1]
-                picked = logp[row, keep - 1 - len(ans):keep - 1].gather(-1, torch.tensor(ans, device=device)[:, None])
+                picked = logp[row, keep - 1 - len(ans) : keep - 1].gather(-1, torch.tensor(ans, device=device)[:, None])
                 scores[i, 0] = picked.sum().cpu()
     return scores if single else scores.view(len(prompts), len(answers))
 
 
 def evaluate_prompt(
-    model: nn.Module, tokenizer: Any, split: TextSplit, answers: list[list[int]], max_length: int, quiet: bool,
+    model: nn.Module,
+    tokenizer: Any,
+    split: TextSplit,
+    answers: list[list[int]],
+    max_length: int,
+    quiet: bool,
     template: str,
 ) -> dict[str, float]:
     """Accuracy of the most likely label word, and the mean negative log-likelihood of the true answer."""

@@ -1,5 +1,4 @@
-"""The three jobs (classify, prompt, dpo) and `run_job`: train, evaluate, and write the outputs and metrics.
-"""
+"""The three jobs (classify, prompt, dpo) and `run_job`: train, evaluate, and write the outputs and metrics."""
 
 from __future__ import annotations
 
@@ -68,15 +67,16 @@ def _classify(o: TrainOptions, path: Path, ds: TextDataset, echo: Echo) -> dict[
     from transformers import DataCollatorWithPadding
 
     trainer_cls, _ = trainer_classes()
-    model, tokenizer = load_for_classification(
-        path, ds.num_labels, label_names=ds.label_names, quantize=o.quantize
-    )
+    model, tokenizer = load_for_classification(path, ds.num_labels, label_names=ds.label_names, quantize=o.quantize)
     model = prepare_model(model, o, "SEQ_CLS")
     train = ordered_train_set(classify_features(tokenizer, ds.train, o.max_length), o)
     ckpt = Path(o.out) / "checkpoints"
     args = training_arguments(o, ckpt, train_sampling_strategy="sequential")
     trainer = trainer_cls(
-        model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer),
+        model=model,
+        args=args,
+        train_dataset=train,
+        data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
     )
     trainer.head_lr, trainer.mode_lr = o.head_lr, o.mode_lr
@@ -98,15 +98,21 @@ def _prompt(o: TrainOptions, path: Path, ds: TextDataset, echo: Echo) -> dict[st
     args = training_arguments(o, ckpt, train_sampling_strategy="sequential", remove_unused_columns=False)
     pad_id = tokenizer.pad_token_id
     trainer = trainer_cls(
-        model=model, args=args, train_dataset=train, data_collator=lambda f: pad_right(f, pad_id),
+        model=model,
+        args=args,
+        train_dataset=train,
+        data_collator=lambda f: pad_right(f, pad_id),
         processing_class=tokenizer,
     )
     trainer.mode_lr = o.mode_lr
     train_s = _train(trainer, o, ckpt, echo)
     start = time.perf_counter()
     result = evaluate_prompt(model, tokenizer, ds.test, answers, o.max_length, o.quiet, template)
-    result.update(train_time_s=train_s, eval_time_s=time.perf_counter() - start, label_words=[
-        tokenizer.decode(a) for a in answers])
+    result.update(
+        train_time_s=train_s,
+        eval_time_s=time.perf_counter() - start,
+        label_words=[tokenizer.decode(a) for a in answers],
+    )
     return {**result, "trainer": trainer, "model": model, "tokenizer": tokenizer}
 
 
@@ -124,8 +130,12 @@ def _dpo(o: TrainOptions, path: Path, ds: TextDataset, echo: Echo) -> dict[str, 
         o, ckpt, cls=DPOConfig, beta=o.beta, max_length=o.max_length, bf16=bf16, gradient_checkpointing=False
     )
     trainer = DPOTrainer(
-        model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(train_pairs),
-        eval_dataset=Dataset.from_list(test_pairs), processing_class=tokenizer,
+        model=model,
+        ref_model=None,
+        args=args,
+        train_dataset=Dataset.from_list(train_pairs),
+        eval_dataset=Dataset.from_list(test_pairs),
+        processing_class=tokenizer,
     )
     train_s = _train(trainer, o, ckpt, echo)
     start = time.perf_counter()
@@ -138,12 +148,16 @@ def _dpo(o: TrainOptions, path: Path, ds: TextDataset, echo: Echo) -> dict[str, 
         "test_pairs": len(test_pairs),
         "train_time_s": train_s,
         "eval_time_s": time.perf_counter() - start,
-        "trainer": trainer, "model": model, "tokenizer": tokenizer,
+        "trainer": trainer,
+        "model": model,
+        "tokenizer": tokenizer,
     }
 
 
 JOB_RUNNERS: dict[str, Callable[[TrainOptions, Path, TextDataset, Echo], dict[str, Any]]] = {
-    "classify": _classify, "prompt": _prompt, "dpo": _dpo,
+    "classify": _classify,
+    "prompt": _prompt,
+    "dpo": _dpo,
 }
 
 
@@ -190,7 +204,12 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def _metrics(
-    o: TrainOptions, kind: str, path: Path, ds: TextDataset, model: nn.Module, curve: list[list[float]],
+    o: TrainOptions,
+    kind: str,
+    path: Path,
+    ds: TextDataset,
+    model: nn.Module,
+    curve: list[list[float]],
     run: dict[str, Any],
 ) -> dict[str, Any]:
     """Everything metrics.json records about a run (wall time is added last)."""
@@ -198,18 +217,39 @@ def _metrics(
     if kind == "dpo":  # TRL adds a frozen "ref" copy of the adapter; count the trained one only
         adapter = adapter_only(model)
     metrics: dict[str, Any] = {
-        "method": o.method, "model": o.model, "task": o.task, "job": kind, "data": describe_data(o),
-        "rank": o.rank, "seed": o.seed, "steps": o.steps, "batch_size": o.batch_size, "grad_accum": o.grad_accum,
-        "lr": o.lr, "head_lr": o.head_lr if kind == "classify" else None, "mode_lr": o.mode_lr, "alpha": o.alpha,
-        "schedule": o.schedule, "warmup": o.warmup, "weight_decay": o.weight_decay,
-        "adapter_params": adapter, "head_params": head, "trainable_params": adapter + head,
+        "method": o.method,
+        "model": o.model,
+        "task": o.task,
+        "job": kind,
+        "data": describe_data(o),
+        "rank": o.rank,
+        "seed": o.seed,
+        "steps": o.steps,
+        "batch_size": o.batch_size,
+        "grad_accum": o.grad_accum,
+        "lr": o.lr,
+        "head_lr": o.head_lr if kind == "classify" else None,
+        "mode_lr": o.mode_lr,
+        "alpha": o.alpha,
+        "schedule": o.schedule,
+        "warmup": o.warmup,
+        "weight_decay": o.weight_decay,
+        "adapter_params": adapter,
+        "head_params": head,
+        "trainable_params": adapter + head,
         "lora_r8_params": lora_reference_parameters(path),
-        "n_train": len(ds.train), "n_test": len(ds.test), "label_names": ds.label_names,
+        "n_train": len(ds.train),
+        "n_test": len(ds.test),
+        "label_names": ds.label_names,
         "majority_baseline": max(ds.test.label_counts(ds.num_labels)) / max(1, len(ds.test)),
         **run,
-        "train_loss": curve[-1][1] if curve else None, "loss_curve": curve,
-        "out": o.out, "saved": str(saved_path(Path(o.out), o)),
-        "quantize": o.quantize, "base_bytes": base_bytes(model), "peak_rss_mb": peak_rss_mb(),
+        "train_loss": curve[-1][1] if curve else None,
+        "loss_curve": curve,
+        "out": o.out,
+        "saved": str(saved_path(Path(o.out), o)),
+        "quantize": o.quantize,
+        "base_bytes": base_bytes(model),
+        "peak_rss_mb": peak_rss_mb(),
         "options": run_identity(o),
     }
     if o.method in method_specs():

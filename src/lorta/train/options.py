@@ -69,7 +69,8 @@ def check_requirements(
         )
     return [
         f"{what} will not be written: {m} is not installed (pip install '{req}')"
-        for m, req, what in needs_optional if not _installed(m)
+        for m, req, what in needs_optional
+        if not _installed(m)
     ]
 
 
@@ -98,8 +99,10 @@ LM_RECIPES: dict[str, Recipe] = {
     "full": Recipe(None, None, 1e-5, 0.0),
 }
 DPO_RECIPES: dict[str, Recipe] = {
-    **LM_RECIPES, **{n: s.dpo for n, s in method_specs().items() if s.dpo},
-    "lora": Recipe(8, 16.0, 5e-4, 0.0), "vera": Recipe(256, None, 5e-3, 0.0),
+    **LM_RECIPES,
+    **{n: s.dpo for n, s in method_specs().items() if s.dpo},
+    "lora": Recipe(8, 16.0, 5e-4, 0.0),
+    "vera": Recipe(256, None, 5e-3, 0.0),
 }
 RECIPES = {"classify": CLASSIFY_RECIPES, "prompt": LM_RECIPES, "dpo": DPO_RECIPES}
 DEFAULT_MODES = LORTA_MODES
@@ -192,8 +195,10 @@ def resolve_options(options: TrainOptions) -> Run:
     if options.task not in TASKS:
         raise UsageError(f"unknown task {options.task!r}; choose one of {', '.join(TASKS)}")
     if options.task == "party" and options.data is not None:
-        raise UsageError("--task party reads the 2012 convention speeches; --data replaces the sentiment data only "
-                         "(use --task sentiment --data FILE for your own table)")
+        raise UsageError(
+            "--task party reads the 2012 convention speeches; --data replaces the sentiment data only "
+            "(use --task sentiment --data FILE for your own table)"
+        )
     if options.method == "vera" and options.alpha is not None:
         raise UsageError("--alpha: VeRA has no alpha (its vectors d and b learn each matrix's scale); drop --alpha")
     model = options.model or ("smollm2" if options.task == "dpo" else "minilm")
@@ -209,13 +214,17 @@ def resolve_options(options: TrainOptions) -> Run:
     if kind == "dpo" and options.mode_lr is not None:
         raise UsageError("--mode-lr is not supported with --task dpo (TRL's DPOTrainer builds its own optimizer)")
     if kind == "dpo" and options.method == "full":
-        raise UsageError("--task dpo trains adapters (the reference model is the base model with the adapter off); "
-                         f"choose one of {', '.join(ADAPTER_METHODS)}")
+        raise UsageError(
+            "--task dpo trains adapters (the reference model is the base model with the adapter off); "
+            f"choose one of {', '.join(ADAPTER_METHODS)}"
+        )
     if options.quantize is not None and options.quantize not in QUANTIZE_CHOICES:
         raise UsageError(f"--quantize {options.quantize}: choose one of {', '.join(QUANTIZE_CHOICES)}")
     if options.quantize is not None and options.method == "full":
-        raise UsageError("--quantize stores the base weights in 8 or 4 bits, which do not train: use an adapter "
-                         f"method ({', '.join(ADAPTER_METHODS)}) or head-only, or drop --quantize for full")
+        raise UsageError(
+            "--quantize stores the base weights in 8 or 4 bits, which do not train: use an adapter "
+            f"method ({', '.join(ADAPTER_METHODS)}) or head-only, or drop --quantize for full"
+        )
     if options.method in method_specs():  # the method's own options, checked by its config (fail before loading)
         spec = method_spec(options.method)
         try:
@@ -280,9 +289,14 @@ def _custom_modes(o: TrainOptions) -> bool:
 
 def _check_numbers(o: TrainOptions) -> None:
     checks = [
-        ("--steps", o.steps, 1), ("--batch-size", o.batch_size, 1), ("--grad-accum", o.grad_accum, 1),
-        ("--max-length", o.max_length, 8), ("--rank", o.rank, 1), ("--save-steps", o.save_steps, 1),
-        ("--max-train", o.max_train, 1), ("--max-test", o.max_test, 1),
+        ("--steps", o.steps, 1),
+        ("--batch-size", o.batch_size, 1),
+        ("--grad-accum", o.grad_accum, 1),
+        ("--max-length", o.max_length, 8),
+        ("--rank", o.rank, 1),
+        ("--save-steps", o.save_steps, 1),
+        ("--max-train", o.max_train, 1),
+        ("--max-test", o.max_test, 1),
     ]
     for flag, value, low in checks:
         if value is not None and value < low:

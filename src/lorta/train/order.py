@@ -1,5 +1,4 @@
-"""The data of a run: which dataset, and the seeded, length-grouped order the Trainer reads it in.
-"""
+"""The data of a run: which dataset, and the seeded, length-grouped order the Trainer reads it in."""
 
 from __future__ import annotations
 
@@ -52,8 +51,8 @@ def grouped_order(lengths: Sequence[int], batch_size: int, total: int, seed: int
         chunk = 64 * batch_size
         batches = []
         for start in range(0, len(perm), chunk):
-            part = sorted(perm[start:start + chunk], key=lambda i: lengths[i])
-            batches.extend(part[i:i + batch_size] for i in range(0, len(part), batch_size))
+            part = sorted(perm[start : start + chunk], key=lambda i: lengths[i])
+            batches.extend(part[i : i + batch_size] for i in range(0, len(part), batch_size))
         rng.shuffle(batches)
         order.extend(i for b in batches for i in b)
         epoch += 1

@@ -81,7 +81,8 @@ def check_factor_entries(
             problems.append(f"{name} has dtype {dtype}, expected a floating-point dtype")
     if problems:
         raise AdapterFileError(
-            f"{where} do not fit this {peft_type} adapter on this base model: " + "; ".join(problems)
+            f"{where} do not fit this {peft_type} adapter on this base model: "
+            + "; ".join(problems)
             + ". The weights belong to another adapter (method, rank, modes or targets) or are damaged; nothing "
             "was loaded or changed"
         )

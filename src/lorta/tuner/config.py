@@ -77,8 +77,8 @@ class TensorAdapterConfig(PeftConfig):
         default=None, metadata={"help": "The matrices mode, in order (filled on creation, checked on load)."}
     )
     layer_names: list[str] | None = field(
-        default=None, metadata={"help": "The layers mode: the adapted layers, in order (filled on creation, checked "
-                                "on load)."}
+        default=None,
+        metadata={"help": "The layers mode: the adapted layers, in order (filled on creation, checked on load)."},
     )
 
     def __post_init__(self) -> None:
@@ -202,7 +202,8 @@ def _lorta_types() -> dict[str, type]:
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
     return {
-        str(k): c for k, c in PEFT_TYPE_TO_CONFIG_MAPPING.items()
+        str(k): c
+        for k, c in PEFT_TYPE_TO_CONFIG_MAPPING.items()
         if isinstance(c, type) and issubclass(c, TensorAdapterConfig)
     }
 
@@ -227,7 +228,8 @@ def _check_saved_config(cls: type, config_file: str) -> None:
         other = PEFT_TYPE_TO_CONFIG_MAPPING.get(saved) if isinstance(saved, str) else None
         hint = (
             f"load it with {other.__name__} or PeftModel.from_pretrained, which pick the class from peft_type"
-            if other is not None else "the file is not a lorta adapter config, or its peft_type was edited"
+            if other is not None
+            else "the file is not a lorta adapter config, or its peft_type was edited"
         )
         raise AdapterFileError(
             f"{config_file} holds a peft_type={saved!r} adapter, but {cls.__name__} loads {expected} only; {hint}"

@@ -35,7 +35,9 @@ MapKey = tuple[str, int]  # (adapter name, id of the module's slot list)
 
 
 def module_maps(
-    factors: Factorization, slots: list[Slot], order: Tensor | None = None,
+    factors: Factorization,
+    slots: list[Slot],
+    order: Tensor | None = None,
     pairs: list[tuple[Tensor, Tensor]] | None = None,
 ) -> Maps:
     """(P, Q, key) of a module holding one or several matrices (a fused q/k/v projection).
@@ -116,7 +118,11 @@ class MapFrames:
         frame = self.frame
         call = self.call_serial if self.calls else 0
         if (
-            frame is not None and call and frame.call == call and not grad and not frame.grad
+            frame is not None
+            and call
+            and frame.call == call
+            and not grad
+            and not frame.grad
             and frame.autocast == autocast
         ):
             frame.open = True  # the same generate call: the weights cannot have changed

@@ -68,7 +68,8 @@ def _signature(factors: nn.Module) -> tuple:
     slots = tuple((k, tuple(v)) for k, v in factors.layout.slots.items())
     scalars = tuple(
         sorted(
-            (k, repr(v)) for k, v in vars(factors).items()
+            (k, repr(v))
+            for k, v in vars(factors).items()
             if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, tuple, dict))
         )
     )
@@ -250,8 +251,12 @@ class MixedBatchEngine:
         maps = sum(g.nbytes()["map_bytes"] for g in self.groups)
         n = max(1, len(self.index))
         return {
-            "adapters": len(self.index), "groups": len(self.groups), "factor_bytes": factor, "map_bytes": maps,
-            "factor_bytes_per_adapter": factor / n, "map_bytes_per_adapter": maps / n,
+            "adapters": len(self.index),
+            "groups": len(self.groups),
+            "factor_bytes": factor,
+            "map_bytes": maps,
+            "factor_bytes_per_adapter": factor / n,
+            "map_bytes_per_adapter": maps / n,
             "bytes_per_adapter": (factor + maps) / n,
         }
 
@@ -374,8 +379,9 @@ def mixed_forward(layer: nn.Module, x: Tensor, adapter_names: Any, *args: Any, *
                 continue
             P_all, Q_all, key, idx, uniform = _batch_maps(group, layer, idx, uniform)
 
-        def project(P_all: Tensor = P_all, idx: Tensor = idx, uniform: int | None = uniform,
-                    key: Hashable | None = key) -> Tensor:
+        def project(
+            P_all: Tensor = P_all, idx: Tensor = idx, uniform: int | None = uniform, key: Hashable | None = key
+        ) -> Tensor:
             xc = adapter_input(x3, P_all.dtype)
             if uniform is not None:  # every row uses one adapter: plain matmuls on its maps, no gather
                 return xc @ P_all[uniform]
@@ -415,7 +421,11 @@ def _batch_maps(
 # ---------------------------------------------------------------------------------------- the model's hook
 @contextmanager
 def mixed_batch_hooks(
-    state: Any, model: nn.Module, training: bool, layers: Sequence[nn.Module], wrappers: Sequence[nn.Module],
+    state: Any,
+    model: nn.Module,
+    training: bool,
+    layers: Sequence[nn.Module],
+    wrappers: Sequence[nn.Module],
     kwargs: dict[str, Any],
 ) -> Iterator[None]:
     """PEFT's `_enable_peft_forward_hooks` for the lorta tuner: hand the resolved rows to every wrapped layer

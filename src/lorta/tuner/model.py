@@ -90,8 +90,11 @@ class TensorAdapterModel(BaseTuner):
         state.pending_layout = layout
         try:
             super().inject_adapter(
-                model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict,
+                model,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                state_dict=state_dict,
             )
         except Exception:
             del self.lorta_factors[adapter_name]
@@ -126,8 +129,13 @@ class TensorAdapterModel(BaseTuner):
         return targets
 
     def _create_and_replace(
-        self, config: TensorAdapterConfig, adapter_name: str, target: nn.Module, target_name: str,
-        parent: nn.Module, current_key: str,
+        self,
+        config: TensorAdapterConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
     ) -> None:
         layout: TensorLayout = self._lorta_state.pending_layout
         slots = layout.slots[current_key]
@@ -302,9 +310,9 @@ class TensorAdapterModel(BaseTuner):
                 for name in todo:
                     weight = weight + module.delta_weight(name).to(device=weight.device, dtype=weight.dtype)
                 if not torch.isfinite(weight.to(stored)).all():
-                    raise ValueError(nan_message(
-                        ", ".join(todo), f"merging it into {key} gives NaN or Inf in its {stored} weight"
-                    ))
+                    raise ValueError(
+                        nan_message(", ".join(todo), f"merging it into {key} gives NaN or Inf in its {stored} weight")
+                    )
 
     @classmethod
     def _remap_adapter_state_dict_for_load(
@@ -358,8 +366,12 @@ class TensorAdapterModel(BaseTuner):
         layer = probe() if probe is not None else None
         device_type = compute_dtype_and_device(layer.get_base_layer())[1].type if layer is not None else "cpu"
         skip = (
-            not self.batched_maps or torch.compiler.is_compiling() or layer is None or layer.disable_adapters
-            or layer.merged or state.mixed_call
+            not self.batched_maps
+            or torch.compiler.is_compiling()
+            or layer is None
+            or layer.disable_adapters
+            or layer.merged
+            or state.mixed_call
         )
         state.frames.begin_forward(None if skip else self._frame_maps, device_type)
 
@@ -391,8 +403,14 @@ class TensorAdapterModel(BaseTuner):
         state.frames.begin_call()
         try:
             wrappers = [m for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
-            with mixed_batch_hooks(state if "lorta_factors" in self._modules else None, self.model, self.training,
-                                   state.layers, wrappers, kwargs):
+            with mixed_batch_hooks(
+                state if "lorta_factors" in self._modules else None,
+                self.model,
+                self.training,
+                state.layers,
+                wrappers,
+                kwargs,
+            ):
                 yield
         finally:
             state.frames.end_call()
@@ -406,6 +424,7 @@ class TensorAdapterModel(BaseTuner):
     def num_adapter_parameters(self, adapter_name: str = "default") -> int:
         """Trainable parameters of one adapter: each shared factor counted once."""
         return self.lorta_factors[adapter_name].num_trainable()
+
 
 def _quantized(model: nn.Module) -> bool:
     """Whether transformers loaded `model` through a quantiser (torchao needs its config to re-quantise)."""
@@ -466,6 +485,11 @@ def make_tuner(
     targets = DEFAULT_TARGETS
     if default_kinds is not None:
         targets = {model_type: arch.targets(tuple(default_kinds)) for model_type, arch in ARCHITECTURES.items()}
-    attrs = {"factorization_cls": factorization_cls, "target_module_mapping": targets, "__doc__": __doc__,
-             "__module__": "lorta", "__qualname__": name}  # exported as lorta.<name> (lorta/__init__.py)
+    attrs = {
+        "factorization_cls": factorization_cls,
+        "target_module_mapping": targets,
+        "__doc__": __doc__,
+        "__module__": "lorta",
+        "__qualname__": name,
+    }  # exported as lorta.<name> (lorta/__init__.py)
     return type(name, (TensorAdapterModel,), attrs)
