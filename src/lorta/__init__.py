@@ -6,6 +6,8 @@ PEFT and is exported here under its config's, factors' and tuner's names (``Lort
 ``LortaModel``, ...).
 """
 
+from importlib import metadata as _metadata
+
 from .bank import AdapterBank, load_adapters  # noqa: F401  (mixed-adapter serving; see lorta.bank)
 from .export import ExportError, export_gguf, export_lora, export_merged
 from .import_lora import ImportLoraError, import_lora, save_imported
@@ -23,7 +25,7 @@ for _spec in method_specs().values():
         globals()[_cls.__name__] = _cls
         _METHOD_EXPORTS.append(_cls.__name__)
 
-__version__ = "0.1.0"
+__version__ = _metadata.version("lorta")  # the one source is pyproject.toml
 __all__ = [
     "ExportError",
     "ImportLoraError",
