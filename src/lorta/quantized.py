@@ -12,6 +12,8 @@ an integer weight.
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -132,4 +134,125 @@ def write_weight(layer: Any, weight: torch.Tensor) -> None:
         base.weight.data.copy_(weight.to(base.weight.dtype))
         return
     dtype = compute_dtype_and_device(base)[0]
+    bias = getattr(base, "bias", None)
     backend.set_base_weight(layer, weight.to(dtype))
+    new_base = layer.get_base_layer()
+    if new_base is not base and bias is not None and getattr(new_base, "bias", None) is None:
+        new_base.bias = bias  # PEFT's HQQ backend builds the re-quantised layer without the old one's bias
+
+
+@dataclass
+class PreMergeStorage:
+    """A quantised base layer's own storage as it was before the first merge into it.
+
+    Unmerging re-quantises nothing: it puts these objects back, so the base comes back bit for bit (re-quantising
+    W + delta - delta would drift by up to a quantisation step each round trip). Every PEFT quantisation backend
+    stores a merged weight by replacing objects (bitsandbytes and torchao a new weight, HQQ a new layer), so keeping
+    references is enough; `digests` catch the one thing that would break that, an in-place write.
+    """
+
+    module: nn.Module  # the base layer object (HQQ's merge replaces it whole)
+    weight: torch.Tensor | None  # its quantised weight (bitsandbytes' and torchao's merges replace it)
+    weight_attrs: dict[str, Any]  # the weight's attributes (bitsandbytes' quant_state and flags, which a merge edits)
+    state_attrs: dict[str, Any]  # bitsandbytes 8-bit's layer state (CB, SCB), which a merge resets
+    digests: list[tuple[torch.Tensor, bytes]] = field(repr=False)  # each kept tensor and a hash of its bytes
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this record keeps alive beside the merged layer: its tensors' storages, each counted once, less the
+        bias, which a merge does not replace."""
+        bias = getattr(self.module, "bias", None)
+        seen: dict[int, int] = {}
+        for tensor, _ in self.digests:
+            if tensor is not bias:
+                storage = tensor.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+        return sum(seen.values())
+
+
+def _tensors_of(*objects: Any) -> list[torch.Tensor]:
+    """The tensors an object holds directly (attributes, and one level of nested quantisation state)."""
+    found: list[torch.Tensor] = []
+    for obj in objects:
+        if isinstance(obj, torch.Tensor):
+            found.append(obj)
+        elif obj is not None and hasattr(obj, "__dict__") and not isinstance(obj, nn.Module):
+            for value in vars(obj).values():
+                if isinstance(value, torch.Tensor):
+                    found.append(value)
+                elif type(value).__name__ == "QuantState":  # bitsandbytes' double-quantised absmax
+                    found.extend(_tensors_of(value))
+    return found
+
+
+def _digest(tensor: torch.Tensor) -> bytes:
+    """A hash of a tensor's bytes (a write through `.data` does not bump its version counter, so compare content)."""
+    raw = tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy()
+    return hashlib.blake2b(raw, digest_size=16).digest()
+
+
+def _flattened(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Plain tensors only: a tensor subclass (torchao's quantised weights) is replaced by the tensors it holds."""
+    plain: list[torch.Tensor] = []
+    for tensor in tensors:
+        data = tensor.data if isinstance(tensor, nn.Parameter) else tensor
+        if hasattr(data, "__tensor_flatten__"):
+            names, _ = data.__tensor_flatten__()
+            plain.extend(_flattened([getattr(data, name) for name in names]))
+        else:
+            plain.append(tensor)
+    return plain
+
+
+def keep_pre_merge(base: nn.Module) -> PreMergeStorage:
+    """Record `base`'s quantised storage before a merge replaces it."""
+    weight = getattr(base, "weight", None)
+    weight = weight if isinstance(weight, torch.Tensor) else None
+    state = getattr(base, "state", None)
+    state = state if state is not None and hasattr(state, "__dict__") and not isinstance(state, nn.Module) else None
+    weight_attrs = dict(vars(weight)) if weight is not None else {}
+    tensors = [*base.parameters(), *base.buffers()] + _tensors_of(weight, *weight_attrs.values(), state)
+    if weight is not None:
+        tensors.append(weight)
+    unique = {id(t): t for t in _flattened(tensors)}
+    return PreMergeStorage(
+        module=base,
+        weight=weight,
+        weight_attrs=weight_attrs,
+        state_attrs=dict(vars(state)) if state is not None else {},
+        digests=[(t, _digest(t)) for t in unique.values()],
+    )
+
+
+def check_restorable(stored: PreMergeStorage, where: str) -> None:
+    """Refuse to unmerge when the kept storage was written in place: it would no longer be the base."""
+    changed = [tuple(t.shape) for t, digest in stored.digests if _digest(t) != digest]
+    if changed:
+        raise QuantizedMergeError(
+            f"{where}: cannot unmerge: the {len(changed)} quantised tensor(s) kept from before the merge (shapes "
+            f"{changed}) were written in place since, so the base weights cannot be restored exactly. Reload the "
+            "base model and attach the adapter again with PeftModel.from_pretrained; nothing was unmerged"
+        )
+
+
+def restore_pre_merge(layer: Any, stored: PreMergeStorage) -> None:
+    """Put a merged quantised layer's pre-merge storage back (after checking nothing wrote into it in place)."""
+    check_restorable(stored, "the adapted layer")
+    device = compute_dtype_and_device(layer.get_base_layer())[1]
+    module = stored.module
+    layer.base_layer = module
+    if stored.weight is not None:
+        vars(stored.weight).clear()
+        vars(stored.weight).update(stored.weight_attrs)
+        if "weight" in module._parameters:
+            module._parameters["weight"] = stored.weight
+        else:  # torchao's merge deleted the parameter and set a new one
+            if hasattr(module, "weight"):
+                delattr(module, "weight")
+            module.weight = stored.weight
+    state = getattr(module, "state", None)
+    if stored.state_attrs and state is not None:
+        vars(state).clear()
+        vars(state).update(stored.state_attrs)
+    if compute_dtype_and_device(module)[1] != device:  # the model was moved after the merge
+        module.to(device)

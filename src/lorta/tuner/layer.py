@@ -56,6 +56,8 @@ class TensorAdapterLayer(BaseTunerLayer):
         self.fan_in_fan_out = type(self.get_base_layer()).__name__ == "Conv1D"
         # PEFT's quantisation backend of a quantised base layer (None: a float layer); see lorta.quantized
         self.quantization_backend = quantized.backend_for(self.get_base_layer(), kwargs.pop("quantization", None))
+        # a quantised base's storage from before the first merge, put back by unmerge (lorta.quantized)
+        self.pre_merge_storage: quantized.PreMergeStorage | None = None
         self.kwargs = kwargs
 
     # The tuner's state (factors, maps, shared inputs) is a plain reference, not a submodule, so each factor is
@@ -108,7 +110,8 @@ class TensorAdapterLayer(BaseTunerLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """W += scale * (P @ Q)^T for each adapter; with safe_merge the result is checked before it is written.
-        A quantised base weight is dequantised, updated in float32 and re-quantised (lorta.quantized)."""
+        A quantised base weight is dequantised, updated in float32 and re-quantised; its pre-merge storage is kept
+        for unmerge (lorta.quantized)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
@@ -121,6 +124,8 @@ class TensorAdapterLayer(BaseTunerLayer):
                 merged = quantized.dense_weight(self) + self.delta_weight(name).float()
                 if safe_merge and not torch.isfinite(merged).all():
                     raise ValueError(nan_message(name, "its merged weight holds NaN or Inf values"))
+                if self.pre_merge_storage is None:
+                    self.pre_merge_storage = quantized.keep_pre_merge(base)
                 quantized.write_weight(self, merged)
                 self.merged_adapters.append(name)
                 continue
@@ -136,16 +141,18 @@ class TensorAdapterLayer(BaseTunerLayer):
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        """W -= scale * (P @ Q)^T; over a quantised base, within its re-quantisation error."""
+        """W -= scale * (P @ Q)^T; over a quantised base, the pre-merge storage put back bit for bit."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        if self.pre_merge_storage is not None:
+            quantized.restore_pre_merge(self, self.pre_merge_storage)
+            self.pre_merge_storage = None
+            self.merged_adapters.clear()
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name not in self.lorta_slots:
-                continue
-            if self.quantization_backend is not None:
-                quantized.write_weight(self, quantized.dense_weight(self) - self.delta_weight(name).float())
                 continue
             weight = self.get_base_layer().weight
             weight.data.sub_(self.delta_weight(name).to(device=weight.device, dtype=weight.dtype))

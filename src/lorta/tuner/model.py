@@ -23,6 +23,7 @@ from ..factorization import Factorization
 from ..layout import ARCHITECTURES, DEFAULT_TARGETS, OUT_HEADS, LayoutError, ModelShape, TensorLayout, build_layout
 from ..quantized import (
     check_mergeable,
+    check_restorable,
     compute_dtype_and_device,
     dense_weight,
     keep_trainable_layout,
@@ -279,6 +280,13 @@ class TensorAdapterModel(BaseTuner):
             self._check_merge_is_finite(adapter_names)
         super().merge_adapter(adapter_names, safe_merge=safe_merge)
 
+    def unmerge_adapter(self) -> None:
+        """Unmerge every layer, or none: a quantised layer whose kept storage cannot be put back refuses first."""
+        for key, module in self.model.named_modules():
+            if isinstance(module, TensorAdapterLayer) and module.pre_merge_storage is not None:
+                check_restorable(module.pre_merge_storage, key)
+        super().unmerge_adapter()
+
     def _check_mergeable(self, adapter_names: list[str] | None) -> None:
         """Every adapted layer's base can take the merge (a quantised one must be re-quantisable), before any is
         merged: a refusal never leaves a half-merged model."""
@@ -347,6 +355,8 @@ class TensorAdapterModel(BaseTuner):
             self._check_merge_is_finite(adapter_names)
         model = super()._unload_and_optionally_merge(*args, **kwargs)
         self._remove_hooks()
+        for layer in self.lorta_state.layers:  # unloaded: nothing will be unmerged, so free the kept storage
+            layer.pre_merge_storage = None
         return model
 
     @staticmethod
