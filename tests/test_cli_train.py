@@ -249,7 +249,7 @@ def test_target_modules_roles_and_names() -> None:
 
 def test_default_alpha_is_the_recipes_at_any_rank() -> None:
     """A frontier's ranks keep the recipe's alpha (holding alpha / r = 2 at ranks 22-68 was tried and did not help,
-    README); an explicit --alpha wins."""
+    docs/results.md); an explicit --alpha wins."""
     from lorta.train import TrainOptions, resolve_options
 
     assert resolve_options(TrainOptions()).alpha == 32.0
@@ -259,7 +259,7 @@ def test_default_alpha_is_the_recipes_at_any_rank() -> None:
 
 
 def test_lortas_classify_lr_grows_like_the_root_of_its_rank() -> None:
-    """lr 3e-3 at the recipe's rank 16 and 3e-3 * sqrt(r / 16) at a frontier's ranks (README, "Recipe trials"),
+    """lr 3e-3 at the recipe's rank 16 and 3e-3 * sqrt(r / 16) at a frontier's ranks (docs/results.md, "Recipe trials"),
     bit-for-bit, so runs made with that --lr are the frontier's; an explicit --lr wins; the baselines, the prompt
     job and DPO keep one lr at every rank."""
     import math
@@ -270,7 +270,7 @@ def test_lortas_classify_lr_grows_like_the_root_of_its_rank() -> None:
     for rank in (22, 45, 68):
         assert resolve_options(TrainOptions(rank=rank)).lr == 3e-3 * math.sqrt(rank / 16)
         assert resolve_options(TrainOptions(rank=rank, task="party")).lr == 3e-3 * math.sqrt(rank / 16)
-    assert resolve_options(TrainOptions(rank=68)).lr == 0.006184658438426491  # the README's r = 68 runs
+    assert resolve_options(TrainOptions(rank=68)).lr == 0.006184658438426491  # docs/results.md's r = 68 runs
     assert resolve_options(TrainOptions(rank=68, lr=3e-3)).lr == 3e-3
     assert resolve_options(TrainOptions(method="lora", rank=1)).lr == 1e-3
     assert resolve_options(TrainOptions(method="vera", rank=866)).lr == 2e-2

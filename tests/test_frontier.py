@@ -1,6 +1,6 @@
 """The quality-per-parameter tools: PEFT's VeRA as a baseline, the party task, ``lorta compare --frontier``.
 
-End to end on tiny subsets (a few steps); the real frontiers are in the README, from the commands it gives.
+End to end on tiny subsets (a few steps); the real frontiers are in docs/results.md, from the commands it gives.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ HQQ layer (docs/design.md, "Quantised bases").
 The adapter itself never touches the quantised weight in training: the base layer computes `W x` with its own
 kernel and lorta adds `scale · (x P) Q` in the factors' dtype. Merging is the one place that needs the weight: it
 is dequantised, the update added in float32, and the sum re-quantised in the layer's own format, through PEFT's
-quantisation backends (`peft.utils.quantization_utils`, the extension point PEFT gives its methods). A backend that
+quantisation backends (`peft.utils.quantization_utils`, the extension point PEFT gives its methods); the layer's
+pre-merge storage is kept, so unmerging puts the base back bit for bit (`PreMergeStorage`). A backend that
 cannot re-quantise (GPTQ, AWQ, AQLM, EETQ, a torchao layer quantised without a config to re-quantise with) makes
 merging fail with the backend's name and what to do instead; nothing is ever merged by casting a float update into
 an integer weight.
