@@ -242,3 +242,65 @@ def test_transformers_add_adapter_and_load_adapter(base_dir, tmp_path):
     base = load_base(base_dir)
     base.load_adapter(str(tmp_path / "adapter"))
     assert_close(logits(base.eval()), out, FORWARD_TERMS)
+
+
+def test_sentence_transformers_trains_saves_and_reloads_a_lorta_adapter(tmp_path):
+    """A SentenceTransformer whose transformer is adapted with lorta trains with its own trainer and saves.
+    sentence-transformers' own adapter API goes through transformers' (refused, as above), so the adapter is
+    attached with get_peft_model and reloaded with PeftModel.from_pretrained onto the module's model."""
+    st = pytest.importorskip("sentence_transformers")
+    from datasets import Dataset
+    from peft import get_peft_model
+    from sentence_transformers import losses, models
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=32,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(tmp_path / "bert")
+    tiny_tokenizer().save_pretrained(tmp_path / "bert")
+
+    def sentence_model():
+        word = models.Transformer(str(tmp_path / "bert"), max_seq_length=16)
+        return st.SentenceTransformer(modules=[word, models.Pooling(32)], device="cpu")
+
+    model = sentence_model()
+    model[0].model = get_peft_model(model[0].model, lorta.LortaConfig(r=3, init_weights=False))
+    bank = model[0].model.base_model.lorta_factors["default"]
+    before = {n: p.detach().clone() for n, p in bank.named_parameters()}
+    data = Dataset.from_dict(
+        {
+            "anchor": ["the film was good", "a dull plot", "great movie", "very awful"] * 2,
+            "positive": ["a great movie", "bad actors", "love the film", "not fine"] * 2,
+        }
+    )
+    args = st.SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=1,
+        bf16=False,
+        seed=0,
+    )
+    trainer = st.SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=data, loss=losses.MultipleNegativesRankingLoss(model)
+    )
+    trainer.train()
+    assert all(not torch.equal(p, before[n]) for n, p in bank.named_parameters()), "a factor did not train"
+    sentences = ["the film was good", "bad actors"]
+    embeddings = model.encode(sentences, convert_to_tensor=True)
+    model.save(str(tmp_path / "saved"))  # the transformer module saves the adapter folder
+    assert (tmp_path / "saved" / "adapter_model.safetensors").is_file()
+    again = sentence_model()
+    again[0].model = PeftModel.from_pretrained(again[0].model, tmp_path / "saved")
+    assert_close(again.encode(sentences, convert_to_tensor=True), embeddings, FORWARD_TERMS)
