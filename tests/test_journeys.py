@@ -304,3 +304,48 @@ def test_sentence_transformers_trains_saves_and_reloads_a_lorta_adapter(tmp_path
     again = sentence_model()
     again[0].model = PeftModel.from_pretrained(again[0].model, tmp_path / "saved")
     assert_close(again.encode(sentences, convert_to_tensor=True), embeddings, FORWARD_TERMS)
+
+
+def compile_check(method: str, base_dir: str, backend: str) -> None:
+    """torch.compile (fullgraph=False) of an adapted model: no graph break in inference or in a training step, the
+    compiled forward and gradients match eager, and a merged model compiles into as many graphs as the bare base."""
+    from peft import get_peft_model
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = get_peft_model(load_base(base_dir), METHODS[method](init_weights=False)).eval()
+    bare_graphs = torch._dynamo.explain(load_base(base_dir))(input_ids=IDS).graph_count
+    inference = torch._dynamo.explain(model)(input_ids=IDS)
+    assert inference.graph_break_count == 0, [b.reason for b in inference.break_reasons]
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        assert_close(compiled(input_ids=IDS).logits, logits(model), FORWARD_TERMS)  # fused or reordered ops only
+
+    model.train()
+    step = torch._dynamo.explain(model)(input_ids=IDS, labels=IDS)
+    assert step.graph_break_count == 0, [b.reason for b in step.break_reasons]
+    bank = model.base_model.lorta_factors["default"]
+
+    def grads(fn) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        fn(input_ids=IDS, labels=IDS).loss.backward()
+        return {n: p.grad.clone() for n, p in bank.named_parameters() if p.requires_grad}
+
+    eager = grads(model)
+    for name, grad in grads(torch.compile(model, backend=backend)).items():
+        assert grad.abs().sum() > 0, name
+        assert_close(grad, eager[name], BACKWARD_TERMS, msg=name)
+
+    merged = model.eval().merge_and_unload()
+    assert torch._dynamo.explain(merged)(input_ids=IDS).graph_count == bare_graphs
+
+
+@pytest.mark.parametrize("method", JOURNEY_METHODS)
+def test_torch_compile_traces_without_graph_breaks_and_matches_eager(base_dir, method):
+    compile_check(method, base_dir, backend="aot_eager")  # dynamo + AOT autograd, no code generation: seconds
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", JOURNEY_METHODS)
+def test_torch_compile_with_inductor_matches_eager(base_dir, method):
+    compile_check(method, base_dir, backend="inductor")  # generated kernels: about a minute a method on 2 cores
