@@ -8,6 +8,7 @@ PEFT and is exported here under its config's, factors' and tuner's names (``Lort
 
 from importlib import metadata as _metadata
 
+from .arithmetic import AdapterCombinationError
 from .bank import AdapterBank, load_adapters  # noqa: F401  (mixed-adapter serving; see lorta.bank)
 from .export import ExportError, export_gguf, export_lora, export_merged
 from .import_lora import ImportLoraError, import_lora, save_imported
@@ -27,6 +28,7 @@ for _spec in method_specs().values():
 
 __version__ = _metadata.version("lorta")  # the one source is pyproject.toml
 __all__ = [
+    "AdapterCombinationError",
     "ExportError",
     "ImportLoraError",
     "LayoutError",

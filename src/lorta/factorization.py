@@ -12,8 +12,9 @@ is the tuner's business (lorta.tuner.maps).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -99,11 +100,35 @@ class Factorization(nn.Module):
         """The (layer group, matrix group) of a slot's factors (0 where that mode is shared)."""
         raise NotImplementedError
 
+    # Adapter arithmetic (lorta.arithmetic): attributes that must agree for adapters to combine, the combined
+    # adapter's config, and its factors from the parts' (each with the weight folded into one factor per term).
+    structure_fields: ClassVar[tuple[str, ...]] = ()
+
+    def concatenated_config(self, configs: list[Any], rank: int) -> Any:
+        """The config of the sum of `configs`' adapters: rank `rank`, scale 1."""
+        return dataclasses.replace(configs[0], r=rank, lora_alpha=rank, use_rslora=False, init_weights=True)
+
+    exact_concatenation: ClassVar[bool] = False  # True where `concatenate` is implemented
+
+    def concatenate(self, parts: list[tuple[Factorization, float]]) -> dict[str, Tensor]:
+        """The factors of sum_i w_i * delta_i (each part's weight already divided by the combined scale)."""
+        raise NotImplementedError
+
     def _tensors(self) -> list[Tensor]:
         return [t for t in (*self._parameters.values(), *self._buffers.values()) if t is not None]
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def concat_ranks(parts: list[tuple[Factorization, float]], folded: tuple[str, ...]) -> dict[str, Tensor]:
+    """Rank-last factors concatenated along the rank, each part's weight multiplied into the factors `folded`
+    (every rank-one term reads exactly one of them)."""
+    states = [(part.state_dict(), weight) for part, weight in parts]
+    return {
+        key: torch.cat([state[key] * weight if key in folded else state[key] for state, weight in states], dim=-1)
+        for key in states[0][0]
+    }
 
 
 def slot_index(factors: Factorization, slots: list[Slot], memo: dict | None = None) -> dict[str, Tensor]:

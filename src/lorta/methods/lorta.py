@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..factorization import Factorization, gather_groups, head_maps
+from ..factorization import Factorization, concat_ranks, gather_groups, head_maps
 from ..layout import EXTRA_FREE, EXTRA_IN, OUT_HEADS, Slot, TensorLayout
 from ..registry import MethodSpec, Recipe
 from ..tuner.config import MethodType, TensorAdapterConfig
@@ -180,6 +180,13 @@ class LortaFactors(Factorization):
             side = gather_groups(self.B, index).view(G, shape.num_heads, shape.head_dim, r)[:, heads]
             side = side * c[:, None, None] if c is not None else side
         return A, side
+
+    exact_concatenation = True
+    structure_fields = ("share_heads", "share_layers", "share_matrices")
+
+    def concatenate(self, parts: list[tuple[Factorization, float]]) -> dict[str, Tensor]:
+        """Every term of the CP sum reads B (or an extra's B_extra) once: the weights go there."""
+        return concat_ranks(parts, ("B", *self.extra_names.values()))
 
     def input_key(self, slot: Slot) -> Hashable | None:
         if slot.role in (OUT_HEADS, EXTRA_IN):

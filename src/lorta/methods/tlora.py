@@ -14,9 +14,11 @@ Initialisation: C = 0 (the update starts at zero), s = 1; A ~ U(-1/âˆšd_in, 1/âˆ
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -130,6 +132,25 @@ class TLoraFactors(Factorization):
         for slot in slots:
             j = self.rows[(slot.layer, slot.matrix)][1]
             out.append((getattr(self, f"A{slot.matrix}")[j], Q[slot.matrix][j]))
+        return out
+
+    exact_concatenation = True
+
+    def concatenated_config(self, configs: list[Any], rank: int) -> Any:
+        """The combined projections are the parts' side by side, not a draw from a seed: they are saved."""
+        return dataclasses.replace(super().concatenated_config(configs, rank), save_projection=True)
+
+    def concatenate(self, parts: list[tuple[Factorization, float]]) -> dict[str, Tensor]:
+        """P'Q' = [A_1 .. A_n] blockdiag(w_i s_i C_i) [B_1; ..; B_n] = sum_i w_i s_i A_i C_i B_i, with s' = 1."""
+        for part, _ in parts:
+            part._draw_if_pending()  # seed-only projections loaded lazily
+        out: dict[str, Tensor] = {}
+        for m in self.sizes:
+            out[f"A{m}"] = torch.cat([getattr(part, f"A{m}") for part, _ in parts], dim=-1)
+            out[f"B{m}"] = torch.cat([getattr(part, f"B{m}") for part, _ in parts], dim=1)
+        C = torch.block_diag  # one (R x R) block-diagonal core per adapted matrix
+        out["C"] = torch.stack([C(*(w * part.s[i] * part.C[i] for part, w in parts)) for i in range(self.C.shape[0])])
+        out["s"] = torch.ones_like(self.s)
         return out
 
     def _draw_if_pending(self) -> None:

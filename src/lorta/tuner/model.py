@@ -287,6 +287,14 @@ class TensorAdapterModel(BaseTuner):
                 check_restorable(module.pre_merge_storage, key)
         super().unmerge_adapter()
 
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "cat"
+    ) -> None:
+        """PEFT's adapter arithmetic: add `adapter_name` = sum_i weights[i] * adapters[i] (lorta.arithmetic)."""
+        from ..arithmetic import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type)
+
     def _check_mergeable(self, adapter_names: list[str] | None) -> None:
         """Every adapted layer's base can take the merge (a quantised one must be re-quantisable), before any is
         merged: a refusal never leaves a half-merged model."""
