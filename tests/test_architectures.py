@@ -12,7 +12,7 @@ import pytest
 import torch
 from peft import get_peft_model
 from reference import adapted_modules, reference_lorta, reference_tenslora, reference_tlora
-from tolerance import FORWARD_TERMS, assert_close
+from tolerance import FLOAT32_INSIDE_TERMS, MAP_TERMS, assert_close
 
 import lorta
 from lorta.layout import ARCHITECTURES
@@ -219,10 +219,12 @@ def test_default_targets_match_the_reference(case, method):
     for name, module in modules.items():
         got = module.delta_weight("default")
         assert got.dtype == torch.float64 and references[name].abs().max() > 0, name
-        assert_close(got, references[name], terms=64, msg=name)  # the maps' short products, reordered
+        assert_close(got, references[name], MAP_TERMS, msg=name)  # the maps' short products, reordered
         dense.get_submodule(name).weight.data += references[name]
     inputs = inputs_for(kind, dense)
-    assert_close(first_output(peft_model, inputs, kind), first_output(dense, inputs, kind), FORWARD_TERMS)
+    # float64 models, but HF's norms and softmaxes round to float32 inside: W x + (x P) Q vs (W + P Q) x can flip one
+    want = first_output(dense, inputs, kind)
+    assert_close(first_output(peft_model, inputs, kind), want, FLOAT32_INSIDE_TERMS, dtype=torch.float32)
 
 
 def test_encoder_decoder_layers_and_attention_blocks_are_their_own_slots():

@@ -15,6 +15,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from tolerance import FORWARD_TERMS, eps, tolerance
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "bench.py"
@@ -33,8 +34,27 @@ def _positive(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+def _record_logit_scale(bench: ModuleType) -> list[float]:
+    """Wrap bench.run_io to record max |logits| of each adapted model on the round-trip check's ids (the scale of its
+    round-trip difference, which results.json does not hold)."""
+    scales: list[float] = []
+    run_io = bench.run_io
+
+    def recorded(variants, base, check_ids, opts):
+        rows = run_io(variants, base, check_ids, opts)
+        with torch.no_grad():
+            for v in variants:
+                if v.method in bench.METHODS:
+                    scales.append(float(v.model.eval()(input_ids=check_ids.to(opts.device)).logits.abs().max()))
+        return rows
+
+    bench.run_io = recorded
+    return scales
+
+
 def test_bench_smoke(tmp_path: Path) -> None:
     bench = _load_bench()
+    scales = _record_logit_scale(bench)
     threads = torch.get_num_threads()
     try:
         rc = bench.main(["--smoke", "--methods", "lora,lorta", "--threads", "1", "--out", str(tmp_path)])
@@ -49,12 +69,21 @@ def test_bench_smoke(tmp_path: Path) -> None:
 
     models = [m for m in result["models"] if "train" in m]
     assert {m["name"] for m in models} == {"llama-tiny", "gpt2-tiny"}
+    # The smoke models (d = 64, 2 layers, d_ff <= 256, 16 tokens) have a forward path of < 2048 reductions, inside
+    # FORWARD_TERMS. The guard runs in float64 with the RMSNorms kept in float64 (bench.exact_float64): its normwise
+    # relative errors are float64 rounding of that path; the round trip compares two float32 forwards of the same
+    # saved factors at the logits' magnitude.
+    guard_bound = FORWARD_TERMS * eps(torch.float64)
+    roundtrip_bound = tolerance(torch.zeros(()), FORWARD_TERMS, scale=max(scales), dtype=torch.float32)
     for m in models:
         guard = m["guard"]
         assert guard, f"{m['name']}: the correctness guard did not run"
         for key, g in guard.items():
             assert g["passed"], (m["name"], key, g)
-            assert g["rel_err"] <= 1e-8 and g["merged_rel_err"] <= 1e-8 and g["effect"] > 1e-6
+            assert g["rel_err"] <= guard_bound and g["merged_rel_err"] <= guard_bound, (m["name"], key, g)
+            # did the update reach the logits at all: init_weights=False moves them by O(1) relative, and 1e-6 is
+            # 10^9 float64 units, so no rounding effect passes for an update (the bench's own guard uses it too)
+            assert g["effect"] > 1e-6, (m["name"], key, g)
         train = m["train"]
         assert _positive(train["floor"]["step_s"]["median"])
         for method in ("lora", "lorta"):
@@ -69,7 +98,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
             io = m["io"][f"{method}/r4"]
             assert _positive(io["file_bytes"]) and _positive(io["save_s"]["median"])
             assert _positive(io["load_s"]["median"])
-            assert io["roundtrip_max_abs_diff"] <= 1e-5
+            assert io["roundtrip_max_abs_diff"] <= roundtrip_bound, (m["name"], method, io)
         assert math.isfinite(train["lorta/r4"]["step_ratio_vs_lora"]["median"])
         # the resident state is parameters + two AdamW moments, all float32: 12 bytes per trainable parameter, plus
         # AdamW's 4-byte step counter per parameter tensor

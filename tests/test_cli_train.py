@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from cli_helpers import PNG_MAGIC, _only_train_command, lorta, metrics_of  # noqa: F401  (autouse fixture)
+from tolerance import MINILM_FORWARD_TERMS, eps, tolerance
 
 from lorta import cli
 
@@ -102,8 +104,29 @@ def test_outputs_metrics_png_and_loadable_adapter(tiny_run: tuple[Path, str]) ->
     model = PeftModel.from_pretrained(base, out / "adapter")
     assert model.base_model.num_adapter_parameters() == LORTA_R16_MINILM
     again = evaluate_classifier(model, tokenizer, ds.test, max_length=32, quiet=True)
-    assert again["accuracy"] == pytest.approx(m["accuracy"])
-    assert again["eval_loss"] == pytest.approx(m["eval_loss"], rel=1e-5)
+    # The run's evaluation and this one are two float32 MiniLM forwards of the same weights: their logits agree to
+    # dz. The mean cross-entropy moves by <= 2 dz (its gradient in the logits has l1 norm <= 2), plus each side's
+    # log-softmax (4 roundings at the logits' magnitude) and its float32 sum of n terms (n units of the loss); an
+    # argmax can flip only where the two logits are within 2 dz.
+    logits = classifier_logits(model, tokenizer, ds.test, max_length=32)
+    dz = tolerance(logits, MINILM_FORWARD_TERMS)
+    n = len(ds.test)
+    near_ties = int(((logits[:, 0] - logits[:, 1]).abs() <= 2 * dz).sum())
+    assert abs(again["accuracy"] - m["accuracy"]) <= near_ties / n
+    loss_slack = 2 * dz + tolerance(logits, 2 * 4) + n * eps(torch.float32) * m["eval_loss"]
+    assert abs(again["eval_loss"] - m["eval_loss"]) <= loss_slack, (again["eval_loss"], m["eval_loss"], loss_slack)
+
+
+def classifier_logits(model, tokenizer, split, max_length: int) -> torch.Tensor:
+    """The classifier's logits on a split, one padded batch (the scale of evaluate_classifier's logits)."""
+    from transformers import DataCollatorWithPadding
+
+    from lorta.train.evaluate import classify_features
+
+    batch = DataCollatorWithPadding(tokenizer)(classify_features(tokenizer, split, max_length))
+    batch.pop("labels")
+    with torch.no_grad():
+        return model.eval()(**batch).logits.float()
 
 
 def test_same_command_twice_gives_same_metrics(
@@ -318,6 +341,8 @@ def test_schedule_and_warmup_set_the_lr_of_every_step(
 
     curve = metrics["lr_curve"]
     assert [step for step, _ in curve] == list(range(1, steps + 1))  # logged at every step (steps // 20 < 1)
+    # both sides evaluate the schedule in float64 in <= 8 roundings each (the division, pi * done, the cosine and its
+    # argument's error, the sum, the products with lr), at the magnitude lr: 16 units
     for step, value in curve:
         assert abs(value - expected(step - 1)) <= 16 * sys.float_info.epsilon * lr, (step, value)
 
@@ -325,9 +350,7 @@ def test_schedule_and_warmup_set_the_lr_of_every_step(
 def test_weight_decay_shrinks_the_adapter_by_lr_times_decay(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """AdamW's decay reaches the adapter's optimizer groups: after one step, in which only the zero-initialised B
     has a gradient, the mode factors are their start times (1 - lr * decay) and B is the run without decay's."""
-    import torch
     from safetensors.torch import load_file
-    from tolerance import eps
 
     lr, decay = 1e-2, 0.5
     factors = {}
@@ -359,6 +382,7 @@ def test_weight_decay_shrinks_the_adapter_by_lr_times_decay(tmp_path: Path, caps
     for name in ("C_H", "C_L", "C_M"):
         start, decayed = factors[0.0][name], factors[decay][name]
         assert set(start.unique().tolist()) <= {-1.0, 1.0}, name  # untouched without decay: no gradient yet
+        # start * (1 - lr * decay) rounds once in float32 on each side, at |start| = 1: 2 units; 4 leaves a factor 2
         assert (decayed - start * (1 - lr * decay)).abs().max() <= 4 * eps(start.dtype), name
     assert factors[0.0]["B"].abs().max() > 0
     assert torch.equal(factors[0.0]["B"], factors[decay]["B"])  # zero at the start, so nothing to decay
@@ -665,7 +689,7 @@ def test_default_train_job(tmp_path: Path) -> None:
     proc = subprocess.run([exe, "train", "--quiet"], capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = metrics_of(tmp_path / "runs" / "lorta-minilm-sentiment-r16-seed0")
-    assert m["accuracy"] > 0.70, m["accuracy"]
+    assert m["accuracy"] > 0.70, m["accuracy"]  # the job's quality bar (chance is 0.5), not a rounding tolerance
     assert m["wall_time_s"] < 600, m["wall_time_s"]
     assert m["n_test"] == 2555 and m["adapter_params"] == LORTA_R16_MINILM
 

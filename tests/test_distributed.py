@@ -164,6 +164,7 @@ def check_matches_single_process(out: Path, scenario: str) -> None:
     assert max_diff(got[0], got[1]) == 0, "the ranks ended with different factors"  # one all-reduced gradient
     start = train_factors.factors_of(train_factors.build(method))
     moved = max((want[k] - start[k]).abs().max().item() for k in want)
+    # a sanity bar, 10^4 float32 units of the O(1) factors: a real update, which the comparison below scales with
     assert moved > 1e-3, "training did not move the factors: the comparison would be vacuous"
     # DDP's gradient is the mean of two half-batch gradients, the single process's one full-batch gradient: the
     # same sums in another order (BACKWARD_TERMS rounding units), so every update, and the total movement, agrees

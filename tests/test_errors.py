@@ -467,7 +467,9 @@ def test_failed_save_leaves_the_earlier_adapter_intact(saved, monkeypatch, fail_
         other.save_pretrained(saved)
     assert _files(saved) == before and not _leftovers(saved)
     monkeypatch.undo()
-    torch.testing.assert_close(output_of(PeftModel.from_pretrained(make_model("llama"), saved), inputs), want)
+    # the same bytes loaded the same way (asserted above): the same computation, bit for bit
+    again = output_of(PeftModel.from_pretrained(make_model("llama"), saved), inputs)
+    torch.testing.assert_close(again, want, atol=0, rtol=0)
 
 
 def test_failed_first_save_leaves_nothing(tmp_path, monkeypatch):
@@ -494,7 +496,8 @@ def test_save_replaces_an_adapter_and_keeps_other_files(saved, monkeypatch, exch
     assert _files(saved / "second") == second
     inputs = make_inputs("llama")
     loaded = PeftModel.from_pretrained(make_model("llama", seed=3), saved)
-    torch.testing.assert_close(output_of(loaded, inputs), output_of(model, inputs))
+    # the same factors; the saving model also holds "second", so its maps may be batched otherwise
+    assert_close(output_of(loaded, inputs), output_of(model, inputs), FORWARD_TERMS)
 
 
 def test_save_into_the_working_directory(saved, monkeypatch):

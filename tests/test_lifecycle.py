@@ -12,7 +12,7 @@ from conftest import ARCHITECTURES, CAUSAL, make_inputs, make_model, output_of
 from methods import METHODS
 from peft import PeftModel, get_peft_model
 from reference import adapted_modules
-from tolerance import BACKWARD_TERMS, FORWARD_TERMS, HALF_TERMS, assert_close
+from tolerance import BACKWARD_TERMS, FORWARD_TERMS, HALF_TERMS, assert_close, assert_differs
 
 import lorta
 from lorta.tuner import TensorAdapterLayer
@@ -40,8 +40,8 @@ def test_starts_exactly_at_the_base_model(arch, method):
     inputs = make_inputs(arch)
     want = output_of(make_model(arch), inputs)
     model = adapted(arch, method)
-    assert torch.equal(output_of(model, inputs), want)
-    assert not torch.equal(output_of(adapted(arch, method, init_weights=False), inputs), want)
+    assert torch.equal(output_of(model, inputs), want)  # the update is exactly 0, and W x + 0 is W x bit for bit
+    assert_differs(output_of(adapted(arch, method, init_weights=False), inputs), want, FORWARD_TERMS)
 
 
 def test_lorta_mode_factors_start_as_seeded_random_signs():
@@ -129,7 +129,7 @@ def test_unload_restores_base_and_disable_adapter(arch, method):
     adapted_out = output_of(model, inputs)
     with model.disable_adapter():
         assert torch.equal(output_of(model, inputs), base_out)
-    torch.testing.assert_close(output_of(model, inputs), adapted_out)
+    torch.testing.assert_close(output_of(model, inputs), adapted_out, atol=0, rtol=0)  # the same computation again
     plain = model.unload()
     assert torch.equal(output_of(plain, inputs), base_out)
 
@@ -155,18 +155,19 @@ def test_several_named_adapters(method):
     torch.manual_seed(123)
     model.add_adapter("second", METHODS[method](init_weights=False))
     assert set(model.base_model.lorta_factors) == {"default", "second"}
-    torch.testing.assert_close(output_of(model, inputs), first)  # adding does not activate
+    # adding does not activate; the same adapter, though a second one present may change how maps are batched
+    assert_close(output_of(model, inputs), first, FORWARD_TERMS)
     model.set_adapter("second")
     second = output_of(model, inputs)
-    assert not torch.allclose(second, first)
+    assert_differs(second, first, FORWARD_TERMS)
     grads = {n.split(".")[2] for n, p in model.named_parameters() if p.requires_grad}
     assert grads == {"second"}
     model.set_adapter("default")
-    torch.testing.assert_close(output_of(model, inputs), first)
+    assert_close(output_of(model, inputs), first, FORWARD_TERMS)
     model.delete_adapter("second")
     assert set(model.base_model.lorta_factors) == {"default"}
     assert all("second" not in m.lorta_slots for m in adapted_modules(model).values())
-    torch.testing.assert_close(output_of(model, inputs), first)
+    assert_close(output_of(model, inputs), first, FORWARD_TERMS)
 
 
 def causal_loss(model, inputs):
@@ -285,7 +286,7 @@ def test_inference_maps_follow_factor_updates(method):
     cached = output_of(model, inputs)
     with torch.enable_grad():
         fresh = model(**inputs).logits.detach()
-    assert not torch.allclose(cached, first)
+    assert_differs(cached, first, FORWARD_TERMS)  # so the comparison below tells stale maps from fresh ones
     assert_close(cached, fresh, FORWARD_TERMS)  # a no-grad and a grad forward: the same maps, batched alike
     factors.load_state_dict({k: v * 0 for k, v in factors.state_dict().items()}, strict=False)
     with torch.enable_grad():
@@ -306,7 +307,7 @@ def test_inference_after_a_training_step_with_fused_adamw():
     opt.step()
     model.eval()
     after = output_of(model, inputs)
-    assert not torch.allclose(after, before)
+    assert_differs(after, before, FORWARD_TERMS)  # so the comparison below tells stale maps from fresh ones
     with torch.enable_grad():
         fresh = model(**inputs).logits.detach()
     assert_close(after, fresh, FORWARD_TERMS)

@@ -1,7 +1,8 @@
 """Property-based checks over random small Llama shapes and random adapter configurations (hypothesis).
 
-1. In float64, every adapted matrix's update and the whole model's forward equal the dense reference built from
-   the papers' formulas (tests/reference.py) to a relative error of 1e-10, for LoRTA (any modes, targets, rsLoRA),
+1. In float64, every adapted matrix's update equals the dense reference built from the papers' formulas
+   (tests/reference.py) to float64 rounding, and the whole model's forward to the float32 rounding HF's norms do
+   inside a float64 model (tests/tolerance.py), for LoRTA (any modes, targets, rsLoRA),
    TensLoRA (any construction, Tucker or CP, a rank per mode) and TLoRA; shapes cover GQA (KV heads dividing the
    heads) and H * head_dim != hidden size.
 2. In float32, 100 merge / unmerge cycles leave every base weight within 2 roundings per cycle of the original,
@@ -16,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peft import get_peft_model
 from reference import adapted_modules, reference_lorta, reference_tenslora, reference_tlora
-from tolerance import FORWARD_TERMS, assert_close
+from tolerance import FLOAT32_INSIDE_TERMS, FORWARD_TERMS, MAP_TERMS, assert_close
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorta
@@ -97,10 +98,6 @@ def build(shape: dict, dtype: torch.dtype, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got - want).norm() / want.norm().clamp_min(1e-300)).item()
-
-
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids).logits
@@ -120,10 +117,11 @@ def test_forward_equals_the_float64_dense_reference(method, data):
         got = module.delta_weight("default").double()
         assert got.dtype == torch.float64 and got.shape == module.get_base_layer().weight.shape
         assert references[name].norm() > 0, name
-        assert relative_error(got, references[name]) <= 1e-10, name
+        assert_close(got, references[name], MAP_TERMS, msg=name)  # float64 maps vs the formula, reordered
         dense.get_submodule(name).weight.data += references[name]
     ids = torch.randint(0, 31, (2, 5), generator=torch.Generator().manual_seed(seed))
-    assert relative_error(logits(peft_model, ids), logits(dense, ids)) <= 1e-10
+    # float64 models, but HF's RMSNorms round to float32 inside (tests/tolerance.py)
+    assert_close(logits(peft_model, ids), logits(dense, ids), FLOAT32_INSIDE_TERMS, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("method", sorted(CONFIGS))

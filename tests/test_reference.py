@@ -9,14 +9,11 @@ import torch
 from conftest import ARCHITECTURES, make_inputs, make_model, output_of
 from peft import get_peft_model
 from reference import adapted_modules, reference_lorta, reference_tenslora, reference_tlora
+from tolerance import FLOAT32_INSIDE_TERMS, MAP_TERMS, assert_close
 
 import lorta
 
 ALL_MODE_SETS = [list(c) for k in range(4) for c in itertools.combinations(lorta.methods.LORTA_MODES, k)]
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got - want).norm() / want.norm().clamp_min(1e-300)).item()
 
 
 def assert_matches_reference(arch: str, config, reference_fn) -> None:
@@ -29,10 +26,11 @@ def assert_matches_reference(arch: str, config, reference_fn) -> None:
         got = module.delta_weight("default").double()
         assert got.shape == module.get_base_layer().weight.shape
         assert references[name].norm() > 0
-        assert relative_error(got, references[name]) <= 1e-10, name
+        assert_close(got, references[name], MAP_TERMS, msg=name)  # float64 maps vs the formula, reordered
         dense.get_submodule(name).weight.data += references[name]
     inputs = make_inputs(arch)
-    assert relative_error(output_of(peft_model, inputs), output_of(dense, inputs)) <= 1e-10
+    # float64 models, but HF's norms and softmaxes round to float32 inside (tests/tolerance.py)
+    assert_close(output_of(peft_model, inputs), output_of(dense, inputs), FLOAT32_INSIDE_TERMS, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("modes", ALL_MODE_SETS, ids=lambda m: "+".join(m) or "none")

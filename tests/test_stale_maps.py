@@ -8,7 +8,7 @@ import torch
 from conftest import make_inputs, make_model, output_of
 from methods import METHODS
 from peft import get_peft_model
-from tolerance import FORWARD_TERMS, assert_close
+from tolerance import FORWARD_TERMS, assert_close, assert_differs
 
 import lorta
 
@@ -59,7 +59,7 @@ def test_an_in_place_edit_between_two_forwards_is_seen(method, edit):
     before = output_of(model, inputs)
     edit_factors(model, EDITS[edit])
     after = output_of(model, inputs)
-    assert not torch.equal(after, before)
+    assert_differs(after, before, FORWARD_TERMS)  # the edit moves the output past rounding: stale maps cannot pass
     assert_close(after, fresh_output(model, inputs), FORWARD_TERMS)  # batched vs per-module maps
 
 
@@ -73,7 +73,7 @@ def test_an_edit_between_two_generate_calls_is_seen(method):
     second = model.generate(**inputs, **kwargs).scores[0]
     with torch.no_grad():
         want = model(**inputs).logits[:, -1]
-    assert not torch.equal(first, second)
+    assert_differs(second, first, FORWARD_TERMS)
     assert_close(second, want, FORWARD_TERMS)  # generate's cached attention path vs one full forward
 
 
@@ -85,7 +85,7 @@ def test_an_edit_through_the_base_model_call_is_seen():
         before = model.base_model.model(**inputs).logits
         edit_factors(model, EDITS["data.copy_"])
         after = model.base_model.model(**inputs).logits
-    assert not torch.equal(after, before)
+    assert_differs(after, before, FORWARD_TERMS)
     assert_close(after, fresh_output(model, inputs), FORWARD_TERMS)  # batched vs per-module maps
 
 
@@ -102,8 +102,8 @@ def test_mixed_batches_see_an_in_place_edit(edit):
         after = model(**inputs, adapter_names=names).logits
         model.set_adapter("other")
         want_other = model(**inputs).logits[1]
-    torch.testing.assert_close(after[0], before[0], atol=0, rtol=0)  # the untouched adapter's row
-    assert not torch.equal(after[1], before[1])
+    torch.testing.assert_close(after[0], before[0], atol=0, rtol=0)  # the untouched adapter's row: the same ops
+    assert_differs(after[1], before[1], FORWARD_TERMS)
     assert_close(after[1], want_other, FORWARD_TERMS)  # batched (bmm) vs plain products
 
 

@@ -23,6 +23,17 @@ HALF_TERMS = 32
 # The thin maps P, Q of one matrix: at most four chained contractions (Tucker core x depth x qkv x att, then the
 # head basis) of ranks <= 8 in the tests, i.e. fewer than 32 products per element; 64 leaves a factor 2.
 MAP_TERMS = 64
+# HF runs some ops of a float64 model in float32 (Llama-family RMSNorms cast to float32, T5's norm its variance, eager
+# attention its softmax, MoE routers their d-long logits), so two float64 computations a few eps64 apart can round
+# there to float32 values one unit apart. Per layer <= 3 norms and 2 softmaxes of <= 3 roundings each (input,
+# variance, output: 15), or in an MoE layer 2 norms, a softmax and a router (d + 1 <= 17, plus its softmax): <= 35;
+# <= 4 layers (2 + 2, encoder-decoder) and 2 final norms stay under 128 float32 units (the float64 path adds
+# FORWARD_TERMS * eps64, < 1e-5 of one). A float64 forward through HF is compared in these float32 units.
+FLOAT32_INSIDE_TERMS = 128
+# A forward of all-MiniLM-L6 (6 layers, d = 384, d_ff = 1536, 12 heads of 32, <= 32 tokens) with its 2-way head: per
+# layer q/k/v/o (4 d), scores and mix (d_h + T), the MLP (d + d_ff) and two norms (2 d) = 4288; six layers, the
+# pooler and the classifier (2 d) make 26496 < 32768.
+MINILM_FORWARD_TERMS = 32768
 
 
 def eps(dtype: torch.dtype) -> float:
@@ -51,3 +62,18 @@ def assert_close(
     """|actual - expected| <= terms * eps(dtype) * scale, elementwise (and equal shapes and dtypes)."""
     atol = tolerance(expected, terms, scale, dtype)
     torch.testing.assert_close(actual, expected, atol=atol, rtol=0, msg=msg)
+
+
+def assert_differs(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    terms: int,
+    msg: str | None = None,
+    scale: float | None = None,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """max |actual - expected| > terms * eps(dtype) * scale: a change that rounding alone cannot make (the converse of
+    assert_close, for "did it move" checks whose comparison afterwards would otherwise be vacuous)."""
+    atol = tolerance(expected, terms, scale, dtype)
+    moved = float((actual - expected).abs().max())
+    assert moved > atol, f"{msg + ': ' if msg else ''}moved by {moved:.3g}, within the rounding bound {atol:.3g}"
