@@ -72,6 +72,14 @@ def load_base(path: str):
 
 
 IDS = torch.tensor([[3, 5, 9, 12, 4, 7], [6, 3, 11, 8, 13, 2]])
+TINY_BERT = dict(
+    vocab_size=32,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+)
 
 
 def logits(model) -> torch.Tensor:
@@ -176,15 +184,7 @@ def test_auto_peft_model_for_sequence_classification_loads_a_lorta_adapter(tmp_p
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=32,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=2,
-    )
+    config = BertConfig(**TINY_BERT, num_labels=2)
     BertForSequenceClassification(config).save_pretrained(tmp_path / "bert")
     base = BertForSequenceClassification.from_pretrained(tmp_path / "bert")
     model = get_peft_model(base, lorta.LortaConfig(r=3, init_weights=False, task_type="SEQ_CLS")).eval()
@@ -255,14 +255,7 @@ def test_sentence_transformers_trains_saves_and_reloads_a_lorta_adapter(tmp_path
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=32,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
+    config = BertConfig(**TINY_BERT)
     BertModel(config).save_pretrained(tmp_path / "bert")
     tiny_tokenizer().save_pretrained(tmp_path / "bert")
 

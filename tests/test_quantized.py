@@ -29,6 +29,16 @@ warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
 BACKENDS = ["bnb-8bit", "bnb-nf4", "bnb-fp4", "torchao-int8", "hqq-4bit"]
 METHOD_NAMES = ["lorta", "tenslora-tucker", "tlora"]
 IDS = torch.tensor([[5, 17, 3, 44, 8], [60, 2, 91, 33, 12]])
+# the tiny decoder of these tests (GQA: 4 heads, 2 key/value heads), as Llama and as Qwen2 (q/k/v biases)
+TINY_DECODER = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +46,7 @@ def float_dir(tmp_path_factory) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=97,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-    )
+    model = LlamaForCausalLM(LlamaConfig(**TINY_DECODER))
     path = tmp_path_factory.mktemp("float-llama")
     model.save_pretrained(path)
     return str(path)
@@ -374,17 +374,7 @@ def test_merging_into_hqq_keeps_the_layers_bias():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=97,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-    ).eval()
+    model = Qwen2ForCausalLM(Qwen2Config(**TINY_DECODER)).eval()
     for layer in model.model.layers:
         for name in ("q_proj", "k_proj", "v_proj"):
             linear = getattr(layer.self_attn, name)
