@@ -148,7 +148,7 @@ def test_maps_of_a_finished_forward_are_never_reused_outside_its_backward():
 
 def test_a_failing_forward_closes_its_frame_and_call():
     model = adapted("llama", "lorta")
-    frames = model.base_model.lorta_state.frames
+    frames = model.base_model.lorta_state.caches.frames
     with pytest.raises(IndexError):
         model(input_ids=torch.full((1, 4), 10_000))  # out of the vocabulary
     assert frames.depth == 0 and frames.calls == 0
@@ -159,7 +159,7 @@ def test_a_failing_forward_closes_its_frame_and_call():
 
 def test_frames_live_as_long_as_their_forward_or_call():
     model = adapted("llama", "lorta")
-    frames = model.base_model.lorta_state.frames
+    frames = model.base_model.lorta_state.caches.frames
     inputs = make_inputs("llama")
     with torch.no_grad():
         model(**inputs)
