@@ -108,9 +108,10 @@ def test_training_forward_builds_no_map_module_by_module(monkeypatch, method):
     assert calls["group_maps"] == 0 and calls["maps"] == sum(len(s) for s in factors.layout.slots.values())
 
 
-@pytest.mark.parametrize("method", ["lorta", "tenslora-tucker", "tlora"])
+@method_names
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 def test_transformers_gradient_checkpointing_recomputes_from_the_same_maps(method, reentrant):
+    """Reentrant and non-reentrant checkpointing give the gradients of the plain backward, for every method."""
     _, plain = grads_of(adapted("llama", method), "llama")
     model = adapted("llama", method)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})

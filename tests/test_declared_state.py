@@ -12,7 +12,7 @@ import torch
 from conftest import make_inputs, make_model
 from methods import METHODS
 from peft import PeftModel, get_peft_model
-from test_batched_maps import adapted, assert_same, grads_of
+from test_batched_maps import adapted, assert_same, grads_of  # (checkpointing per method: test_batched_maps)
 
 import lorta
 from lorta.tuner.config import TensorAdapterConfig
@@ -94,17 +94,6 @@ def test_the_backward_window_is_closed_outside_the_backward():
     q_proj(x).sum().backward()  # its own graph, its own maps
     out.pow(2).mean().backward()
     assert not frames.backward_frame.in_backward
-
-
-@pytest.mark.parametrize("method", sorted(METHODS))
-@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
-def test_gradient_checkpointing_gives_the_gradients_of_the_plain_backward(method, reentrant):
-    _, plain = grads_of(adapted("llama", method), "llama")
-    model = adapted("llama", method)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-    model.enable_input_require_grads()
-    _, checkpointed = grads_of(model, "llama")
-    assert_same(checkpointed, plain)
 
 
 def test_a_retained_graph_recomputes_from_the_same_maps_in_each_backward():
