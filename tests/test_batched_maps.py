@@ -108,9 +108,10 @@ def test_training_forward_builds_no_map_module_by_module(monkeypatch, method):
     assert calls["group_maps"] == 0 and calls["maps"] == sum(len(s) for s in factors.layout.slots.values())
 
 
-@pytest.mark.parametrize("method", ["lorta", "tenslora-tucker", "tlora"])
+@method_names
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 def test_transformers_gradient_checkpointing_recomputes_from_the_same_maps(method, reentrant):
+    """Reentrant and non-reentrant checkpointing give the gradients of the plain backward, for every method."""
     _, plain = grads_of(adapted("llama", method), "llama")
     model = adapted("llama", method)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
@@ -148,7 +149,7 @@ def test_maps_of_a_finished_forward_are_never_reused_outside_its_backward():
 
 def test_a_failing_forward_closes_its_frame_and_call():
     model = adapted("llama", "lorta")
-    frames = model.base_model.lorta_state.frames
+    frames = model.base_model.lorta_state.caches.frames
     with pytest.raises(IndexError):
         model(input_ids=torch.full((1, 4), 10_000))  # out of the vocabulary
     assert frames.depth == 0 and frames.calls == 0
@@ -159,7 +160,7 @@ def test_a_failing_forward_closes_its_frame_and_call():
 
 def test_frames_live_as_long_as_their_forward_or_call():
     model = adapted("llama", "lorta")
-    frames = model.base_model.lorta_state.frames
+    frames = model.base_model.lorta_state.caches.frames
     inputs = make_inputs("llama")
     with torch.no_grad():
         model(**inputs)

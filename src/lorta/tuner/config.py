@@ -7,7 +7,7 @@ import math
 import os
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from peft import PeftConfig
@@ -80,6 +80,17 @@ class TensorAdapterConfig(PeftConfig):
         default=None,
         metadata={"help": "The layers mode: the adapted layers, in order (filled on creation, checked on load)."},
     )
+    # Declared, not a hidden attribute: from_pretrained records the adapter's directory here so that the tuner can
+    # check the saved weights against the model before it injects anything. It describes this Python object, not
+    # the adapter, so it is never saved (to_dict drops every field marked saved=False), never a constructor argument
+    # and never part of ==.
+    loaded_from: str | None = field(
+        default=None,
+        init=False,
+        repr=False,
+        compare=False,
+        metadata={"help": "The directory from_pretrained read this config from (not saved).", "saved": False},
+    )
 
     def __post_init__(self) -> None:
         _check_positive_int("r", self.r)
@@ -95,6 +106,11 @@ class TensorAdapterConfig(PeftConfig):
         if self.bias not in BIAS_CHOICES:
             raise AdapterConfigError(f"bias={self.bias!r} is not one of {list(BIAS_CHOICES)}")
 
+    def to_dict(self) -> dict[str, Any]:
+        """PEFT's dict of the config (what adapter_config.json holds), without the fields that are never saved."""
+        unsaved = {f.name for f in fields(self) if f.metadata.get("saved", True) is False}
+        return {k: v for k, v in super().to_dict().items() if k not in unsaved}
+
     def scale_for(self, rank: int) -> float:
         """LoRA's alpha / r, or rsLoRA's alpha / sqrt(r)."""
         return float(self.lora_alpha) / (math.sqrt(rank) if self.use_rslora else rank)
@@ -104,8 +120,8 @@ class TensorAdapterConfig(PeftConfig):
         """PEFT's loader, plus checks of a local adapter_config.json before any model is touched.
 
         The JSON must parse, name a peft_type this class loads and hold no field of another lorta method; a field of
-        the wrong type is reported with the file's path. The directory is remembered (not saved) so that the tuner
-        can check the weights file against the model before it injects anything.
+        the wrong type is reported with the file's path. The directory is kept in `loaded_from` (not saved) so that
+        the tuner can check the weights file against the model before it injects anything.
         """
         path = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
         config_file = os.path.join(path, CONFIG_NAME)
@@ -121,7 +137,7 @@ class TensorAdapterConfig(PeftConfig):
                 raise
             raise AdapterConfigError(f"{config_file}: {exc}. Fix that field or save the adapter again.") from exc
         if local:
-            config._lorta_source = path  # not a dataclass field: never written to adapter_config.json
+            config.loaded_from = path
         return config
 
 

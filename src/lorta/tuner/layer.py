@@ -161,7 +161,7 @@ class TensorAdapterLayer(BaseTunerLayer):
         """result + scale * (dropout(x) @ P) @ Q, x @ P shared by the matrices with the same input key."""
         state = self._lorta_state
         P, Q, key = state.maps(self, name)
-        u = state.inputs.project(x, P, (name, key) if key is not None else None, self.lorta_dropout[name])
+        u = state.caches.inputs.project(x, P, (name, key) if key is not None else None, self.lorta_dropout[name])
         return add_product(result, u, Q, self.lorta_scaling[name])
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:

@@ -15,13 +15,13 @@ adapter is appended for "__base__" rows and for rows whose adapter belongs to an
 factorisation gives equal `input_key`s share P (LoRTA's A: one P for every q, k, v of every layer when layers is
 a mode), and within one attention call x @ P is gathered and computed once for q, k and v.
 
-Caching. The engine (one per tuner, on its TunerState) keeps the stacked factors and the per-layer maps from
-call to call, and checks them once per forward or generate call against the current VALUES of the adapters the
-call uses (flattened and compared bit for bit with the stacked copy, in one comparison): an optimizer step, a
-`p.data.copy_`, an adapter added or removed all rebuild the maps of the groups they touch, so a mixed batch never
-answers with maps of factors that are not the current ones. `cache_maps=False` keeps only the stacked factors and
-builds the maps of the batch's distinct adapters in each layer call (vectorised too): less memory, more work per
-call.
+Caching (docs/design.md, "Caches"). The engine (one per tuner, on its TunerState's caches) keeps the stacked factors
+and the per-layer maps from call to call, and checks them once per forward or generate call against the current
+VALUES of the adapters the call uses (flattened and compared bit for bit with the stacked copy, in one comparison):
+an optimizer step, a `p.data.copy_`, an adapter added or removed all rebuild the maps of the groups they touch, so a
+mixed batch never answers with maps of factors that are not the current ones. `cache_maps=False` keeps only the
+stacked factors and builds the maps of the batch's distinct adapters in each layer call (vectorised too): less
+memory, more work per call.
 
 Rows are resolved once per model call (names -> per-group indices); beam search and num_return_sequences
 expand each name to its row's copies (as PEFT does), and encoder rows keep the unexpanded names.
@@ -270,9 +270,9 @@ def _materialise(factors: nn.Module) -> None:
 
 def engine_for(state: Any) -> MixedBatchEngine:
     """The mixed-batch engine of a tuner's TunerState (created on first use, shared by the tuner and its layers)."""
-    if state.mixed is None:
-        state.mixed = MixedBatchEngine(state.factors)
-    return state.mixed
+    if state.caches.mixed is None:
+        state.caches.mixed = MixedBatchEngine(state.factors)
+    return state.caches.mixed
 
 
 # ------------------------------------------------------------------------------------------------- rows
@@ -388,7 +388,8 @@ def mixed_forward(layer: nn.Module, x: Tensor, adapter_names: Any, *args: Any, *
             return torch.bmm(xc, _gather_P(rows, P_all, idx, key, batch))
 
         # q, k, v of one attention call with equal input keys: x @ P once (the scope clears it after the call)
-        u = state.inputs.shared(x, ("mixed", id(rows), id(P_all), key) if key is not None else None, project)
+        shared_key = ("mixed", key) if key is not None else None
+        u = state.caches.inputs.shared(x, shared_key, project, held=(rows, P_all))
         Q = Q_all[uniform] if uniform is not None else Q_all.index_select(0, idx)  # the scale is folded into Q
         res3 = add_product(result.reshape(batch, -1, result.shape[-1]), u, Q)
         result = res3.view(result.shape)
@@ -442,14 +443,14 @@ def mixed_batch_hooks(
         raise ValueError("Cannot pass `adapter_names`: this model holds no lorta adapter")
     rows = engine_for(state).rows(adapter_names, expand_size(kwargs, model))
     handles = []
-    state.mixed_call = True  # no single-adapter map frames in this call
+    state.caches.mixed_call = True  # no single-adapter map frames in this call
     try:
         inject_rows, inject_names = partial(_inject_rows, rows=rows), partial(_inject_names, rows=rows)
         handles += [m.register_forward_pre_hook(inject_rows, with_kwargs=True) for m in layers]
         handles += [m.register_forward_pre_hook(inject_names, with_kwargs=True) for m in wrappers]
         yield
     finally:
-        state.mixed_call = False
+        state.caches.mixed_call = False
         for handle in handles:
             handle.remove()
 

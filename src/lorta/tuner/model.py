@@ -20,7 +20,16 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from ..factorization import Factorization
-from ..layout import ARCHITECTURES, DEFAULT_TARGETS, OUT_HEADS, LayoutError, ModelShape, TensorLayout, build_layout
+from ..layout import (
+    ARCHITECTURES,
+    DEFAULT_TARGETS,
+    OUT_HEADS,
+    LayoutError,
+    ModelShape,
+    Slot,
+    TensorLayout,
+    build_layout,
+)
 from ..quantized import (
     check_mergeable,
     check_restorable,
@@ -32,7 +41,7 @@ from ..quantized import (
 from .adapter_file import check_adapter_file, check_factor_entries
 from .config import TensorAdapterConfig
 from .layer import Linear, TensorAdapterLayer, nan_message
-from .maps import Maps, module_maps
+from .maps import MapKey, Maps, module_maps
 from .mixed import mixed_batch_hooks
 from .state import TunerState
 
@@ -65,7 +74,7 @@ class TensorAdapterModel(BaseTuner):
             self.lorta_factors = nn.ModuleDict()
             object.__setattr__(self, "_lorta_state", TunerState(self.lorta_factors))  # a reference, not a submodule
         config: TensorAdapterConfig = self.peft_config[adapter_name]
-        source = config.__dict__.pop("_lorta_source", None)  # set by TensorAdapterConfig.from_pretrained
+        source, config.loaded_from = config.loaded_from, None  # from_pretrained's directory: checked once, here
         config = self._prepare_adapter_config(config, self.get_model_config(model))
         try:
             shape = _model_shape(model, config.model_shape)
@@ -78,7 +87,7 @@ class TensorAdapterModel(BaseTuner):
         dtype, device = compute_dtype_and_device(next(iter(_base(m) for m in _targets_in(model, layout))))
         device = torch.device("meta") if low_cpu_mem_usage else device
         state = self._lorta_state
-        state.quantization = quantization_kwargs(model) if _quantized(model) else {}
+        state.book.quantization = quantization_kwargs(model) if _quantized(model) else {}
         keep_trainable_layout(model)  # bitsandbytes' CPU inference packing of 4-bit weights has no backward
         with torch.device(device):
             factors = self.factorization_cls(config, layout)
@@ -86,9 +95,8 @@ class TensorAdapterModel(BaseTuner):
         if source is not None:  # validate the saved weights against this model before anything is modified
             check_adapter_file(source, factors, config.peft_type)
         for param in factors.parameters():
-            param._lorta_unmanaged = True  # see _check_runtime: FSDP replaces the parameters it manages
-        self.lorta_factors[adapter_name] = factors
-        state.pending_layout = layout
+            state.book.unmanaged.add(param)  # see _check_runtime: FSDP replaces the parameters it manages
+        self.lorta_factors[adapter_name] = factors  # _create_and_replace reads the layout from here
         try:
             super().inject_adapter(
                 model,
@@ -100,20 +108,18 @@ class TensorAdapterModel(BaseTuner):
         except Exception:
             del self.lorta_factors[adapter_name]
             raise
-        finally:
-            state.pending_layout = None
         config.model_shape = shape.to_dict()
         config.matrix_names = list(layout.matrix_names)
         config.layer_names = list(layout.layer_names)
         self._refresh_layers()
         self._hook_shared_inputs(model, layout)
         probe = next((m for m in model.modules() if isinstance(m, TensorAdapterLayer)), None)
-        state.probe = weakref.ref(probe) if probe is not None else None
-        if "" not in state.hooks:  # PeftModel.forward calls the transformers model directly, not the tuner
+        state.book.probe = weakref.ref(probe) if probe is not None else None
+        if "" not in state.book.hooks:  # PeftModel.forward calls the transformers model directly, not the tuner
             tuner = weakref.ref(self)
-            state.hooks[""] = [
+            state.book.hooks[""] = [
                 model.register_forward_pre_hook(lambda *_: _before_forward(tuner)),
-                model.register_forward_hook(lambda *_: _after_forward(tuner), always_call=True),
+                model.register_forward_hook(lambda _, __, out: _after_forward(tuner, out), always_call=True),
             ]
 
     def _find_targets(self, model: nn.Module, config: TensorAdapterConfig) -> dict[str, nn.Module]:
@@ -138,15 +144,15 @@ class TensorAdapterModel(BaseTuner):
         parent: nn.Module,
         current_key: str,
     ) -> None:
-        layout: TensorLayout = self._lorta_state.pending_layout
+        factors = self.lorta_factors[adapter_name]  # registered by inject_adapter before PEFT calls this
+        layout: TensorLayout = factors.layout
         slots = layout.slots[current_key]
         order = layout.out_orders.get(current_key)
-        factors = self.lorta_factors[adapter_name]
         scaling = config.scale_for(factors.scale_rank)
         if isinstance(target, TensorAdapterLayer):
             target.update_layer(adapter_name, slots, scaling, config.lora_dropout, order)
             return
-        new_module = Linear(target, adapter_name, quantization=self._lorta_state.quantization)
+        new_module = Linear(target, adapter_name, quantization=self._lorta_state.book.quantization)
         new_module.attach(self._lorta_state)
         new_module.update_layer(adapter_name, slots, scaling, config.lora_dropout, order)
         self._replace_module(parent, target_name, new_module, target)
@@ -156,23 +162,23 @@ class TensorAdapterModel(BaseTuner):
         for name, slots in layout.slots.items():
             if len(slots) == 1 and slots[0].role == OUT_HEADS and "." in name:
                 parent_name = name.rsplit(".", 1)[0]
-                hooks = self._lorta_state.hooks
+                hooks = self._lorta_state.book.hooks
                 if parent_name not in hooks:
-                    hooks[parent_name] = self._lorta_state.inputs.hook(model.get_submodule(parent_name))
+                    hooks[parent_name] = self._lorta_state.caches.inputs.hook(model.get_submodule(parent_name))
 
     def _remove_hooks(self) -> None:
-        for handles in self._lorta_state.hooks.values():
+        for handles in self._lorta_state.book.hooks.values():
             for handle in handles:
                 handle.remove()
-        self._lorta_state.hooks.clear()
-        self._lorta_state.frames.drop()
+        self._lorta_state.book.hooks.clear()
+        self._lorta_state.caches.frames.drop()
 
     def _refresh_layers(self) -> None:
         """The wrapped layers, in model order (the frame builder walks them; a list, so copies follow the model)."""
         layers = [m for m in self.model.modules() if isinstance(m, TensorAdapterLayer)]
-        self._lorta_state.layers = layers
-        self._lorta_state.frames.drop()
-        self._lorta_state.indices.clear()
+        self._lorta_state.book.layers = layers
+        self._lorta_state.caches.frames.drop()
+        self._lorta_state.caches.indices.clear()
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """PEFT's contract: float16/bfloat16 adapter weights become float32 unless autocast_adapter_dtype=False."""
@@ -214,7 +220,7 @@ class TensorAdapterModel(BaseTuner):
     # ------------------------------------------------------------------------------------ validation guards
     def _check_runtime(self) -> None:
         """Refuse setups that would silently compute wrong results: a cheap check of one layer and each bank."""
-        probe = self._lorta_state.probe if "_lorta_state" in self.__dict__ else None
+        probe = self._lorta_state.book.probe if "_lorta_state" in self.__dict__ else None
         layer = probe() if probe is not None else None
         if layer is None or "lorta_factors" not in self._modules:
             return
@@ -222,6 +228,7 @@ class TensorAdapterModel(BaseTuner):
         if not isinstance(weight, torch.Tensor):  # a quantised layer without a weight tensor (HQQ)
             return
         sharded_layers = _is_dtensor(weight)
+        unmanaged = self._lorta_state.book.unmanaged
         for name in self.active_adapters:
             bank = self.lorta_factors[name] if name in self.lorta_factors else None
             param = next(bank.parameters(), None) if bank is not None else None
@@ -233,10 +240,10 @@ class TensorAdapterModel(BaseTuner):
                     " call fully_shard on the root module (the PeftModel) after its layers, not on "
                     "base_model.lorta_factors alone; or train with DistributedDataParallel"
                 )
-            if not sharded_layers and not getattr(param, "_lorta_unmanaged", False):
+            if not sharded_layers and param not in unmanaged:
                 for unsharded in bank.parameters():  # e.g. loaded with low_cpu_mem_usage (assigned parameters)
-                    unsharded._lorta_unmanaged = True
-            elif sharded_layers and getattr(param, "_lorta_unmanaged", False):
+                    unmanaged.add(unsharded)
+            elif sharded_layers and param in unmanaged:
                 raise DistributedSetupError(
                     f"the adapted layers' weights are sharded (DTensor) but the factors of adapter {name!r} "
                     "(base_model.lorta_factors, shared by every layer) are outside every FSDP unit, so their "
@@ -261,7 +268,7 @@ class TensorAdapterModel(BaseTuner):
             return
         ddp = DistributedDataParallel._get_active_ddp_module()
         state = self._lorta_state
-        if ddp is None or getattr(ddp, "static_graph", False) or state.ddp_checked == id(ddp):
+        if ddp is None or getattr(ddp, "static_graph", False) or state.book.ddp_checked == id(ddp):
             return
         for module in self.model.modules():
             func = getattr(module, "_gradient_checkpointing_func", None)
@@ -272,7 +279,7 @@ class TensorAdapterModel(BaseTuner):
                     "rest. Use gradient_checkpointing_kwargs={'use_reentrant': False} (the transformers default), "
                     "or DistributedDataParallel(..., static_graph=True) (Trainer: ddp_static_graph=True)"
                 )
-        state.ddp_checked = id(ddp)
+        state.book.ddp_checked = id(ddp)
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         self._check_mergeable(adapter_names)
@@ -363,7 +370,7 @@ class TensorAdapterModel(BaseTuner):
             self._check_merge_is_finite(adapter_names)
         model = super()._unload_and_optionally_merge(*args, **kwargs)
         self._remove_hooks()
-        for layer in self.lorta_state.layers:  # unloaded: nothing will be unmerged, so free the kept storage
+        for layer in self.lorta_state.book.layers:  # unloaded: nothing will be unmerged, so free the kept storage
             layer.pre_merge_storage = None
         return model
 
@@ -380,7 +387,7 @@ class TensorAdapterModel(BaseTuner):
     def _begin_forward(self) -> None:
         """Open the forward's map frame (lorta.tuner.maps): one batched pass over every adapted module."""
         state = self._lorta_state
-        probe = self._lorta_state.probe if "_lorta_state" in self.__dict__ else None
+        probe = state.book.probe
         layer = probe() if probe is not None else None
         device_type = compute_dtype_and_device(layer.get_base_layer())[1].type if layer is not None else "cpu"
         skip = (
@@ -389,23 +396,23 @@ class TensorAdapterModel(BaseTuner):
             or layer is None
             or layer.disable_adapters
             or layer.merged
-            or state.mixed_call
+            or state.caches.mixed_call
         )
-        state.frames.begin_forward(None if skip else self._frame_maps, device_type)
+        state.caches.frames.begin_forward(None if skip else self._frame_maps, device_type)
 
-    def _frame_maps(self) -> dict[tuple[str, int], Maps]:
-        maps: dict[tuple[str, int], Maps] = {}
+    def _frame_maps(self) -> dict[MapKey, tuple[list[Slot], Maps]]:
+        maps: dict[MapKey, tuple[list[Slot], Maps]] = {}
         for name in self.active_adapters:
             factors = self.lorta_factors[name] if name in self.lorta_factors else None
             if factors is None:
                 continue
-            modules = [(m, m.lorta_slots[name]) for m in self._lorta_state.layers if name in m.lorta_slots]
+            state = self._lorta_state
+            modules = [(m, m.lorta_slots[name]) for m in state.book.layers if name in m.lorta_slots]
             slots = [slot for _, module_slots in modules for slot in module_slots]
-            pairs = iter(factors.maps_many(slots, self._lorta_state.indices))
+            pairs = iter(factors.maps_many(slots, state.caches.indices))
             for layer, slots in modules:
-                maps[(name, id(slots))] = module_maps(
-                    factors, slots, layer.lorta_out_order, [next(pairs) for _ in slots]
-                )
+                pair = [next(pairs) for _ in slots]
+                maps[(name, id(slots))] = (slots, module_maps(factors, slots, layer.lorta_out_order, pair))
         return maps
 
     @contextmanager
@@ -418,20 +425,20 @@ class TensorAdapterModel(BaseTuner):
         if state is None:
             yield
             return
-        state.frames.begin_call()
+        state.caches.frames.begin_call()
         try:
             wrappers = [m for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
             with mixed_batch_hooks(
                 state if "lorta_factors" in self._modules else None,
                 self.model,
                 self.training,
-                state.layers,
+                state.book.layers,
                 wrappers,
                 kwargs,
             ):
                 yield
         finally:
-            state.frames.end_call()
+            state.caches.frames.end_call()
 
     @property
     def lorta_state(self) -> TunerState:
@@ -482,10 +489,10 @@ def _before_forward(tuner: weakref.ref) -> None:
         instance._begin_forward()
 
 
-def _after_forward(tuner: weakref.ref) -> None:
+def _after_forward(tuner: weakref.ref, outputs: Any) -> None:
     instance = tuner()
     if instance is not None:
-        instance._lorta_state.frames.end_forward()
+        instance._lorta_state.caches.frames.end_forward(outputs)
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:

@@ -5,7 +5,7 @@ HF attention modules call q_proj(x), k_proj(x) and v_proj(x) on the same tensor 
 same input map A, so within one call of the attention module the projection x @ A (and its dropout mask) is
 computed once and reused, in the single-adapter forward and in mixed-adapter batches alike. The scope is opened
 and closed by hooks on the attention module, so nothing is ever reused across calls, steps or recomputations
-(gradient checkpointing re-enters the scope and recomputes).
+(gradient checkpointing re-enters the scope and recomputes). docs/design.md, "Caches", states the rule.
 """
 
 from __future__ import annotations
@@ -18,9 +18,13 @@ from torch import Tensor, nn
 
 
 class SharedInputCache:
+    """x @ P within one call of an attention module (docs/design.md, "Caches"): the scope is opened by a forward
+    pre-hook and emptied by an always_call forward hook; an entry is keyed by the identity of x (and of any other
+    tensors it was computed from, `held`) and holds them, so no other tensor can take their id while it lives."""
+
     def __init__(self) -> None:
-        self.depth = 0
-        self.entries: dict[tuple[int, Hashable], tuple[Tensor, Tensor]] = {}
+        self.depth = 0  # nested scopes (the attention module called within itself)
+        self.entries: dict[tuple[Hashable, ...], tuple[tuple[Any, ...], Tensor]] = {}  # key -> (held objects, value)
 
     def enter(self, *_: Any, **__: Any) -> None:
         self.depth += 1
@@ -30,16 +34,20 @@ class SharedInputCache:
         if self.depth == 0:
             self.entries.clear()
 
-    def shared(self, x: Tensor, key: Hashable | None, compute: Callable[[], Tensor]) -> Tensor:
-        """compute(), a product of x, computed once within the scope for the same x and key (None: not shared)."""
+    def shared(
+        self, x: Tensor, key: Hashable | None, compute: Callable[[], Tensor], held: tuple[Any, ...] = ()
+    ) -> Tensor:
+        """compute(), a product of x (and of `held`), computed once within the scope for the same x, held objects
+        and key (None: not shared)."""
         if key is None or self.depth == 0 or torch.compiler.is_compiling():
             return compute()
-        entry_key = (id(x), key)
+        sources = (x, *held)
+        entry_key = (*map(id, sources), key)
         hit = self.entries.get(entry_key)
-        if hit is not None and hit[0] is x:
+        if hit is not None and all(a is b for a, b in zip(hit[0], sources, strict=True)):
             return hit[1]
         u = compute()
-        self.entries[entry_key] = (x, u)  # holding x keeps its id from being reused within the scope
+        self.entries[entry_key] = (sources, u)  # holding the sources keeps their ids from being reused
         return u
 
     def project(self, x: Tensor, P: Tensor, key: Hashable | None, dropout: nn.Module) -> Tensor:
