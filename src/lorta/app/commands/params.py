@@ -58,7 +58,7 @@ def tenslora_ranks(text: str) -> int | list[int] | dict[str, int]:
 
 
 def register(subparsers: Any) -> None:
-    from ..params import METHODS
+    from ...params import METHODS
 
     parser = subparsers.add_parser(
         "params",
@@ -100,10 +100,10 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ...layout import LayoutError
+    from ...params import ParamsError
     from ..catalogue import UnknownModelError
-    from ..layout import LayoutError
     from ..models import ModelNotFoundError
-    from ..params import ParamsError
 
     try:
         return _run(args)
@@ -121,8 +121,9 @@ def _options(args: argparse.Namespace, method: str) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .. import params
-    from ..layout import LayoutError, ModelShape
+    from ... import params
+    from ...layout import LayoutError, ModelShape
+    from ..catalogue import model_config
 
     method = args.method
     if args.budget is None:
@@ -139,7 +140,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.rank is not None or args.ranks is not None:
         raise params.ParamsError("--budget searches the rank: leave out --rank and --ranks")
 
-    config = params.model_config(args.model)
+    config = model_config(args.model)
     if args.budget is not None:
         fits: list[Any] = []  # a Fit, or (method, why) for a method that cannot adapt these targets
         for m in params.METHODS:
@@ -205,7 +206,7 @@ def _table(header: list[str], rows: list[list[str]], right: set[int]) -> str:
 
 
 def _compare_table(model: str, result: Any) -> str:
-    from ..params import METHOD_TITLES
+    from ...params import METHOD_TITLES
 
     title = METHOD_TITLES[result.method]
     setting = f"r={result.rank}"
@@ -238,7 +239,7 @@ def _setting(options: dict[str, Any]) -> str:
 
 
 def _budget_table(model: str, shape: dict[str, Any], budget: int, fits: list[Any]) -> str:
-    from ..params import METHOD_TITLES
+    from ...params import METHOD_TITLES
 
     rows = [
         [METHOD_TITLES[f[0]], "", "n/a", "-", "-", f[1]]
