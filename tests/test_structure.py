@@ -58,7 +58,6 @@ def test_no_core_module_imports_the_app():
     assert not {n: d for n, d in bad.items() if d}
 
 
-@pytest.mark.xfail(strict=True, reason="registry <-> methods circle: removed by the explicit spec tuple")
 def test_the_import_graph_has_no_circles():
     """Package __init__ files that gather their submodules are left out of the edges into them (a submodule
     importing its sibling through the package is an edge to the sibling, not to the package)."""
@@ -178,3 +177,34 @@ def test_the_cli_runs_without_the_extras_and_names_the_one_a_job_misses():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "trl" in done.stdout and "pip install" in done.stdout and "lorta[cli" in done.stdout
+
+
+_SAVE_LORA = """
+import sys, torch
+{prelude}
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=4))
+model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+model.save_pretrained(sys.argv[1])
+"""
+
+
+def test_a_plain_peft_lora_saves_the_same_bytes_with_and_without_lorta(tmp_path):
+    """`import lorta` wraps PeftModel.save_pretrained (lorta.save_hook) for lorta models only."""
+    files = {}
+    for prelude in ("", "import lorta"):
+        out = tmp_path / (prelude or "plain").replace(" ", "_")
+        done = subprocess.run(
+            [sys.executable, "-c", _SAVE_LORA.format(prelude=prelude), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        files[prelude] = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert "adapter_model.safetensors" in files[""]
+    assert files[""] == files["import lorta"]

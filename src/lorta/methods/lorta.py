@@ -31,8 +31,9 @@ from torch import Tensor, nn
 
 from ..factorization import Factorization, gather_groups, head_maps
 from ..layout import EXTRA_FREE, EXTRA_IN, OUT_HEADS, Slot, TensorLayout
-from ..registry import MethodSpec, Recipe
+from ..spec import MethodSpec, Recipe
 from ..tuner.config import MethodType, TensorAdapterConfig
+from ..tuner.model import TensorAdapterModel
 
 LORTA_MODES = ("heads", "layers", "matrices")
 MODE_FACTOR_INITS = ("signs", "ones")
@@ -215,13 +216,19 @@ def lorta_num_params(
     return total
 
 
+class LortaModel(TensorAdapterModel):
+    """The PEFT tuner of LoRTA (`lorta.tuner.model.TensorAdapterModel` with LoRTA's factors)."""
+
+    factorization_cls = LortaFactors
+
+
 SPEC = MethodSpec(
     name="lorta",
     title="LoRTA",
     peft_type=LORTA,
     config_cls=LortaConfig,
     factors_cls=LortaFactors,
-    tuner_name="LortaModel",
+    tuner_cls=LortaModel,
     closed_form=lambda layout, config: (
         lambda r: lorta_num_params(**layout.count_sizes(), r=r, modes=tuple(config.modes))
     ),

@@ -32,8 +32,9 @@ from torch import Tensor, nn
 
 from ..factorization import Factorization, gather_groups, head_maps
 from ..layout import EXTRA_FREE, EXTRA_IN, OUT_HEADS, Slot, TensorLayout
-from ..registry import MethodSpec, Recipe
+from ..spec import MethodSpec, Recipe
 from ..tuner.config import AdapterConfigError, MethodType, TensorAdapterConfig, _check_positive_int
+from ..tuner.model import TensorAdapterModel, targets_of_kinds
 
 CONSTRUCTIONS = ("att", "qkv", "depth", "att_qkv", "att_depth", "qkv_depth", "att_qkv_depth")
 DECOMPOSITIONS = ("tucker", "cp")
@@ -303,14 +304,20 @@ def _bench_config(r: int, alpha: float, targets: list[str], shape: dict) -> Tens
     )
 
 
+class TensLoraModel(TensorAdapterModel):
+    """The PEFT tuner of TensLoRA (`lorta.tuner.model.TensorAdapterModel` with TensLoRA's factors)."""
+
+    factorization_cls = TensLoraFactors
+    target_module_mapping = targets_of_kinds(("q", "k", "v"))
+
+
 SPEC = MethodSpec(
     name="tenslora",
     title="TensLoRA",
     peft_type=TENSLORA,
     config_cls=TensLoraConfig,
     factors_cls=TensLoraFactors,
-    tuner_name="TensLoraModel",
-    default_kinds=("q", "k", "v"),
+    tuner_cls=TensLoraModel,
     closed_form=lambda layout, config: (
         lambda r: tenslora_num_params(
             config.construction,

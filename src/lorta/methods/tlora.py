@@ -23,8 +23,9 @@ from torch import Tensor, nn
 
 from ..factorization import Factorization
 from ..layout import Slot, TensorLayout
-from ..registry import MethodSpec, Recipe
+from ..spec import MethodSpec, Recipe
 from ..tuner.config import MethodType, TensorAdapterConfig
+from ..tuner.model import TensorAdapterModel, targets_of_kinds
 
 TLORA_DEFAULT_TARGETS = ("q", "v")  # the paper's GLUE setting
 TLORA = MethodType("TLORA")
@@ -143,14 +144,20 @@ def tlora_num_params(L: int, M: int, r: int, matrices: int | None = None) -> int
     return (M * L if matrices is None else matrices) * (r * r + 1)
 
 
+class TLoraModel(TensorAdapterModel):
+    """The PEFT tuner of TLoRA (`lorta.tuner.model.TensorAdapterModel` with TLoRA's factors)."""
+
+    factorization_cls = TLoraFactors
+    target_module_mapping = targets_of_kinds(TLORA_DEFAULT_TARGETS)
+
+
 SPEC = MethodSpec(
     name="tlora",
     title="TLoRA",
     peft_type=TLORA,
     config_cls=TLoraConfig,
     factors_cls=TLoraFactors,
-    tuner_name="TLoraModel",
-    default_kinds=TLORA_DEFAULT_TARGETS,
+    tuner_cls=TLoraModel,
     closed_form=lambda layout, config: (
         lambda r: tlora_num_params(
             L=layout.num_layers, M=layout.num_matrices, r=r, matrices=sum(len(s) for s in layout.slots.values())
