@@ -865,7 +865,9 @@ def run_scaling(opts: Options, methods: list[str], notes: list[str]) -> list[dic
         for d in SCALING_WIDTHS
     ]
     rows: list[dict[str, Any]] = []
-    sc_methods = [m for m in methods if m in ("lora", "lorta")] or methods
+    from lorta.registry import METHODS as SPECS
+
+    sc_methods = [m for m in methods if m in ("lora", SPECS[0].name)] or methods  # LoRA and the family's first
     for axis, value, spec, ranks in groups:
         base = build_random_model(spec).to(dtype=opts.dtype).eval()
         g = torch.Generator().manual_seed(0)

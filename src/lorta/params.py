@@ -295,8 +295,9 @@ def fit_budget(
     answer and one above it must agree with the closed form, so the answer is exact."""
     if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
         raise ParamsError(f"budget must be a positive integer, got {budget!r}")
-    if method == "tenslora" and options.get("ranks") is not None:
-        raise ParamsError("the budget search uses one uniform TensLoRA rank; do not pass ranks")
+    spec = method_specs().get(method)
+    if spec is not None and spec.rank_field != "r" and options.get(spec.rank_field) is not None:
+        raise ParamsError(f"the budget search uses one uniform {spec.title} rank; do not pass {spec.rank_field}")
     count = closed_form(config, method, targets=targets, **options)
     lo, hi = 0, 1  # count(lo) <= budget < count(hi), with count(0) = 0
     while count(hi) <= budget:

@@ -7,6 +7,7 @@ import importlib
 import sys
 
 COMMANDS = ("train", "params", "export", "import_lora")  # modules in lorta.app.commands; each has register(subparsers)
+EXTRAS = {"tqdm": "cli", "matplotlib": "cli", "trl": "cli", "gguf": "cli", "bitsandbytes": "quant"}  # module: extra
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:  # a package of an extra that the job's own checks did not catch
+        root = (exc.name or "").split(".")[0]
+        if root not in EXTRAS:
+            raise
+        print(f"lorta {args.command}: {root} is not installed; pip install 'lorta[{EXTRAS[root]}]'", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
