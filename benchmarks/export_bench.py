@@ -24,6 +24,8 @@ import warnings
 
 import torch
 
+from lorta.registry import METHODS
+
 warnings.filterwarnings("ignore")
 
 
@@ -45,13 +47,9 @@ def llama_7b(layers: int):
 def adapted(method: str, layers: int):
     from peft import get_peft_model
 
-    import lorta
+    import lorta  # noqa: F401  (registers the methods with PEFT)
 
-    configs = {
-        "lorta r=16": lorta.LortaConfig(r=16),
-        "tenslora r=16": lorta.TensLoraConfig(ranks=16),
-        "tlora r=16": lorta.TLoraConfig(r=16),
-    }
+    configs = {f"{spec.name} r={spec.bench_rank}": spec.config(spec.bench_rank) for spec in METHODS}
     model = get_peft_model(llama_7b(layers), configs[method])
     bank = model.base_model.lorta_factors["default"]
     bank.to_empty(device="cpu")
@@ -119,7 +117,7 @@ def main() -> None:
         f"{torch.get_num_threads()} threads; Llama-2-7B shape, q/k/v/o\n"
     )
     rows = []
-    for method in ("lorta r=16", "tenslora r=16", "tlora r=16"):
+    for method in (f"{spec.name} r={spec.bench_rank}" for spec in METHODS):
         full = adapted(method, 32)
         seconds, pairs = lorta_path(full)
         error = worst_error(pairs, reference_updates(full))

@@ -27,10 +27,10 @@ warnings.filterwarnings("ignore")
 
 
 def main() -> None:
-    from lorta.data import load_rotten_tomatoes
+    from lorta.app.data import load_rotten_tomatoes
+    from lorta.app.models import load_adapted
+    from lorta.app.train import evaluate_classifier
     from lorta.import_lora import import_lora, save_imported
-    from lorta.models import load_adapted
-    from lorta.train import evaluate_classifier
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="a lorta train --method lora run folder (adapter/, metrics.json)")

@@ -18,7 +18,7 @@ import torch
 from peft import get_peft_model
 
 import lorta
-from lorta.models import load_for_classification
+from lorta.app.models import load_for_classification
 from lorta.tuner import TensorAdapterLayer
 
 

@@ -5,7 +5,7 @@
 # cores the first time; later runs reuse the cached wheel.
 set -euo pipefail
 version="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
-cache="$(python -c 'from lorta.models import cache_dir; print(cache_dir())')/llama-cpp"
+cache="$(python -c 'from lorta.app.models import cache_dir; print(cache_dir())')/llama-cpp"
 mkdir -p "$cache"
 sdist="$cache/llama_cpp_python-$version.tar.gz"
 wheel="$(ls "$cache"/llama_cpp_python-"$version"-*.whl 2>/dev/null | head -1 || true)"

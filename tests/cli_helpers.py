@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lorta import cli
+from lorta.app import cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -18,7 +18,7 @@ import torch
 from cli_helpers import PNG_MAGIC, _only_train_command, lorta, metrics_of  # noqa: F401  (autouse fixture)
 from tolerance import MINILM_FORWARD_TERMS, eps, tolerance
 
-from lorta import cli
+from lorta.app import cli
 
 TINY = ["--max-train", "48", "--max-test", "32", "--steps", "3", "--batch-size", "8", "--max-length", "32", "--quiet"]
 LORA_R8_MINILM = 6 * 4 * 8 * (384 + 384)  # layers x (q, k, v, o) x r x (d_in + d_out) = 147,456
@@ -62,9 +62,9 @@ def test_summary_reports_params_accuracy_time_and_paths(tiny_run: tuple[Path, st
 def test_outputs_metrics_png_and_loadable_adapter(tiny_run: tuple[Path, str]) -> None:
     from peft import PeftModel
 
-    from lorta.data import load_rotten_tomatoes
-    from lorta.models import load_for_classification
-    from lorta.train import evaluate_classifier
+    from lorta.app.data import load_rotten_tomatoes
+    from lorta.app.models import load_for_classification
+    from lorta.app.train import evaluate_classifier
 
     out, _ = tiny_run
     m = metrics_of(out)
@@ -121,7 +121,7 @@ def classifier_logits(model, tokenizer, split, max_length: int) -> torch.Tensor:
     """The classifier's logits on a split, one padded batch (the scale of evaluate_classifier's logits)."""
     from transformers import DataCollatorWithPadding
 
-    from lorta.train.evaluate import classify_features
+    from lorta.app.train.evaluate import classify_features
 
     batch = DataCollatorWithPadding(tokenizer)(classify_features(tokenizer, split, max_length))
     batch.pop("labels")
@@ -253,7 +253,7 @@ def test_targets_flag(
 
 
 def test_target_modules_roles_and_names() -> None:
-    from lorta.train import UsageError, target_modules
+    from lorta.app.train import UsageError, target_modules
 
     assert target_modules(["q", "k", "v"], "bert") == ["query", "key", "value"]
     assert target_modules(["o"], "llama") == ["o_proj"]
@@ -273,7 +273,7 @@ def test_target_modules_roles_and_names() -> None:
 def test_default_alpha_is_the_recipes_at_any_rank() -> None:
     """A frontier's ranks keep the recipe's alpha (holding alpha / r = 2 at ranks 22-68 was tried and did not help,
     docs/results.md); an explicit --alpha wins."""
-    from lorta.train import TrainOptions, resolve_options
+    from lorta.app.train import TrainOptions, resolve_options
 
     assert resolve_options(TrainOptions()).alpha == 32.0
     assert resolve_options(TrainOptions(rank=45)).alpha == 32.0
@@ -287,7 +287,7 @@ def test_lortas_classify_lr_grows_like_the_root_of_its_rank() -> None:
     job and DPO keep one lr at every rank."""
     import math
 
-    from lorta.train import TrainOptions, resolve_options
+    from lorta.app.train import TrainOptions, resolve_options
 
     assert resolve_options(TrainOptions()).lr == 3e-3
     for rank in (22, 45, 68):
@@ -389,7 +389,7 @@ def test_weight_decay_shrinks_the_adapter_by_lr_times_decay(tmp_path: Path, caps
 
 
 def test_the_prompt_and_dpo_jobs_have_their_own_recipes() -> None:
-    from lorta.train import TrainOptions, resolve_options
+    from lorta.app.train import TrainOptions, resolve_options
 
     prompt, dpo = resolve_options(TrainOptions(model="smollm2")), resolve_options(TrainOptions(task="dpo"))
     assert (prompt.job, prompt.lr, prompt.alpha) == ("prompt", 1e-2, 16.0)
@@ -412,7 +412,7 @@ def test_targets_flag_in_the_default_folder_name(
 
 
 def test_data_order_is_seeded_grouped_and_exact() -> None:
-    from lorta.train import grouped_order
+    from lorta.app.train import grouped_order
 
     lengths = [(i * 37) % 50 + 1 for i in range(1000)]
     order = grouped_order(lengths, batch_size=8, total=2500, seed=0)
@@ -426,8 +426,8 @@ def test_data_order_is_seeded_grouped_and_exact() -> None:
 
 
 def test_lora_reference_count_is_exact() -> None:
-    from lorta.models import resolve_model
-    from lorta.train import lora_reference_parameters
+    from lorta.app.models import resolve_model
+    from lorta.app.train import lora_reference_parameters
 
     assert lora_reference_parameters(resolve_model("minilm")) == LORA_R8_MINILM
     assert lora_reference_parameters(resolve_model("minilm"), rank=4) == LORA_R8_MINILM // 2
@@ -711,7 +711,7 @@ def test_without_matplotlib_the_run_writes_everything_but_the_plot(tmp_path, cap
 
 
 def test_a_missing_required_package_fails_before_any_work(tmp_path, capsys, monkeypatch) -> None:
-    from lorta.train import jobs
+    from lorta.app.train import jobs
 
     def no_data(*args, **kwargs):
         raise AssertionError("the job started working before checking its packages")

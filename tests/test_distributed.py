@@ -243,7 +243,7 @@ def test_rank0_save_is_complete_and_atomic(torchrun_out, accelerate_out):
 
 def _has_train_command() -> bool:
     try:
-        from lorta.commands import train  # noqa: F401
+        from lorta.app.commands import train  # noqa: F401
     except Exception:
         return False
     return True
@@ -253,7 +253,7 @@ def _has_train_command() -> bool:
 @pytest.mark.skipif(not _has_train_command(), reason="lorta train is not available")
 def test_lorta_train_under_torchrun(tmp_path):
     help_text = subprocess.run(
-        [sys.executable, "-m", "lorta.cli", "train", "--help"], env=_env(), capture_output=True, text=True
+        [sys.executable, "-m", "lorta.app.cli", "train", "--help"], env=_env(), capture_output=True, text=True
     ).stdout
     flags = ["--steps", "--out", "--max-train", "--max-test", "--batch-size", "--quiet"]
     if not all(f in help_text for f in flags):
@@ -266,7 +266,7 @@ def test_lorta_train_under_torchrun(tmp_path):
         "--nproc_per_node",
         "2",
         "-m",
-        "lorta.cli",
+        "lorta.app.cli",
         "train",
         "--steps",
         "2",

@@ -472,7 +472,7 @@ def saved(tmp_path):
 
 
 def _cli(*argv: str) -> int:
-    from lorta.cli import main
+    from lorta.app.cli import main
 
     return main(list(argv))
 

@@ -23,8 +23,8 @@ import torch
 from peft import get_peft_model
 
 import lorta
+from lorta.app.models import cache_dir
 from lorta.export import GGUF_ARCHITECTURES, export_lora, gguf_tensors
-from lorta.models import cache_dir
 
 pytestmark = pytest.mark.slow
 CONVERTERS = cache_dir() / "llama-cpp" / "llama.cpp"
@@ -135,7 +135,7 @@ def test_llama_cpp_runs_an_adapter_trained_by_lorta_train(tmp_path):
     pytest.importorskip("llama_cpp", reason=BUILD_HINT)
     q4 = _smollm2_gguf()
     run = tmp_path / "run"
-    cli = [sys.executable, "-m", "lorta.cli"]
+    cli = [sys.executable, "-m", "lorta.app.cli"]
     train = subprocess.run(
         cli
         + [
@@ -167,7 +167,7 @@ def test_llama_cpp_runs_an_adapter_trained_by_lorta_train(tmp_path):
 
     from peft import PeftModel
 
-    from lorta.models import load_for_causal_lm
+    from lorta.app.models import load_for_causal_lm
 
     base, tokenizer = load_for_causal_lm("smollm2")
     model = PeftModel.from_pretrained(base, run / "adapter").eval()

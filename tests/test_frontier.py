@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from cli_helpers import PNG_MAGIC, _only_train_command, lorta, metrics_of  # noqa: F401  (autouse fixture)
 
-from lorta import frontier
-from lorta.commands.train import _fmt_time
-from lorta.train import TrainOptions
+from lorta.app import frontier
+from lorta.app.commands.train import _fmt_time
+from lorta.app.train import TrainOptions
 
 TINY = ["--max-train", "48", "--max-test", "32", "--steps", "2", "--batch-size", "8", "--max-length", "32", "--quiet"]
 MINILM_LORTA_QKV = 384 + 32 + 12 + 6 + 3  # LoRTA's parameters per rank on MiniLM's q, k, v
@@ -32,7 +32,7 @@ def test_vera_trains_and_saves_a_peft_adapter(tmp_path: Path, capsys: pytest.Cap
     import peft
     from transformers import AutoModelForSequenceClassification
 
-    from lorta.models import resolve_model
+    from lorta.app.models import resolve_model
 
     code, out, err = lorta(["train", "--method", "vera", "--rank", "16", *TINY, "--out", str(tmp_path / "v")], capsys)
     assert code == 0, err
@@ -236,7 +236,7 @@ def test_frontier_bad_input_exits_2(
 
 
 def test_resume_fills_options_added_since_a_run_with_their_defaults(tmp_path: Path) -> None:
-    from lorta.train import resolve_options, run_identity
+    from lorta.app.train import resolve_options, run_identity
 
     o = TrainOptions(max_train=48, max_test=32, steps=2, out=str(tmp_path))
     identity = run_identity(resolve_options(o))

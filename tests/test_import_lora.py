@@ -344,7 +344,7 @@ def test_not_a_plain_lora_is_refused():
 
 # ----------------------------------------------------------------------------------------------- the CLI
 def _cli(*argv: str) -> int:
-    from lorta.cli import main
+    from lorta.app.cli import main
 
     return main(list(argv))
 

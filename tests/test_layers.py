@@ -11,8 +11,8 @@ from peft import get_peft_model
 from torch import nn
 
 import lorta
-from lorta import catalogue
 from lorta import params as lp
+from lorta.app import catalogue
 
 LLAMA_2_7B = catalogue.config_for("llama-2-7b")  # d 4096, d_h 128, H 32, L 32
 

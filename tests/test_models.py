@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorta import models
-from lorta.models import (
+from lorta.app import models
+from lorta.app.models import (
     DEFAULT_CAUSAL_LM,
     DEFAULT_CLASSIFIER,
     PACKAGED_MODELS,

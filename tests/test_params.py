@@ -116,8 +116,9 @@ def test_tenslora_att_qkv_depth_tucker_by_hand():
 def test_vera_count_by_hand_and_closed_form(r):
     """PEFT's VeRA trains d (r) and b (d_out) per adapted matrix; its shared random A, B are frozen buffers."""
     from lorta import params
+    from lorta.app.catalogue import model_config
 
-    config = params.model_config("minilm")
+    config = model_config("minilm")
     targets = ["query", "key", "value", "attention.output.dense"]
     want = 6 * 4 * (r + 384)
     assert params.count_trainable(config, params.method_config("vera", r, targets=targets)) == want

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from lorta import catalogue, cli
 from lorta import params as lp
+from lorta.app import catalogue, cli
 from lorta.methods import lorta_num_params, tenslora_num_params, tlora_num_params
 
 
 @pytest.fixture(autouse=True)
 def _present_commands(monkeypatch):
     """Build the CLI from the subcommand modules that exist (others may be written concurrently)."""
-    present = tuple(n for n in cli.COMMANDS if importlib.util.find_spec(f"lorta.commands.{n}") is not None)
+    present = tuple(n for n in cli.COMMANDS if importlib.util.find_spec(f"lorta.app.commands.{n}") is not None)
     monkeypatch.setattr(cli, "COMMANDS", present)
 
 

@@ -10,7 +10,8 @@ import pytest
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
 import lorta
-from lorta import params, train
+from lorta import params
+from lorta.app import catalogue, train
 from lorta.registry import method_spec, method_specs, peft_types
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -52,7 +53,7 @@ def test_every_list_of_methods_is_derived_from_the_spec(name):
 
 @pytest.mark.parametrize("name", list(method_specs()))
 def test_the_specs_closed_form_is_the_count(name):
-    config = params.model_config("minilm")
+    config = catalogue.model_config("minilm")
     count = params.closed_form(config, name)
     for rank in (1, 3, 8):
         assert count(rank) == params.count_trainable(config, params.method_config(name, rank)), (name, rank)

@@ -1,45 +1,64 @@
 """lorta: tensor low-rank adapters (LoRTA, TensLoRA, TLoRA) as native PEFT methods.
 
 ``import lorta`` registers the methods with PEFT; then ``get_peft_model(model, lorta.LortaConfig(r=8))``.
-Every method of ``lorta/methods`` (its `MethodSpec`, see lorta.registry) gets a PEFT tuner, is registered with
-PEFT and is exported here under its config's, factors' and tuner's names (``LortaConfig``, ``LortaFactors``,
-``LortaModel``, ...).
+Each method (``lorta/methods/<name>.py``) brings a config, its factors and its PEFT tuner (``LortaConfig``,
+``LortaFactors``, ``LortaModel``, ...), all importable from here. Importing lorta also makes
+``PeftModel.save_pretrained`` crash-safe for lorta models (lorta.save_hook; other models are untouched).
 """
 
 from importlib import metadata as _metadata
 
+from . import save_hook as _save_hook
 from .arithmetic import AdapterCombinationError
-from .bank import AdapterBank, load_adapters  # noqa: F401  (mixed-adapter serving; see lorta.bank)
+from .bank import AdapterBank, load_adapters
 from .export import ExportError, export_gguf, export_lora, export_merged
 from .import_lora import ImportLoraError, import_lora, save_imported
 from .layout import LayoutError, ModelShape
+from .methods import (
+    LortaConfig,
+    LortaFactors,
+    LortaModel,
+    TensLoraConfig,
+    TensLoraFactors,
+    TensLoraModel,
+    TLoraConfig,
+    TLoraFactors,
+    TLoraModel,
+)
 from .quantized import QuantizedMergeError
-from .registry import install_atomic_save, method_specs, register
-from .tuner import TensorAdapterConfig, TensorAdapterModel, make_tuner
+from .registry import METHODS as _METHODS
+from .registry import register as _register
+from .tuner import TensorAdapterConfig, TensorAdapterModel
 
-install_atomic_save()  # PeftModel.save_pretrained of a lorta model: written whole or not at all
-_METHOD_EXPORTS: list[str] = []
-for _spec in method_specs().values():
-    _tuner = make_tuner(_spec.tuner_name, _spec.factors_cls, _spec.default_kinds)
-    register(_spec, _tuner)
-    for _cls in (_spec.config_cls, _spec.factors_cls, _tuner):
-        globals()[_cls.__name__] = _cls
-        _METHOD_EXPORTS.append(_cls.__name__)
+for _spec in _METHODS:
+    _register(_spec)
+_save_hook.install()  # PeftModel.save_pretrained of a lorta model: written whole or not at all
 
 __version__ = _metadata.version("lorta")  # the one source is pyproject.toml
 __all__ = [
+    "AdapterBank",
     "AdapterCombinationError",
     "ExportError",
     "ImportLoraError",
     "LayoutError",
+    "LortaConfig",
+    "LortaFactors",
+    "LortaModel",
     "ModelShape",
     "QuantizedMergeError",
+    "TLoraConfig",
+    "TLoraFactors",
+    "TLoraModel",
+    "TensLoraConfig",
+    "TensLoraFactors",
+    "TensLoraModel",
     "TensorAdapterConfig",
     "TensorAdapterModel",
+    "__version__",
     "export_gguf",
     "export_lora",
     "export_merged",
     "import_lora",
+    "load_adapters",
     "save_imported",
-    *_METHOD_EXPORTS,
 ]

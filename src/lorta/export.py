@@ -278,7 +278,7 @@ def _gguf() -> Any:
     try:
         import gguf
     except ImportError as exc:
-        from .models import MissingDependencyError
+        from .extras import MissingDependencyError
 
         raise MissingDependencyError(
             "--format gguf writes through the gguf package, which is not installed; "

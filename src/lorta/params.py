@@ -6,7 +6,7 @@ and the trainable parameters are counted. So a count is, by construction, what t
 config will train. The closed forms of each method (`lorta.methods.*_num_params`) serve the budget search and are
 checked against the meta-device count at the answer.
 
-    from lorta.catalogue import config_for
+    from lorta.app.catalogue import config_for
     from lorta.params import compare, largest_rank_within
     compare(config_for("llama-2-7b"), "lorta", 4, targets=["q_proj", "v_proj"])   # .trainable 17160, .lora 2097152
     largest_rank_within(1_000_000, config_for("llama-3-8b"), "lora")
@@ -14,12 +14,11 @@ checked against the meta-device count at the answer.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,9 +26,7 @@ from peft import LoraConfig, PeftConfig, PeftModel, VeraConfig, get_peft_model
 from torch import nn
 from transformers import PretrainedConfig
 
-from . import catalogue
 from .layout import DEFAULT_TARGETS, LayoutError, ModelShape, matrix_kind
-from .models import PACKAGED_MODELS, ModelNotFoundError
 from .registry import method_specs
 
 __all__ = [
@@ -47,7 +44,7 @@ __all__ = [
     "lora_default_targets",
     "meta_model",
     "method_config",
-    "model_config",
+    "quiet_transformers",
 ]
 
 PEFT_BASELINES = {"lora": ("LoRA", LoraConfig), "vera": ("VeRA", VeraConfig)}  # PEFT's own, counted as PEFT builds them
@@ -60,46 +57,26 @@ class ParamsError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- model configs
-def model_config(model: str | os.PathLike[str]) -> PretrainedConfig:
-    """The transformers config of a catalogue name, a packaged model name, a Hugging Face folder or a GGUF file.
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load reports ("newly initialized weights ...") and progress bars for one call.
 
-    Reads configs only: a GGUF file's metadata is read by transformers (a few seconds, for the tokenizer
-    vocabulary it also parses), never its weights; if `lorta train` already converted the file, the converted
-    folder's config.json is read instead.
+    The new classification head is expected to be random, so the report is noise for us; but we restore
+    the previous verbosity so user code that relies on transformers' logging is unaffected.
     """
-    key = str(model)
-    if key.lower() in catalogue.CATALOGUE:
-        return catalogue.config_for(key)
-    entry = PACKAGED_MODELS.get(key.lower())
-    if entry is not None:
-        from .models import _packaged_path
+    from transformers.utils import logging as hf_logging
 
-        return _config_from_path(_packaged_path(entry))
-    path = Path(key).expanduser()
-    if path.exists():
-        return _config_from_path(path)
-    if any(sep in key for sep in ("/", os.sep)) or key.startswith((".", "~")) or key.lower().endswith(".gguf"):
-        raise ModelNotFoundError(f"no such file or folder: {key} (resolved to {path.resolve()})")
-    known = ", ".join([*catalogue.CATALOGUE, *PACKAGED_MODELS])
-    raise catalogue.UnknownModelError(
-        f"unknown model {key!r}: not in the catalogue ({known}) and not an existing path; pass one of these names, "
-        "a Hugging Face model folder (with config.json) or a .gguf file"
-    )
-
-
-def _config_from_path(path: Path) -> PretrainedConfig:
-    from transformers import AutoConfig
-
-    from .models import _gguf_cache_path, _is_complete, _quiet_transformers, check_model_path
-
-    check_model_path(path)
-    if path.is_file():  # a GGUF: its converted folder's config if lorta train made one, else the file's metadata
-        converted = _gguf_cache_path(path)
-        if _is_complete(converted):
-            return AutoConfig.from_pretrained(converted, local_files_only=True)
-        with _quiet_transformers():
-            return AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-    return AutoConfig.from_pretrained(path, local_files_only=True)
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    if bars:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def meta_model(config: PretrainedConfig) -> nn.Module:
@@ -107,14 +84,12 @@ def meta_model(config: PretrainedConfig) -> nn.Module:
     same in every head variant). Instant and memory-free."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
-    from .models import _quiet_transformers
-
     auto = AutoModel
     for candidate in (AutoModelForMaskedLM, AutoModelForCausalLM):
         if type(config) in candidate._model_mapping:
             auto = candidate
             break
-    with _quiet_transformers(), warnings.catch_warnings(), torch.device("meta"):
+    with quiet_transformers(), warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
         return auto.from_config(copy.deepcopy(config))
 
@@ -320,8 +295,9 @@ def fit_budget(
     answer and one above it must agree with the closed form, so the answer is exact."""
     if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
         raise ParamsError(f"budget must be a positive integer, got {budget!r}")
-    if method == "tenslora" and options.get("ranks") is not None:
-        raise ParamsError("the budget search uses one uniform TensLoRA rank; do not pass ranks")
+    spec = method_specs().get(method)
+    if spec is not None and spec.rank_field != "r" and options.get(spec.rank_field) is not None:
+        raise ParamsError(f"the budget search uses one uniform {spec.title} rank; do not pass {spec.rank_field}")
     count = closed_form(config, method, targets=targets, **options)
     lo, hi = 0, 1  # count(lo) <= budget < count(hi), with count(0) = 0
     while count(hi) <= budget:

@@ -20,7 +20,7 @@ Any exception before step 3 deletes the temporary directory and leaves the targe
 target is (or contains) the process's working directory it cannot be renamed away, so the files are moved in one
 by one instead, each with an atomic os.replace (adapter_config.json last). Models
 with other adapter types, non-main processes (`is_main_process=False`) and a `save_directory` that is a file
-go straight to PEFT. The redirection is installed once by `import lorta` (lorta.registry.install_atomic_save).
+go straight to PEFT. The redirection is installed once by `import lorta` (lorta.save_hook.install).
 """
 
 from __future__ import annotations

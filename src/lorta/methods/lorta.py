@@ -22,6 +22,7 @@ r rank-one terms from the first step, at the same magnitudes (measured in the RE
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -31,8 +32,10 @@ from torch import Tensor, nn
 
 from ..factorization import Factorization, concat_ranks, gather_groups, head_maps
 from ..layout import EXTRA_FREE, EXTRA_IN, OUT_HEADS, Slot, TensorLayout
-from ..registry import MethodSpec, Recipe
+from ..lora_fit import cp_start
+from ..spec import CliOption, MethodSpec, Recipe
 from ..tuner.config import MethodType, TensorAdapterConfig
+from ..tuner.model import TensorAdapterModel
 
 LORTA_MODES = ("heads", "layers", "matrices")
 MODE_FACTOR_INITS = ("signs", "ones")
@@ -222,13 +225,29 @@ def lorta_num_params(
     return total
 
 
+def parse_modes(text: str) -> list[str]:
+    """`lorta params --modes`: 'heads,layers,matrices', any subset, or 'none' for a plain per-matrix factorisation."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+class LortaModel(TensorAdapterModel):
+    """The PEFT tuner of LoRTA (`lorta.tuner.model.TensorAdapterModel` with LoRTA's factors)."""
+
+    factorization_cls = LortaFactors
+
+
 SPEC = MethodSpec(
     name="lorta",
     title="LoRTA",
     peft_type=LORTA,
     config_cls=LortaConfig,
     factors_cls=LortaFactors,
-    tuner_name="LortaModel",
+    tuner_cls=LortaModel,
     closed_form=lambda layout, config: (
         lambda r: lorta_num_params(**layout.count_sizes(), r=r, modes=tuple(config.modes))
     ),
@@ -242,7 +261,11 @@ SPEC = MethodSpec(
     causal_lm=Recipe(16, 16.0, 1e-2, 0.0),
     dpo=Recipe(16, 16.0, 1e-3, 0.0),
     params_options=("modes",),
+    cli_options=(
+        CliOption("--modes", "modes", "LoRTA shared modes, e.g. heads,layers,matrices or none", type=parse_modes),
+    ),
     train_options=("modes", "mode_init"),
     train_kwargs=lambda o: {"modes": list(o.modes), "mode_factor_init": o.mode_init},
+    import_start=cp_start,  # CP-ALS of the stacked updates (False, and Adam, for an ablation of the modes)
     bench_config=lambda r, alpha, targets, shape: LortaConfig(r=r, lora_alpha=alpha, target_modules=targets),
 )

@@ -23,6 +23,7 @@ Scale α / rank_in.
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -32,8 +33,9 @@ from torch import Tensor, nn
 
 from ..factorization import Factorization, gather_groups, head_maps
 from ..layout import EXTRA_FREE, EXTRA_IN, OUT_HEADS, Slot, TensorLayout
-from ..registry import MethodSpec, Recipe
+from ..spec import CliOption, MethodSpec, Recipe
 from ..tuner.config import AdapterConfigError, MethodType, TensorAdapterConfig, _check_positive_int
+from ..tuner.model import TensorAdapterModel, targets_of_kinds
 
 CONSTRUCTIONS = ("att", "qkv", "depth", "att_qkv", "att_depth", "qkv_depth", "att_qkv_depth")
 DECOMPOSITIONS = ("tucker", "cp")
@@ -303,14 +305,45 @@ def _bench_config(r: int, alpha: float, targets: list[str], shape: dict) -> Tens
     )
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text.replace("_", "").replace(",", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def parse_ranks(text: str) -> int | list[int] | dict[str, int]:
+    """`lorta params --ranks`: '8' (every mode), '8,8,4,3,4' (one per mode, in order) or
+    'in=8,out=8,att=4,qkv=3,depth=4'."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("expected a rank, a list of ranks or mode=rank pairs")
+    if all("=" in p for p in parts):
+        pairs = [p.split("=", 1) for p in parts]
+        return {mode.strip(): _positive_int(rank) for mode, rank in pairs}
+    if any("=" in p for p in parts):
+        raise argparse.ArgumentTypeError(f"mix of mode=rank pairs and bare ranks: {text!r}")
+    ranks = [_positive_int(p) for p in parts]
+    return ranks[0] if len(ranks) == 1 else ranks
+
+
+class TensLoraModel(TensorAdapterModel):
+    """The PEFT tuner of TensLoRA (`lorta.tuner.model.TensorAdapterModel` with TensLoRA's factors)."""
+
+    factorization_cls = TensLoraFactors
+    target_module_mapping = targets_of_kinds(("q", "k", "v"))
+
+
 SPEC = MethodSpec(
     name="tenslora",
     title="TensLoRA",
     peft_type=TENSLORA,
     config_cls=TensLoraConfig,
     factors_cls=TensLoraFactors,
-    tuner_name="TensLoraModel",
-    default_kinds=("q", "k", "v"),
+    tuner_cls=TensLoraModel,
     closed_form=lambda layout, config: (
         lambda r: tenslora_num_params(
             config.construction,
@@ -323,6 +356,18 @@ SPEC = MethodSpec(
     causal_lm=Recipe(8, 16.0, 1e-3, 0.0),
     rank_field="ranks",
     params_options=("ranks", "construction", "decomposition"),
+    cli_options=(
+        CliOption(
+            "--ranks",
+            "ranks",
+            "TensLoRA ranks: 8, 8,8,4,3,4 (one per mode) or in=8,out=8,att=4,qkv=3,depth=4",
+            type=parse_ranks,
+        ),
+        CliOption("--construction", "construction", "TensLoRA construction (default att_qkv_depth)"),
+        CliOption(
+            "--decomposition", "decomposition", "TensLoRA decomposition (default tucker)", choices=("tucker", "cp")
+        ),
+    ),
     train_options=("construction", "decomposition"),
     train_kwargs=lambda o: {"construction": o.construction, "decomposition": o.decomposition},
     bench_config=_bench_config,

@@ -25,8 +25,10 @@ from torch import Tensor, nn
 
 from ..factorization import Factorization
 from ..layout import Slot, TensorLayout
-from ..registry import MethodSpec, Recipe
+from ..lora_fit import ImportLoraError, LoraUpdate, adapted_layers, concatenated_columns
+from ..spec import MethodSpec, Recipe
 from ..tuner.config import MethodType, TensorAdapterConfig
+from ..tuner.model import TensorAdapterModel, targets_of_kinds
 
 TLORA_DEFAULT_TARGETS = ("q", "v")  # the paper's GLUE setting
 TLORA = MethodType("TLORA")
@@ -164,14 +166,72 @@ def tlora_num_params(L: int, M: int, r: int, matrices: int | None = None) -> int
     return (M * L if matrices is None else matrices) * (r * r + 1)
 
 
+def _import_start(model: nn.Module, updates: dict[str, LoraUpdate], seed: int, als_iterations: int) -> bool:
+    """TLoRA's factors in closed form: each matrix's frozen A and B become the leading singular bases of its LoRA
+    update and C the singular values, the best rank-r fit of every matrix (Eckart-Young), exact at r >= the LoRA's
+    rank. The update's SVD comes from QR of its two thin factors (no dense d x d matrix); a basis the update does
+    not fill is completed by random orthonormal columns. The projections are saved with the adapter
+    (import-lora's `MethodSpec.import_start`)."""
+    factors = model.base_model.lorta_factors["default"]
+    generator = torch.Generator().manual_seed(seed)
+    r = factors.rank
+    with torch.no_grad():
+        factors.s.fill_(1.0)
+        for path, module in adapted_layers(model).items():
+            update = updates[path]
+            V = concatenated_columns(module, update.V)
+            for slot in module.lorta_slots["default"]:
+                left, values, right = _thin_svd(update.U, V[:, slot.out_offset : slot.out_offset + slot.out_features])
+                row, j = factors.rows[(slot.layer, slot.matrix)]
+                getattr(factors, f"A{slot.matrix}")[j] = _complete(left[:, :r], r, generator)
+                getattr(factors, f"B{slot.matrix}")[j] = _complete(right[:, :r], r, generator).t()
+                core = torch.zeros(r, r, dtype=torch.float64)
+                k = min(r, values.numel())
+                core[:k, :k] = torch.diag(values[:k])
+                factors.C[row] = core / module.lorta_scaling["default"]
+    return True  # the best rank-r fit of every matrix: nothing left to refine
+
+
+def _thin_svd(U: Tensor, V: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(left, singular values, right) of U @ V (U: n x k, V: k x m), from QR of U and V^T and a k x k SVD."""
+    Qu, Ru = torch.linalg.qr(U)
+    Qv, Rv = torch.linalg.qr(V.t())
+    X, values, Yt = torch.linalg.svd(Ru @ Rv.t())
+    return Qu @ X, values, Qv @ Yt.t()
+
+
+def _complete(basis: Tensor, r: int, generator: torch.Generator) -> Tensor:
+    """`basis` (n x k orthonormal, k <= r) with r - k random orthonormal columns orthogonal to it."""
+    n, k = basis.shape
+    if k >= r:
+        return basis
+    extra = torch.randn(n, r - k, generator=generator, dtype=basis.dtype)
+    extra = extra - basis @ (basis.t() @ extra)
+    return torch.cat([basis, torch.linalg.qr(extra)[0]], dim=1)
+
+
+def _import_check(kwargs: dict) -> None:
+    if not kwargs.get("save_projection", True):
+        raise ImportLoraError(
+            "an imported TLoRA's projections are the LoRA's singular bases, not a seed's draw: "
+            "they must be saved (save_projection=True)"
+        )
+
+
+class TLoraModel(TensorAdapterModel):
+    """The PEFT tuner of TLoRA (`lorta.tuner.model.TensorAdapterModel` with TLoRA's factors)."""
+
+    factorization_cls = TLoraFactors
+    target_module_mapping = targets_of_kinds(TLORA_DEFAULT_TARGETS)
+
+
 SPEC = MethodSpec(
     name="tlora",
     title="TLoRA",
     peft_type=TLORA,
     config_cls=TLoraConfig,
     factors_cls=TLoraFactors,
-    tuner_name="TLoraModel",
-    default_kinds=TLORA_DEFAULT_TARGETS,
+    tuner_cls=TLoraModel,
     closed_form=lambda layout, config: (
         lambda r: tlora_num_params(
             L=layout.num_layers, M=layout.num_matrices, r=r, matrices=sum(len(s) for s in layout.slots.values())
@@ -180,5 +240,7 @@ SPEC = MethodSpec(
     classify=Recipe(16, 16.0, 1e-2, 2e-3),
     causal_lm=Recipe(16, 16.0, 2e-3, 0.0),
     train_kwargs=lambda o: {"projection_seed": o.seed},
+    import_start=_import_start,
+    import_check=_import_check,
     bench_config=lambda r, alpha, targets, shape: TLoraConfig(r=r, lora_alpha=alpha, target_modules=targets),
 )

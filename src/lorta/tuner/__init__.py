@@ -1,5 +1,5 @@
 from .config import TensorAdapterConfig
 from .layer import Linear, TensorAdapterLayer
-from .model import TensorAdapterModel, make_tuner
+from .model import TensorAdapterModel, targets_of_kinds
 
-__all__ = ["Linear", "TensorAdapterConfig", "TensorAdapterLayer", "TensorAdapterModel", "make_tuner"]
+__all__ = ["Linear", "TensorAdapterConfig", "TensorAdapterLayer", "TensorAdapterModel", "targets_of_kinds"]

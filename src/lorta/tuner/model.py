@@ -1,7 +1,8 @@
 """The PEFT tuner shared by every method of the family: the only place that knows PEFT's internals.
 
-A method is a `Factorization` subclass plus its config; `make_tuner` turns it into a `BaseTuner` subclass that
-PEFT dispatches to through its type mappings (see `lorta.registry`).
+A method is a `Factorization` subclass plus its config; its tuner is a two-line `TensorAdapterModel` subclass in
+its method file (``factorization_cls`` and, for narrower default targets, ``target_module_mapping``) that PEFT
+dispatches to through its type mappings (see `lorta.registry`).
 
 Where the factors live: the factors of adapter `name` form ONE module, `self.lorta_factors[name]`, registered
 once on the tuner, so `named_parameters`, the optimizer, DDP and the saved file each see every factor exactly
@@ -503,18 +504,7 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
-def make_tuner(
-    name: str, factorization_cls: type[Factorization], default_kinds: tuple[str, ...] | None = None
-) -> type[TensorAdapterModel]:
-    """A PEFT tuner class for one method of the family; `default_kinds` narrows the default targets (e.g. q, v)."""
-    targets = DEFAULT_TARGETS
-    if default_kinds is not None:
-        targets = {model_type: arch.targets(tuple(default_kinds)) for model_type, arch in ARCHITECTURES.items()}
-    attrs = {
-        "factorization_cls": factorization_cls,
-        "target_module_mapping": targets,
-        "__doc__": __doc__,
-        "__module__": "lorta",
-        "__qualname__": name,
-    }  # exported as lorta.<name> (lorta/__init__.py)
-    return type(name, (TensorAdapterModel,), attrs)
+def targets_of_kinds(kinds: tuple[str, ...]) -> dict[str, list[str]]:
+    """Default target modules per model type for the matrix kinds `kinds` (e.g. q, v): a method whose default
+    targets are narrower than DEFAULT_TARGETS's q, k, v, o sets its tuner's `target_module_mapping` to this."""
+    return {model_type: arch.targets(tuple(kinds)) for model_type, arch in ARCHITECTURES.items()}

@@ -1,4 +1,4 @@
-"""Subcommands of the `lorta` CLI (see lorta.cli)."""
+"""Subcommands of the `lorta` CLI (see lorta.app.cli)."""
 
 from __future__ import annotations
 

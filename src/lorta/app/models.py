@@ -22,12 +22,15 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from ..extras import MissingDependencyError
+from ..params import quiet_transformers as _quiet_transformers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -50,10 +53,6 @@ logger = logging.getLogger(__name__)
 _CACHE_FORMAT = 1
 _STALE_TMP_SECONDS = 6 * 3600
 _SOURCE_RECORD = "lorta_source.json"
-
-
-class MissingDependencyError(ImportError):
-    """A package the chosen job needs is not installed; the message gives the exact pip command."""
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -122,28 +121,6 @@ def cache_dir() -> Path:
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "lorta"
     return Path.home() / ".cache" / "lorta"
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load reports ("newly initialized weights ...") and progress bars for one call.
-
-    The new classification head is expected to be random, so the report is noise for us; but we restore
-    the previous verbosity so user code that relies on transformers' logging is unaffected.
-    """
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    if bars:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _package_dir(package: str) -> Path | None:
@@ -441,8 +418,8 @@ def load_adapted(
     import transformers
     from peft import PeftModel
 
-    from .registry import peft_types as lorta_peft_types
-    from .tuner.config import AdapterFileError
+    from ..registry import peft_types as lorta_peft_types
+    from ..tuner.config import AdapterFileError
 
     kinds = sorted(peft_types if peft_types is not None else lorta_peft_types())
     folder = Path(adapter_dir)

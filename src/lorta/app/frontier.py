@@ -61,8 +61,8 @@ class Unreachable:
 def _count_options(o: Run) -> tuple[list[str] | None, dict[str, Any]]:
     """The target module names and method options the run will use, as `lorta.params` takes them (a lorta
     method's options are its spec's `params_options`, which the run's options name alike)."""
+    from ..registry import method_specs
     from .models import model_type
-    from .registry import method_specs
 
     kind = model_type(o.model_path)
     if o.targets is not None:
@@ -77,7 +77,8 @@ def _count_options(o: Run) -> tuple[list[str] | None, dict[str, Any]]:
 def plan(options: TrainOptions, methods: Sequence[str], budgets: Sequence[int]) -> tuple[list[Cell], list[Unreachable]]:
     """The cells to train: per adapter method, the largest rank within each budget (one cell per distinct rank);
     a method without an adapter (head-only, full) is one cell. Also the budgets each method cannot reach."""
-    from .params import fit_budget, model_config
+    from ..params import fit_budget
+    from .catalogue import model_config
 
     cells: list[Cell] = []
     unreachable: list[Unreachable] = []

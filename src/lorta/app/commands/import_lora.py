@@ -31,7 +31,7 @@ EPILOG = """examples:
 
 
 def register(subparsers: Any) -> None:
-    from ..import_lora import METHODS
+    from ...import_lora import METHODS
     from . import add_file_job_arguments
     from .params import positive_int
 
@@ -59,10 +59,10 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..import_lora import ImportLoraError, import_lora, save_imported
-    from ..layout import LayoutError
+    from ...import_lora import ImportLoraError, import_lora, save_imported
+    from ...layout import LayoutError
+    from ...tuner.config import AdapterConfigError, AdapterFileError
     from ..models import MissingDependencyError, ModelNotFoundError, load_adapted
-    from ..tuner.config import AdapterConfigError, AdapterFileError
 
     try:
         out = Path(args.out_dir)

@@ -1,6 +1,6 @@
 """``lorta train`` (fine-tune one model with one method) and ``lorta compare`` (a grid of methods × ranks).
 
-A thin layer: argument parsing and printing here; the jobs themselves are in :mod:`lorta.train`.
+A thin layer: argument parsing and printing here; the jobs themselves are in :mod:`lorta.app.train`.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ...methods.lorta import DEFAULT_MODE_FACTOR_INIT, MODE_FACTOR_INITS
+from ...methods.tenslora import CONSTRUCTIONS, DECOMPOSITIONS
+from ...registry import method_specs
 from ..frontier import DEFAULT_BUDGETS
 from ..frontier import DEFAULT_METHODS as DEFAULT_FRONTIER_METHODS
-from ..methods.lorta import DEFAULT_MODE_FACTOR_INIT, MODE_FACTOR_INITS
-from ..methods.tenslora import CONSTRUCTIONS, DECOMPOSITIONS
-from ..registry import method_specs
 from ..train import DEFAULT_MODES, SCHEDULES, TrainOptions
 
 EXIT_USAGE = 2
@@ -194,8 +194,8 @@ def options_from(args: argparse.Namespace, **overrides: Any) -> Any:
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
+    from ...layout import LayoutError
     from ..data import DataError
-    from ..layout import LayoutError
     from ..models import MissingDependencyError, ModelNotFoundError
     from ..train import UsageError
 

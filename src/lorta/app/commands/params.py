@@ -38,27 +38,8 @@ def name_list(text: str) -> list[str]:
     return names
 
 
-def mode_list(text: str) -> list[str]:
-    """LoRTA modes: 'heads,layers,matrices', any subset, or 'none' for a plain per-matrix factorisation."""
-    return [] if text.strip().lower() in ("", "none") else name_list(text)
-
-
-def tenslora_ranks(text: str) -> int | list[int] | dict[str, int]:
-    """'8' (every mode), '8,8,4,3,4' (one per mode, in order) or 'in=8,out=8,att=4,qkv=3,depth=4'."""
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not parts:
-        raise argparse.ArgumentTypeError("expected a rank, a list of ranks or mode=rank pairs")
-    if all("=" in p for p in parts):
-        pairs = [p.split("=", 1) for p in parts]
-        return {mode.strip(): positive_int(rank) for mode, rank in pairs}
-    if any("=" in p for p in parts):
-        raise argparse.ArgumentTypeError(f"mix of mode=rank pairs and bare ranks: {text!r}")
-    ranks = [positive_int(p) for p in parts]
-    return ranks[0] if len(ranks) == 1 else ranks
-
-
 def register(subparsers: Any) -> None:
-    from ..params import METHODS
+    from ...params import METHODS
 
     parser = subparsers.add_parser(
         "params",
@@ -76,14 +57,9 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--method", choices=METHODS, default="lorta", help="adapter method (default: lorta)")
     parser.add_argument("--rank", "-r", type=positive_int, help="rank r (default 8)")
-    parser.add_argument(
-        "--ranks",
-        type=tenslora_ranks,
-        help="TensLoRA ranks: 8, 8,8,4,3,4 (one per mode) or in=8,out=8,att=4,qkv=3,depth=4",
-    )
-    parser.add_argument("--construction", help="TensLoRA construction (default att_qkv_depth)")
-    parser.add_argument("--decomposition", choices=("tucker", "cp"), help="TensLoRA decomposition (default tucker)")
-    parser.add_argument("--modes", type=mode_list, help="LoRTA shared modes, e.g. heads,layers,matrices or none")
+    for spec in method_specs().values():  # each method's own options (MethodSpec.cli_options)
+        for option in spec.cli_options:
+            parser.add_argument(option.flag, **option.argparse_kwargs())
     parser.add_argument(
         "--targets",
         type=name_list,
@@ -99,11 +75,17 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
+def method_specs() -> dict[str, Any]:
+    from ...registry import method_specs as specs
+
+    return specs()
+
+
 def run(args: argparse.Namespace) -> int:
+    from ...layout import LayoutError
+    from ...params import ParamsError
     from ..catalogue import UnknownModelError
-    from ..layout import LayoutError
     from ..models import ModelNotFoundError
-    from ..params import ParamsError
 
     try:
         return _run(args)
@@ -113,33 +95,41 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _options(args: argparse.Namespace, method: str) -> dict[str, Any]:
-    if method == "lorta":
-        return {"modes": args.modes}
-    if method == "tenslora":
-        return {"construction": args.construction, "decomposition": args.decomposition}
-    return {}
+    """The method's own options but its rank field, as given (None: not given)."""
+    spec = method_specs().get(method)
+    options = spec.cli_options if spec is not None else ()
+    return {o.dest: getattr(args, o.dest) for o in options if o.dest != spec.rank_field}
+
+
+def _rank_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """{flag: value} of the methods' own rank options (TensLoRA's --ranks)."""
+    return {
+        o.flag: getattr(args, o.dest)
+        for spec in method_specs().values()
+        for o in spec.cli_options
+        if o.dest == spec.rank_field
+    }
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .. import params
-    from ..layout import LayoutError, ModelShape
+    from ... import params
+    from ...layout import LayoutError, ModelShape
+    from ..catalogue import model_config
 
     method = args.method
     if args.budget is None:
-        for flag, value, owner in (
-            ("--ranks", args.ranks, "tenslora"),
-            ("--construction", args.construction, "tenslora"),
-            ("--decomposition", args.decomposition, "tenslora"),
-            ("--modes", args.modes, "lorta"),
-        ):
-            if value is not None and method != owner:
-                raise params.ParamsError(f"{flag} applies to --method {owner}, not {method}")
-        if args.rank is not None and args.ranks is not None:
-            raise params.ParamsError("pass --rank or --ranks, not both")
-    elif args.rank is not None or args.ranks is not None:
-        raise params.ParamsError("--budget searches the rank: leave out --rank and --ranks")
+        for spec in method_specs().values():
+            for option in spec.cli_options:
+                if getattr(args, option.dest) is not None and method != spec.name:
+                    raise params.ParamsError(f"{option.flag} applies to --method {spec.name}, not {method}")
+        for flag, value in _rank_fields(args).items():
+            if args.rank is not None and value is not None:
+                raise params.ParamsError(f"pass --rank or {flag}, not both")
+    elif args.rank is not None or any(v is not None for v in _rank_fields(args).values()):
+        flags = " and ".join(["--rank", *_rank_fields(args)])
+        raise params.ParamsError(f"--budget searches the rank: leave out {flags}")
 
-    config = params.model_config(args.model)
+    config = model_config(args.model)
     if args.budget is not None:
         fits: list[Any] = []  # a Fit, or (method, why) for a method that cannot adapt these targets
         for m in params.METHODS:
@@ -166,8 +156,9 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     options = {k: v for k, v in _options(args, method).items() if v is not None}
-    if method == "tenslora" and args.ranks is not None:
-        options["ranks"] = args.ranks
+    spec = method_specs().get(method)
+    if spec is not None and getattr(args, spec.rank_field, None) is not None:
+        options[spec.rank_field] = getattr(args, spec.rank_field)
     result = params.compare(config, method, args.rank, targets=args.targets, **options)
     if args.json:
         print(json.dumps({"model": args.model, **result.to_dict()}, indent=2))
@@ -205,7 +196,7 @@ def _table(header: list[str], rows: list[list[str]], right: set[int]) -> str:
 
 
 def _compare_table(model: str, result: Any) -> str:
-    from ..params import METHOD_TITLES
+    from ...params import METHOD_TITLES
 
     title = METHOD_TITLES[result.method]
     setting = f"r={result.rank}"
@@ -238,7 +229,7 @@ def _setting(options: dict[str, Any]) -> str:
 
 
 def _budget_table(model: str, shape: dict[str, Any], budget: int, fits: list[Any]) -> str:
-    from ..params import METHOD_TITLES
+    from ...params import METHOD_TITLES
 
     rows = [
         [METHOD_TITLES[f[0]], "", "n/a", "-", "-", f[1]]

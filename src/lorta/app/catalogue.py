@@ -7,11 +7,23 @@ parameters, since `lorta.params` builds the model on the meta device.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
-__all__ = ["CATALOGUE", "UnknownModelError", "config_for"]
+from ..params import quiet_transformers
+from .models import (
+    PACKAGED_MODELS,
+    ModelNotFoundError,
+    _gguf_cache_path,
+    _is_complete,
+    _packaged_path,
+    check_model_path,
+)
+
+__all__ = ["CATALOGUE", "UnknownModelError", "config_for", "model_config"]
 
 
 class UnknownModelError(KeyError):
@@ -120,3 +132,39 @@ def config_for(name: str) -> PretrainedConfig:
         raise UnknownModelError(f"unknown model {name!r}; the catalogue knows {', '.join(CATALOGUE)}")
     kwargs = dict(entry)
     return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+
+
+def model_config(model: str | os.PathLike[str]) -> PretrainedConfig:
+    """The transformers config of a catalogue name, a packaged model name, a Hugging Face folder or a GGUF file.
+
+    Reads configs only: a GGUF file's metadata is read by transformers (a few seconds, for the tokenizer
+    vocabulary it also parses), never its weights; if `lorta train` already converted the file, the converted
+    folder's config.json is read instead.
+    """
+    key = str(model)
+    if key.lower() in CATALOGUE:
+        return config_for(key)
+    entry = PACKAGED_MODELS.get(key.lower())
+    if entry is not None:
+        return _config_from_path(_packaged_path(entry))
+    path = Path(key).expanduser()
+    if path.exists():
+        return _config_from_path(path)
+    if any(sep in key for sep in ("/", os.sep)) or key.startswith((".", "~")) or key.lower().endswith(".gguf"):
+        raise ModelNotFoundError(f"no such file or folder: {key} (resolved to {path.resolve()})")
+    known = ", ".join([*CATALOGUE, *PACKAGED_MODELS])
+    raise UnknownModelError(
+        f"unknown model {key!r}: not in the catalogue ({known}) and not an existing path; pass one of these names, "
+        "a Hugging Face model folder (with config.json) or a .gguf file"
+    )
+
+
+def _config_from_path(path: Path) -> PretrainedConfig:
+    check_model_path(path)
+    if path.is_file():  # a GGUF: its converted folder's config if lorta train made one, else the file's metadata
+        converted = _gguf_cache_path(path)
+        if _is_complete(converted):
+            return AutoConfig.from_pretrained(converted, local_files_only=True)
+        with quiet_transformers():
+            return AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    return AutoConfig.from_pretrained(path, local_files_only=True)

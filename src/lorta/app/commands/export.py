@@ -40,7 +40,7 @@ FORMATS = ("lora", "gguf", "merged")
 
 
 def register(subparsers: Any) -> None:
-    from ..export import ENGINES
+    from ...export import ENGINES
     from . import add_file_job_arguments
 
     engines = [e for e in ENGINES if e != "llama.cpp"]
@@ -65,10 +65,10 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import export
-    from ..layout import LayoutError
+    from ... import export
+    from ...layout import LayoutError
+    from ...tuner.config import AdapterConfigError, AdapterFileError
     from ..models import MissingDependencyError, ModelNotFoundError, load_adapted
-    from ..tuner.config import AdapterConfigError, AdapterFileError
 
     if args.engine != "peft" and args.format != "lora":
         return _fail(

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...registry import method_spec, method_specs
 from ..data import (
     TextDataset,
     make_preference_pairs,
@@ -20,7 +21,6 @@ from ..models import (
     load_for_causal_lm,
     load_for_classification,
 )
-from ..registry import method_spec, method_specs
 from .adapters import (
     adapted_modules,
     adapter_only,

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from ..registry import method_spec, method_specs
+from ...registry import method_spec, method_specs
 from .options import (
     ADAPTER_METHODS,
     HEAD_MODULES,
@@ -92,7 +92,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def lora_reference_parameters(model_path: Path, rank: int = REFERENCE_LORA_RANK) -> int:
     """Trainable parameters of PEFT LoRA at ``rank`` on LoRTA's default targets (q, k, v, o), counted exactly by
     lorta.params on a meta-device copy of the model (no weights are read)."""
-    from ..params import lora_count, model_config
+    from ...params import lora_count
+    from ..catalogue import model_config
 
     config = model_config(str(model_path))
     return lora_count(config, rank, default_targets(config.model_type))

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..methods.lorta import DEFAULT_MODE_FACTOR_INIT, LORTA_MODES
-from ..methods.tenslora import DEFAULT_CONSTRUCTION, DEFAULT_DECOMPOSITION
+from ...methods.lorta import DEFAULT_MODE_FACTOR_INIT, LORTA_MODES
+from ...methods.tenslora import DEFAULT_CONSTRUCTION, DEFAULT_DECOMPOSITION
+from ...registry import Recipe, method_spec, method_specs
 from ..models import (
     PACKAGED_MODELS,
     QUANTIZE_CHOICES,
@@ -21,7 +22,6 @@ from ..models import (
     resolve_model,
 )
 from ..models import model_type as model_type_of
-from ..registry import Recipe, method_spec, method_specs
 
 PEFT_METHODS = ("lora", "vera")  # PEFT's own, as baselines
 ADAPTER_METHODS = (*method_specs(), *PEFT_METHODS)
@@ -318,7 +318,7 @@ def _check_numbers(o: TrainOptions) -> None:
 
 def default_targets(model_type: str) -> list[str] | None:
     """LoRTA's default targets for a model type (q, k, v, o), reused for LoRA so both adapt the same matrices."""
-    from ..layout import DEFAULT_TARGETS
+    from ...layout import DEFAULT_TARGETS
 
     return DEFAULT_TARGETS.get(model_type)
 
@@ -327,7 +327,7 @@ def target_modules(targets: Sequence[str] | None, model_type: str) -> list[str] 
     """PEFT ``target_modules`` for ``--targets``: the roles q, k, v, o become this model type's attention module
     names (``layout.ARCHITECTURES``); any other entry is a module name, which PEFT matches exactly or as a suffix.
     None stays None (the adapter config's default)."""
-    from ..layout import ARCHITECTURES
+    from ...layout import ARCHITECTURES
 
     if targets is None:
         return None
