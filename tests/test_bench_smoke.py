@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -34,11 +35,12 @@ def _positive(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
-def _record_logit_scale(bench: ModuleType) -> list[float]:
-    """Wrap bench.run_io to record max |logits| of each adapted model on the round-trip check's ids (the scale of its
-    round-trip difference, which results.json does not hold)."""
+def _record_logit_scale(bench: ModuleType) -> tuple[list[float], Callable[[], None]]:
+    """Wrap bench_runs.run_io (the runs bench.py drives) to record max |logits| of each adapted model on the round-trip
+    check's ids (the scale of its round-trip difference, which results.json does not hold)."""
+    runs = sys.modules["bench_runs"]  # imported by bench.py, from beside it
     scales: list[float] = []
-    run_io = bench.run_io
+    run_io = runs.run_io
 
     def recorded(variants, base, check_ids, opts):
         rows = run_io(variants, base, check_ids, opts)
@@ -48,18 +50,23 @@ def _record_logit_scale(bench: ModuleType) -> list[float]:
                     scales.append(float(v.model.eval()(input_ids=check_ids.to(opts.device)).logits.abs().max()))
         return rows
 
-    bench.run_io = recorded
-    return scales
+    runs.run_io = recorded
+
+    def restore() -> None:
+        runs.run_io = run_io
+
+    return scales, restore
 
 
 def test_bench_smoke(tmp_path: Path) -> None:
     bench = _load_bench()
-    scales = _record_logit_scale(bench)
+    scales, restore = _record_logit_scale(bench)
     threads = torch.get_num_threads()
     try:
         rc = bench.main(["--smoke", "--methods", "lora,lorta", "--threads", "1", "--out", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
+        restore()
         sys.modules.pop("lorta_bench_script", None)
     assert rc == 0, "a correctness guard failed"
     md = (tmp_path / "results.md").read_text()
