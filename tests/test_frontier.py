@@ -244,7 +244,12 @@ def test_resume_fills_options_added_since_a_run_with_their_defaults(tmp_path: Pa
     older = {k: v for k, v in identity.items() if k not in added}
     (tmp_path / "metrics.json").write_text(json.dumps({"options": older, "accuracy": 0.5}), encoding="utf-8")
     assert frontier.finished_run(tmp_path, o) == {"options": older, "accuracy": 0.5}
-    for changed in ({"mode_lr": 1e-2}, {"schedule": "cosine"}, {"warmup": 0.1}, {"weight_decay": 0.01}):
+    for changed in (
+        {"method_options": {"mode_lr": 1e-2}},
+        {"schedule": "cosine"},
+        {"warmup": 0.1},
+        {"weight_decay": 0.01},
+    ):
         other = TrainOptions(max_train=48, max_test=32, steps=2, **changed)
         assert frontier.finished_run(tmp_path, other) is None, changed
     (tmp_path / "metrics.json").write_text("{not json", encoding="utf-8")

@@ -9,7 +9,7 @@ it and the registry can import the method files, with no circle.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,17 +38,22 @@ class Recipe:
 
 @dataclass(frozen=True)
 class CliOption:
-    """A method's own option of ``lorta params``: ``--flag`` into `dest` (a config field), with argparse's
-    ``type``, ``choices`` and ``help``."""
+    """A method's own command-line option: ``--flag`` into `dest` (a config field for ``lorta params``, a key of
+    ``TrainOptions.method_options`` for ``lorta train``), with argparse's ``type``, ``choices`` and ``help``, and
+    the value it has when not given (argparse itself always defaults to None, so a given option can be told from
+    a default one)."""
 
     flag: str
     dest: str
     help: str
     type: Callable[[str], Any] | None = None
     choices: tuple[str, ...] | None = None
+    default: Any = None
 
     def argparse_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"dest": self.dest, "help": self.help, "default": None}
+        shown = ",".join(self.default) if isinstance(self.default, tuple) else self.default
+        text = self.help if shown in (None, "") or "(default" in self.help else f"{self.help} (default: {shown})"
+        kwargs: dict[str, Any] = {"dest": self.dest, "help": text, "default": None}
         if self.type is not None:
             kwargs["type"] = self.type
         if self.choices is not None:
@@ -56,8 +61,12 @@ class CliOption:
         return kwargs
 
 
-def _no_tags(options: Any) -> list[str]:
+def _no_tags(values: Mapping[str, Any]) -> list[str]:
     return []
+
+
+def _no_kwargs(values: Mapping[str, Any], options: Any) -> dict[str, Any]:
+    return {}
 
 
 @dataclass(frozen=True)
@@ -76,10 +85,12 @@ class MethodSpec:
     rank_field: str = "r"  # the config field a single rank goes to (TensLoRA: "ranks", one per mode or all)
     params_options: tuple[str, ...] = ()  # the config options lorta.params and `lorta params` take
     cli_options: tuple[CliOption, ...] = ()  # `lorta params` flags of those options
-    train_options: tuple[str, ...] = ()  # the `lorta train` options (TrainOptions fields) the method reads
-    train_kwargs: Callable[[Any], dict[str, Any]] = field(default=lambda o: {})  # TrainOptions -> config kwargs
-    run_tags: Callable[[Any], list[str]] = _no_tags  # a run's non-default method options, for its name and label
-    factor_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # --<group>-lr: factor names
+    train_flags: tuple[CliOption, ...] = ()  # its own `lorta train` options (TrainOptions.method_options)
+    # (its train_flags' values, the TrainOptions) -> config kwargs
+    train_kwargs: Callable[[Mapping[str, Any], Any], dict[str, Any]] = _no_kwargs
+    run_tags: Callable[[Mapping[str, Any]], list[str]] = _no_tags  # its non-default options, for run names/labels
+    # a train flag that sets a learning rate -> the factors (attribute names) that train at it
+    factor_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
     bench_config: Callable[..., Any] | None = None  # (r, alpha, targets, shape) -> config for the benchmarks
     bench_rank: int = 16  # the rank benchmarks/export_bench.py times
     # import-lora: the fit's starting point, (model, {path: LoraUpdate}, seed, ALS iterations) -> True when it
@@ -91,6 +102,19 @@ class MethodSpec:
     @property
     def tuner_name(self) -> str:
         return self.tuner_cls.__name__
+
+    def train_values(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """The value of each of its train flags: the given one, else the flag's default."""
+        return {flag.dest: given.get(flag.dest, flag.default) for flag in self.train_flags}
+
+    def factor_lrs(self, values: Mapping[str, Any]) -> dict[str, float]:
+        """Factor name -> learning rate, for the factor groups whose lr option is set in `values`."""
+        return {
+            factor: values[dest]
+            for dest, factors in self.factor_groups.items()
+            if values.get(dest) is not None
+            for factor in factors
+        }
 
     def config(self, rank: int | None = None, **kwargs: Any) -> Any:
         """The method's PEFT config at `rank` (None: the config's default) with `kwargs`."""

@@ -24,6 +24,7 @@ from .train import (
     Run,
     TrainOptions,
     default_targets,
+    for_method,
     resolve_options,
     run_identity,
     target_modules,
@@ -32,7 +33,7 @@ from .train import (
 __all__ = ["DEFAULT_BUDGETS", "DEFAULT_METHODS", "Cell", "Point", "plan", "summarise"]
 
 DEFAULT_BUDGETS = (10_000, 20_000, 30_000)
-DEFAULT_METHODS = ("lorta", "lora", "vera")
+DEFAULT_METHODS = (TrainOptions.method, "lora", "vera")  # the default method against PEFT's baselines
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def _count_options(o: Run) -> tuple[list[str] | None, dict[str, Any]]:
         targets = default_targets(kind) if o.method in PEFT_METHODS else None
     spec = method_specs().get(o.method)
     names = [n for n in spec.params_options if n != "ranks"] if spec is not None else []
-    return targets, {n: list(v) if isinstance(v, tuple) else v for n in names for v in [getattr(o, n)]}
+    return targets, {n: list(v) if isinstance(v, tuple) else v for n in names for v in [o.method_options[n]]}
 
 
 def plan(options: TrainOptions, methods: Sequence[str], budgets: Sequence[int]) -> tuple[list[Cell], list[Unreachable]]:
@@ -83,7 +84,7 @@ def plan(options: TrainOptions, methods: Sequence[str], budgets: Sequence[int]) 
     cells: list[Cell] = []
     unreachable: list[Unreachable] = []
     for method in methods:
-        o = resolve_options(dataclasses.replace(options, method=method, rank=None, out="-"))
+        o = resolve_options(dataclasses.replace(for_method(options, method), rank=None, out="-"))
         if method not in ADAPTER_METHODS:
             cells.append(Cell(method, None, 0, ()))
             continue

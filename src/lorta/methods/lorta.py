@@ -17,15 +17,16 @@ Initialisation: A ~ U(-1/√d, 1/√d) (PEFT LoRA's A), B = 0 (so the update sta
 C_M random signs ±1 (`mode_factor_init="signs"`, the default). With C = 1 (`"ones"`) every head, layer and matrix
 starts on the same direction A·Bᵀ: q and k then move together (their product adds one positive-semidefinite
 attention pattern to every head of every layer). Random signs give each head, layer and matrix its own mix of the
-r rank-one terms from the first step, at the same magnitudes (measured in the README, "The lorta command").
+r rank-one terms from the first step, at the same magnitudes (measured in docs/results.md, "Recipe trials").
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -235,6 +236,20 @@ def parse_modes(text: str) -> list[str]:
     return names
 
 
+def parse_train_modes(text: str) -> tuple[str, ...]:
+    """`lorta train --modes`: like `parse_modes`, in LORTA_MODES' order (one run name per set); unknown names are
+    kept, at the end, for the config to refuse."""
+    names = parse_modes(text)
+    return (*(m for m in LORTA_MODES if m in names), *(m for m in names if m not in LORTA_MODES))
+
+
+def _run_tags(values: Mapping[str, Any]) -> list[str]:
+    """The options of a run that differ from the defaults, as they appear in its folder name and label."""
+    modes = tuple(values["modes"])
+    tags = [] if modes == LORTA_MODES else ["+".join(modes) or "nomodes"]
+    return tags + ([] if values["mode_init"] == DEFAULT_MODE_FACTOR_INIT else [f"init{values['mode_init']}"])
+
+
 class LortaModel(TensorAdapterModel):
     """The PEFT tuner of LoRTA (`lorta.tuner.model.TensorAdapterModel` with LoRTA's factors)."""
 
@@ -251,7 +266,7 @@ SPEC = MethodSpec(
     closed_form=lambda layout, config: (
         lambda r: lorta_num_params(**layout.count_sizes(), r=r, modes=tuple(config.modes))
     ),
-    # The default job's recipe (its sweeps are in the README): q, k, v only, alpha 32 at rank 16 (LoRA r=8's
+    # The default job's recipe (its sweeps are in docs/results.md): q, k, v only, alpha 32 at rank 16 (LoRA r=8's
     # scale alpha / r = 2) and at any other rank, the head at 1e-2, and an lr that grows like sqrt(r): at a fixed
     # alpha the scale falls like 1 / r while the r rank-one terms' Adam steps (about the lr each) add up like
     # sqrt(r) if independent, so lr ~ sqrt(r) keeps the update's change per step the same at every rank. The prompt
@@ -264,8 +279,28 @@ SPEC = MethodSpec(
     cli_options=(
         CliOption("--modes", "modes", "LoRTA shared modes, e.g. heads,layers,matrices or none", type=parse_modes),
     ),
-    train_options=("modes", "mode_init"),
-    train_kwargs=lambda o: {"modes": list(o.modes), "mode_factor_init": o.mode_init},
+    train_flags=(
+        CliOption(
+            "--modes",
+            "modes",
+            "LoRTA: shared tensor modes, a comma-separated subset of heads,layers,matrices, or none",
+            type=parse_train_modes,
+            default=LORTA_MODES,
+        ),
+        CliOption(
+            "--mode-init",
+            "mode_init",
+            "LoRTA: initial C_H, C_L, C_M, random signs or all ones",
+            choices=MODE_FACTOR_INITS,
+            default=DEFAULT_MODE_FACTOR_INIT,
+        ),
+        CliOption(
+            "--mode-lr", "mode_lr", "LoRTA: learning rate of the mode factors C_H, C_L, C_M (default: --lr)", type=float
+        ),
+    ),
+    train_kwargs=lambda values, o: {"modes": list(values["modes"]), "mode_factor_init": values["mode_init"]},
+    run_tags=_run_tags,
+    factor_groups={"mode_lr": ("C_H", "C_L", "C_M")},
     import_start=cp_start,  # CP-ALS of the stacked updates (False, and Adam, for an ablation of the modes)
     bench_config=lambda r, alpha, targets, shape: LortaConfig(r=r, lora_alpha=alpha, target_modules=targets),
 )

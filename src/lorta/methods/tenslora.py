@@ -368,7 +368,22 @@ SPEC = MethodSpec(
             "--decomposition", "decomposition", "TensLoRA decomposition (default tucker)", choices=("tucker", "cp")
         ),
     ),
-    train_options=("construction", "decomposition"),
-    train_kwargs=lambda o: {"construction": o.construction, "decomposition": o.decomposition},
+    train_flags=(
+        CliOption(
+            "--construction",
+            "construction",
+            "TensLoRA: stacked modes",
+            choices=CONSTRUCTIONS,
+            default=DEFAULT_CONSTRUCTION,
+        ),
+        CliOption(
+            "--decomposition",
+            "decomposition",
+            "TensLoRA: tucker or cp",
+            choices=DECOMPOSITIONS,
+            default=DEFAULT_DECOMPOSITION,
+        ),
+    ),
+    train_kwargs=lambda values, o: dict(values),
     bench_config=_bench_config,
 )

@@ -239,7 +239,7 @@ SPEC = MethodSpec(
     ),
     classify=Recipe(16, 16.0, 1e-2, 2e-3),
     causal_lm=Recipe(16, 16.0, 2e-3, 0.0),
-    train_kwargs=lambda o: {"projection_seed": o.seed},
+    train_kwargs=lambda values, o: {"projection_seed": o.seed},
     import_start=_import_start,
     import_check=_import_check,
     bench_config=lambda r, alpha, targets, shape: TLoraConfig(r=r, lora_alpha=alpha, target_modules=targets),

@@ -15,12 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ...methods.lorta import DEFAULT_MODE_FACTOR_INIT, MODE_FACTOR_INITS
-from ...methods.tenslora import CONSTRUCTIONS, DECOMPOSITIONS
 from ...registry import method_specs
 from ..frontier import DEFAULT_BUDGETS
 from ..frontier import DEFAULT_METHODS as DEFAULT_FRONTIER_METHODS
-from ..train import DEFAULT_MODES, SCHEDULES, TrainOptions
+from ..train import SCHEDULES, TrainOptions
 
 EXIT_USAGE = 2
 DEFAULT_COMPARE_METHODS = ",".join([*method_specs(), "lora", "head-only"])
@@ -115,15 +113,15 @@ def _shared_arguments(p: argparse.ArgumentParser) -> None:
     add("--steps", "optimizer steps (default: 400; prompt 60; dpo 40)", type=int)
     add("--batch-size", "examples per step and device (default: 32; prompt 8; dpo 4)", type=int)
     add("--grad-accum", "gradient accumulation steps", type=int, default=1)
-    lorta = method_specs()["lorta"].classify
+    default = method_specs()[TrainOptions.method]
+    recipe = default.classify
     add(
         "--lr",
-        f"adapter learning rate (default: per method; LoRTA's classify lr is {lorta.lr:g} at rank "
-        f"{lorta.rank}, times (rank / {lorta.rank}) ** {lorta.lr_rank_power:g} at others)",
+        f"adapter learning rate (default: per method; {default.title}'s classify lr is {recipe.lr:g} at rank "
+        f"{recipe.rank}, times (rank / {recipe.rank}) ** {recipe.lr_rank_power:g} at others)",
         type=float,
     )
     add("--head-lr", "classification head learning rate (default: per method)", type=float)
-    add("--mode-lr", "LoRTA: learning rate of the mode factors C_H, C_L, C_M (default: --lr)", type=float)
     add("--alpha", "scale = alpha / rank (default: per method)", type=float)
     add("--dropout", "adapter input dropout", type=float, default=0.0)
     add(
@@ -148,25 +146,11 @@ def _shared_arguments(p: argparse.ArgumentParser) -> None:
     add("--max-test", "class-balanced subset of the held-out split (DPO: pairs; default: all)", type=int)
     add("--max-length", "max tokens per example (default: 64; prompt 96; dpo 128)", type=int)
     add(
-        "--modes",
-        "LoRTA: shared tensor modes, a comma-separated subset of heads,layers,matrices",
-        type=_modes,
-        default=",".join(DEFAULT_MODES),
-    )
-    add(
-        "--mode-init",
-        "LoRTA: initial C_H, C_L, C_M, random signs or all ones",
-        choices=MODE_FACTOR_INITS,
-        default=DEFAULT_MODE_FACTOR_INIT,
-    )
-    add(
         "--targets",
         "adapted matrices, comma-separated: attention roles q,k,v,o and/or module names (default: "
         "q,k,v,o; LoRTA on a classifier: q,k,v)",
         type=_modes,
     )
-    add("--construction", "TensLoRA: stacked modes", choices=CONSTRUCTIONS, default=TrainOptions.construction)
-    add("--decomposition", "TensLoRA: tucker or cp", choices=DECOMPOSITIONS, default=TrainOptions.decomposition)
     add(
         "--quantize",
         "load the base in 8 or 4 bits (bitsandbytes LLM.int8 / nf4 with double quantisation), "
@@ -175,6 +159,15 @@ def _shared_arguments(p: argparse.ArgumentParser) -> None:
     )
     add("--seed", "seed of the split, subsets, data order and initialisation", type=int, default=0)
     add("--quiet", "no progress bars", action="store_true")
+    for spec in method_specs().values():  # each method's own options (MethodSpec.train_flags)
+        for flag in spec.train_flags:
+            kwargs = flag.argparse_kwargs()
+            kwargs["dest"] = _METHOD_OPTION + flag.dest
+            kwargs.setdefault("metavar", None if flag.choices else flag.dest.upper())
+            p.add_argument(flag.flag, **kwargs)
+
+
+_METHOD_OPTION = "method_option:"  # argparse dest prefix of the methods' own options
 
 
 def _modes(text: str) -> tuple[str, ...]:
@@ -182,15 +175,23 @@ def _modes(text: str) -> tuple[str, ...]:
 
 
 def options_from(args: argparse.Namespace, **overrides: Any) -> Any:
-    """TrainOptions from parsed arguments (unknown attributes ignored)."""
+    """TrainOptions from parsed arguments (unknown attributes ignored). The methods' options given on the command
+    line go to ``method_options``; ``lorta compare`` (which names ``method`` in `overrides`) passes each method
+    its own and drops the others', since one command line serves every method of the grid."""
     import dataclasses
 
-    from ..train import TrainOptions
+    from ..train import TrainOptions, for_method
 
     names = {f.name for f in dataclasses.fields(TrainOptions)}
     values = {k: v for k, v in vars(args).items() if k in names}
+    given = {
+        k.removeprefix(_METHOD_OPTION): v
+        for k, v in vars(args).items()
+        if k.startswith(_METHOD_OPTION) and v is not None
+    }
     values.update(overrides)
-    return TrainOptions(**values)
+    options = TrainOptions(**values, method_options=given)
+    return for_method(options, overrides["method"]) if "method" in overrides else options
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
@@ -256,13 +257,14 @@ def _ratio(adapter: int, reference: int) -> str:
 
 
 def method_label(m: dict[str, Any]) -> str:
-    """The method, with LoRTA's modes when they are not the default ones (e.g. ``lorta[layers+matrices]``)."""
-    modes, init = m.get("modes"), m.get("mode_init", DEFAULT_MODE_FACTOR_INIT)
-    if m["method"] != "lorta":
+    """The method, with its options where they are not the defaults (e.g. ``lorta[layers+matrices]``); `m` is a
+    run's metrics, which hold the method's options flat."""
+    spec = method_specs().get(m["method"])
+    if spec is None:
         return m["method"]
-    tags = [] if modes is None or tuple(modes) == DEFAULT_MODES else ["+".join(modes) or "no modes"]
-    tags += [] if init == DEFAULT_MODE_FACTOR_INIT else [f"C={init}"]
-    return f"lorta[{', '.join(tags)}]" if tags else "lorta"
+    values = spec.train_values({k: tuple(v) if isinstance(v, list) else v for k, v in m.items()})
+    tags = spec.run_tags(values)
+    return f"{m['method']}[{', '.join(tags)}]" if tags else m["method"]
 
 
 def summary(m: dict[str, Any]) -> str:

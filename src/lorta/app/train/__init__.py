@@ -27,7 +27,6 @@ from .jobs import run_job, write_atomically
 from .options import (
     ADAPTER_METHODS,
     CLASSIFY_RECIPES,
-    DEFAULT_MODES,
     DPO_RECIPES,
     JOBS,
     LM_RECIPES,
@@ -39,10 +38,13 @@ from .options import (
     TrainOptions,
     UsageError,
     default_targets,
+    factor_lrs,
+    for_method,
     job_kind,
     model_label,
     resolve_options,
     run_identity,
+    run_tags,
     target_modules,
 )
 from .order import grouped_order, load_data, ordered_train_set
@@ -50,7 +52,6 @@ from .order import grouped_order, load_data, ordered_train_set
 __all__ = [
     "ADAPTER_METHODS",
     "CLASSIFY_RECIPES",
-    "DEFAULT_MODES",
     "DPO_RECIPES",
     "JOBS",
     "LM_RECIPES",
@@ -64,6 +65,8 @@ __all__ = [
     "UsageError",
     "count_parameters",
     "default_targets",
+    "factor_lrs",
+    "for_method",
     "evaluate_classifier",
     "evaluate_prompt",
     "grouped_order",
@@ -75,6 +78,7 @@ __all__ = [
     "prepare_model",
     "resolve_options",
     "run_identity",
+    "run_tags",
     "run_job",
     "save_trained",
     "saved_path",

@@ -43,7 +43,7 @@ def peft_config(o: TrainOptions, task_type: str, model_type: str) -> Any:
         common["target_modules"] = targets
     if o.method in method_specs():
         spec = method_spec(o.method)
-        return spec.config(o.rank, **spec.train_kwargs(o), **common)
+        return spec.config(o.rank, **spec.train_kwargs(o.method_options, o), **common)
     common.setdefault("target_modules", default_targets(model_type))
     if o.method == "vera":  # seeded random projections, saved with the adapter (PEFT's default)
         common.pop("lora_alpha")

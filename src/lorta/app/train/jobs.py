@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...registry import method_spec, method_specs
 from ..data import (
     TextDataset,
     make_preference_pairs,
@@ -40,7 +39,15 @@ from .evaluate import (
     pad_right,
     prompt_features,
 )
-from .options import ADAPTER_METHODS, Echo, TrainOptions, check_requirements, resolve_options, run_identity
+from .options import (
+    ADAPTER_METHODS,
+    Echo,
+    TrainOptions,
+    check_requirements,
+    factor_lrs,
+    resolve_options,
+    run_identity,
+)
 from .order import describe_data, load_data, ordered_train_set
 from .trainer import (
     checkpoint_to_resume,
@@ -79,7 +86,7 @@ def _classify(o: TrainOptions, path: Path, ds: TextDataset, echo: Echo) -> dict[
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
     )
-    trainer.head_lr, trainer.mode_lr = o.head_lr, o.mode_lr
+    trainer.head_lr, trainer.factor_lrs = o.head_lr, factor_lrs(o)
     train_s = _train(trainer, o, ckpt, echo)
     start = time.perf_counter()
     result = evaluate_classifier(model, tokenizer, ds.test, o.max_length, quiet=o.quiet)
@@ -104,7 +111,7 @@ def _prompt(o: TrainOptions, path: Path, ds: TextDataset, echo: Echo) -> dict[st
         data_collator=lambda f: pad_right(f, pad_id),
         processing_class=tokenizer,
     )
-    trainer.mode_lr = o.mode_lr
+    trainer.factor_lrs = factor_lrs(o)
     train_s = _train(trainer, o, ckpt, echo)
     start = time.perf_counter()
     result = evaluate_prompt(model, tokenizer, ds.test, answers, o.max_length, o.quiet, template)
@@ -229,7 +236,6 @@ def _metrics(
         "grad_accum": o.grad_accum,
         "lr": o.lr,
         "head_lr": o.head_lr if kind == "classify" else None,
-        "mode_lr": o.mode_lr,
         "alpha": o.alpha,
         "schedule": o.schedule,
         "warmup": o.warmup,
@@ -252,10 +258,8 @@ def _metrics(
         "peak_rss_mb": peak_rss_mb(),
         "options": run_identity(o),
     }
-    if o.method in method_specs():
-        for name in method_spec(o.method).train_options:
-            value = getattr(o, name)
-            metrics[name] = list(value) if isinstance(value, tuple) else value
+    for name, value in o.method_options.items():  # the method's own options, flat, as run_identity has them
+        metrics[name] = list(value) if isinstance(value, tuple) else value
     if o.method in ADAPTER_METHODS:
         metrics["targets"] = adapted_modules(model)
     return metrics

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...methods.lorta import DEFAULT_MODE_FACTOR_INIT, LORTA_MODES
-from ...methods.tenslora import DEFAULT_CONSTRUCTION, DEFAULT_DECOMPOSITION
 from ...registry import Recipe, method_spec, method_specs
 from ..models import (
     PACKAGED_MODELS,
@@ -31,7 +29,6 @@ JOBS = ("classify", "prompt", "dpo")
 # --schedule: the lr after warm-up, as transformers' scheduler names (constant holds the lr until the last step).
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 HEAD_MODULES = ("classifier", "score")  # what PEFT's SEQ_CLS task puts in modules_to_save
-MODE_FACTORS = ("C_H", "C_L", "C_M")  # LoRTA's mode factors (--mode-lr)
 REFERENCE_LORA_RANK = 8
 Echo = Callable[[str], None]
 # (module, pip requirement, what needs it): checked before a job does any work.
@@ -82,7 +79,7 @@ ATTENTION_ROLES = ("q", "k", "v", "o")
 # The PEFT baselines' and the non-adapter methods' recipes; the lorta methods' are in their MethodSpec. LoRA r=8 on
 # q, k, v, o at alpha 16 is PEFT's usual setting; VeRA trains scaling vectors that start small (d = 0.1, b = 0) and
 # needs a learning rate an order above LoRA's, as its paper's GLUE runs use; its lr was swept beside LoRTA's
-# (README, "Recipe trials").
+# (docs/results.md, "Recipe trials").
 CLASSIFY_RECIPES: dict[str, Recipe] = {
     **{name: spec.classify for name, spec in method_specs().items()},
     "lora": Recipe(8, 16.0, 1e-3, 2e-3),
@@ -90,7 +87,7 @@ CLASSIFY_RECIPES: dict[str, Recipe] = {
     "full": Recipe(None, None, 1e-4, 2e-3),
     "head-only": Recipe(None, None, 1e-2, 1e-2),
 }
-# Causal-LM jobs: the baselines' prompt lrs were swept beside LoRTA's (README, "Recipe trials"); their DPO jobs
+# Causal-LM jobs: the baselines' prompt lrs were swept beside LoRTA's (docs/results.md, "Recipe trials"); their DPO jobs
 # keep the conservative lrs they had.
 LM_RECIPES: dict[str, Recipe] = {
     **{name: spec.causal_lm for name, spec in method_specs().items()},
@@ -105,7 +102,6 @@ DPO_RECIPES: dict[str, Recipe] = {
     "vera": Recipe(256, None, 5e-3, 0.0),
 }
 RECIPES = {"classify": CLASSIFY_RECIPES, "prompt": LM_RECIPES, "dpo": DPO_RECIPES}
-DEFAULT_MODES = LORTA_MODES
 
 
 @dataclass(frozen=True)
@@ -138,7 +134,6 @@ class TrainOptions:
     alpha: float | None = None
     lr: float | None = None
     head_lr: float | None = None
-    mode_lr: float | None = None
     dropout: float = 0.0
     schedule: str = "linear"
     warmup: float = 0.06
@@ -153,14 +148,12 @@ class TrainOptions:
     out: str | None = None
     resume: bool = False
     save_steps: int | None = None
-    construction: str = DEFAULT_CONSTRUCTION
-    decomposition: str = DEFAULT_DECOMPOSITION
     beta: float = 0.1
-    modes: tuple[str, ...] = DEFAULT_MODES
-    mode_init: str = DEFAULT_MODE_FACTOR_INIT
     targets: tuple[str, ...] | None = None
     quantize: str | None = None
     quiet: bool = False
+    # the method's own options (MethodSpec.train_flags), by dest; a resolved Run has every one of them
+    method_options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -211,8 +204,12 @@ def resolve_options(options: TrainOptions) -> Run:
             f"--method {options.method} needs a classification head, which the {kind} job on a causal LM does not "
             f"have; choose one of {', '.join(recipes)}"
         )
-    if kind == "dpo" and options.mode_lr is not None:
-        raise UsageError("--mode-lr is not supported with --task dpo (TRL's DPOTrainer builds its own optimizer)")
+    options = _with_method_options(options)
+    for flag in _factor_lr_flags(options):
+        if kind == "dpo" and options.method_options.get(flag.dest) is not None:
+            raise UsageError(
+                f"{flag.flag} is not supported with --task dpo (TRL's DPOTrainer builds its own optimizer)"
+            )
     if kind == "dpo" and options.method == "full":
         raise UsageError(
             "--task dpo trains adapters (the reference model is the base model with the adapter off); "
@@ -228,7 +225,7 @@ def resolve_options(options: TrainOptions) -> Run:
     if options.method in method_specs():  # the method's own options, checked by its config (fail before loading)
         spec = method_spec(options.method)
         try:
-            spec.config_cls(**spec.train_kwargs(options))
+            spec.config_cls(**spec.train_kwargs(options.method_options, options))
         except ValueError as exc:
             raise UsageError(f"--method {options.method}: {exc}") from exc
     model_type = model_type_of(path)
@@ -240,9 +237,7 @@ def resolve_options(options: TrainOptions) -> Run:
     _check_numbers(filled)
     if filled.out is None:
         rank = f"-r{filled.rank}" if filled.rank is not None else ""
-        modes = f"-{'+'.join(filled.modes) or 'nomodes'}" if _custom_modes(filled) else ""
-        custom_init = filled.method == "lorta" and filled.mode_init != DEFAULT_MODE_FACTOR_INIT
-        modes += f"-init{filled.mode_init}" if custom_init else ""
+        modes = "".join(f"-{tag}" for tag in run_tags(filled))
         if options.targets is not None and filled.targets != recipes[options.method].targets:
             modes += "-" + "+".join(t.replace(".", "_") for t in filled.targets)
         name = f"{filled.method}{modes}-{model_label(model)}-{filled.task}{rank}-seed{filled.seed}"
@@ -272,7 +267,6 @@ def _with_defaults(o: TrainOptions, recipe: Recipe, job: JobDefaults, model_type
         max_train=pick(o.max_train, job.max_train),
         max_test=pick(o.max_test, job.max_test),
         max_length=pick(o.max_length, job.max_length),
-        modes=tuple(m for m in DEFAULT_MODES if m in o.modes),
         targets=_default_targets(o, recipe, model_type) if adapter else None,
     )
 
@@ -283,8 +277,52 @@ def _default_targets(o: TrainOptions, recipe: Recipe, model_type: str) -> tuple[
     return recipe.targets if recipe.targets and default_targets(model_type) else None
 
 
-def _custom_modes(o: TrainOptions) -> bool:
-    return o.method == "lorta" and tuple(o.modes) != DEFAULT_MODES
+def _with_method_options(o: TrainOptions) -> TrainOptions:
+    """`o` with every option of its method filled in (given, else the flag's default). An option of another
+    method, or of none, is refused: it would be silently ignored."""
+    own = {flag.dest: flag for flag in method_spec(o.method).train_flags} if o.method in method_specs() else {}
+    for dest in o.method_options:
+        if dest in own:
+            continue
+        owners = [(s, f) for s in method_specs().values() for f in s.train_flags if f.dest == dest]
+        if not owners:
+            raise UsageError(f"unknown method option {dest!r}; the methods' options are {', '.join(_all_flags())}")
+        spec, flag = owners[0]
+        raise UsageError(
+            f"{flag.flag} is an option of --method {spec.name} ({flag.help}); --method {o.method} has none"
+        )
+    values = method_spec(o.method).train_values(o.method_options) if own else {}
+    return dataclasses.replace(o, method_options=values)
+
+
+def for_method(o: TrainOptions, method: str) -> TrainOptions:
+    """`o` for `method`, keeping only its own method options (one command line of ``lorta compare`` serves every
+    method of its grid, each reading its own)."""
+    spec = method_specs().get(method)
+    own = {flag.dest for flag in spec.train_flags} if spec is not None else set()
+    return dataclasses.replace(o, method=method, method_options={k: v for k, v in o.method_options.items() if k in own})
+
+
+def _all_flags() -> list[str]:
+    return [flag.flag for spec in method_specs().values() for flag in spec.train_flags]
+
+
+def _factor_lr_flags(o: TrainOptions) -> list[Any]:
+    """The method's train flags that set a learning rate of some of its factors (MethodSpec.factor_groups)."""
+    if o.method not in method_specs():
+        return []
+    spec = method_spec(o.method)
+    return [flag for flag in spec.train_flags if flag.dest in spec.factor_groups]
+
+
+def run_tags(o: TrainOptions) -> list[str]:
+    """The run's non-default method options, as its folder name and label show them."""
+    return method_spec(o.method).run_tags(o.method_options) if o.method in method_specs() else []
+
+
+def factor_lrs(o: TrainOptions) -> dict[str, float]:
+    """Factor name -> learning rate, where the run's method options set one (e.g. LoRTA's --mode-lr)."""
+    return method_spec(o.method).factor_lrs(o.method_options) if o.method in method_specs() else {}
 
 
 def _check_numbers(o: TrainOptions) -> None:
@@ -309,25 +347,24 @@ def _check_numbers(o: TrainOptions) -> None:
         raise UsageError(f"--warmup is the fraction of --steps spent warming up, in [0, 1); got {o.warmup}")
     if not (math.isfinite(o.weight_decay) and o.weight_decay >= 0):
         raise UsageError(f"--weight-decay must be a non-negative number, got {o.weight_decay}")
-    if o.mode_lr is not None and o.method != "lorta":
-        raise UsageError(f"--mode-lr sets the lr of LoRTA's mode factors C_H, C_L, C_M; --method {o.method} has none")
-    for flag, value in (("--lr", o.lr), ("--head-lr", o.head_lr), ("--mode-lr", o.mode_lr), ("--alpha", o.alpha)):
+    rates = [(flag.flag, o.method_options.get(flag.dest)) for flag in _factor_lr_flags(o)]
+    for flag, value in (("--lr", o.lr), ("--head-lr", o.head_lr), *rates, ("--alpha", o.alpha)):
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise UsageError(f"{flag} must be a non-negative number, got {value}")
 
 
 def default_targets(model_type: str) -> list[str] | None:
     """LoRTA's default targets for a model type (q, k, v, o), reused for LoRA so both adapt the same matrices."""
-    from ...layout import DEFAULT_TARGETS
+    from ...architectures import DEFAULT_TARGETS
 
     return DEFAULT_TARGETS.get(model_type)
 
 
 def target_modules(targets: Sequence[str] | None, model_type: str) -> list[str] | None:
     """PEFT ``target_modules`` for ``--targets``: the roles q, k, v, o become this model type's attention module
-    names (``layout.ARCHITECTURES``); any other entry is a module name, which PEFT matches exactly or as a suffix.
-    None stays None (the adapter config's default)."""
-    from ...layout import ARCHITECTURES
+    names (``lorta.architectures.ARCHITECTURES``); any other entry is a module name, which PEFT matches exactly or
+    as a suffix. None stays None (the adapter config's default)."""
+    from ...architectures import ARCHITECTURES
 
     if targets is None:
         return None
@@ -353,5 +390,9 @@ def target_modules(targets: Sequence[str] | None, model_type: str) -> list[str] 
 def run_identity(o: TrainOptions) -> dict[str, Any]:
     """The resolved options that decide a run's result (not where it is written or how it reports): what
     ``lorta compare --resume`` matches a finished run by."""
-    skip = {"out", "resume", "quiet", "save_steps", "job", "model_path"}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(o).items() if k not in skip}
+    skip = {"out", "resume", "quiet", "save_steps", "job", "model_path", "method_options"}
+    identity = {k: v for k, v in dataclasses.asdict(o).items() if k not in skip}
+    # every method's options, flat (as when they were fields of TrainOptions): defaults, then this run's own
+    identity |= {flag.dest: flag.default for spec in method_specs().values() for flag in spec.train_flags}
+    identity |= dict(o.method_options)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in identity.items()}

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .adapters import is_head
-from .options import MODE_FACTORS, SCHEDULES, Echo, TrainOptions
+from .options import SCHEDULES, Echo, TrainOptions
 
 
 def trainer_classes() -> tuple[type, type]:
@@ -22,17 +22,18 @@ def trainer_classes() -> tuple[type, type]:
     from transformers.trainer_callback import ProgressCallback
 
     class HeadLrTrainer(Trainer):
-        """AdamW with up to three groups: the adapter (args.learning_rate), the classification head (head_lr) and
-        LoRTA's mode factors C_H, C_L, C_M (mode_lr)."""
+        """AdamW with a group per learning rate: the adapter (args.learning_rate), the classification head
+        (head_lr) and factors a method's options give their own lr (factor_lrs, e.g. LoRTA's --mode-lr)."""
 
         head_lr: float | None = None
-        mode_lr: float | None = None
+        factor_lrs: dict[str, float] = {}  # factor name -> lr (MethodSpec.factor_groups)
 
         def _lr_of(self, name: str) -> float:
             if is_head(name) and self.head_lr is not None:
                 return self.head_lr
-            if self.mode_lr is not None and name.rsplit(".", 1)[-1] in MODE_FACTORS:
-                return self.mode_lr
+            factor = name.rsplit(".", 1)[-1]
+            if factor in self.factor_lrs:
+                return self.factor_lrs[factor]
             return self.args.learning_rate
 
         def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
