@@ -14,8 +14,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(autouse=True)
 def _only_train_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    """In-process runs build the parser from this command only (other subcommands are tested elsewhere)."""
-    monkeypatch.setattr(cli, "COMMANDS", ("train",))
+    """In-process runs build the parser from these commands only (the others are tested elsewhere)."""
+    monkeypatch.setattr(cli, "COMMANDS", ("train", "compare"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 

@@ -15,7 +15,7 @@ from reference import adapted_modules, reference_lorta, reference_tenslora, refe
 from tolerance import FLOAT32_INSIDE_TERMS, MAP_TERMS, assert_close
 
 import lorta
-from lorta.layout import ARCHITECTURES
+from lorta.architectures import ARCHITECTURES
 
 _L = dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=16, intermediate_size=32, vocab_size=97)
 _GQA = dict(_L, num_key_value_heads=2)

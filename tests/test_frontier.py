@@ -15,7 +15,7 @@ import pytest
 from cli_helpers import PNG_MAGIC, _only_train_command, lorta, metrics_of  # noqa: F401  (autouse fixture)
 
 from lorta.app import frontier
-from lorta.app.commands.train import _fmt_time
+from lorta.app.commands.train import fmt_time
 from lorta.app.train import TrainOptions
 
 TINY = ["--max-train", "48", "--max-test", "32", "--steps", "2", "--batch-size", "8", "--max-length", "32", "--quiet"]
@@ -187,7 +187,7 @@ def test_frontier_end_to_end_and_resume(tmp_path: Path, capsys: pytest.CaptureFi
     data = json.loads((root / "frontier.json").read_text(encoding="utf-8"))
     runs_s = sum(r["wall_time_s"] for r in data["runs"])
     assert data["runs_wall_time_s"] == runs_s and data["wall_time_s"] < runs_s  # reused runs cost this command ~0
-    assert f"of the runs themselves {_fmt_time(runs_s)}" in (root / "frontier.md").read_text(encoding="utf-8")
+    assert f"of the runs themselves {fmt_time(runs_s)}" in (root / "frontier.md").read_text(encoding="utf-8")
     assert {p: p.stat().st_mtime_ns for p in root.glob("*/metrics.json")} == before  # nothing retrained
     code, out, err = lorta([*args[:-2], "--lr", "5e-3", "--out", str(root), "--resume"], capsys)
     assert code == 0, err

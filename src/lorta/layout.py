@@ -1,35 +1,21 @@
-"""Where each adapted matrix sits in the update tensor (docs/design.md, "The layout").
+"""Where each adapted matrix sits in the update tensor (docs/design.md, "The layout", which states the conventions:
+the d-mode on the model-dimension side, heads on the output side of q, k, v and the input side of o, GQA's
+shared KV heads, the layers mode as the adapted layers only, extra matrices, fused q/k/v orders).
 
-A transformer's adapted matrices are indexed by (layer, matrix, head). This module reads those coordinates off
-a model: its shape (hidden size d, heads H, KV heads, head dim d_h) from its config, and for every targeted module
-its layer, which matrix it is (q, k, v, o, a fused q/k/v, or an extra matrix such as an MLP projection) and on
-which side its heads lie. The result is plain data that the engine and every factorisation read.
-
-Conventions:
-- the d-mode is always the MODEL-dimension side of a matrix, the (d_h, H) modes the HEAD side;
-- q, k, v: heads on the output side; o: heads on the input side; output feature o = h * d_h + e (HF order);
-- GQA: KV head j serves query heads j*g .. j*g+g-1 (g = H / H_kv) and reads the tensor's head j*g. No averaging;
-- the layers mode holds the ADAPTED layers only, in model order (encoder blocks before decoder blocks), so
-  `layers_to_transform` or a partial target list never leaves a factor row that cannot train;
-- a layer with several attention blocks (a decoder's self- and cross-attention) gives each block its own
-  matrices ("self_attn.q", "encoder_attn.q"); otherwise the matrices are plain "q", "k", "v", "o";
-- extra matrices (MLP projections, any linear layer of a model without attention heads) have no head mode: the
-  side equal to the model dimension d shares the model factor, the other side gets a factor of its own; a matrix
-  with neither side equal to d gets factors of its own on both sides. Without a config, d is the size most of the
-  targeted matrices share;
-- fused q/k/v projections: concatenated [q | k | v] (GPT-2 c_attn, Phi-3 qkv_proj, MPT Wqkv), or interleaved per
-  head group (GPT-NeoX, BLOOM, Falcon, DeBERTa: (H_kv, H/H_kv + 2, d_h)), or CodeGen's four [q | v | k]
-  partitions. An interleaved layout is a fixed permutation of the output features (`TensorLayout.out_orders`).
+It reads a model's shape (d, H, H_kv, d_h) from its config and, for every targeted module, its layer, which matrix
+it is (q, k, v, o, a fused q/k/v, or an extra matrix) and on which side its heads lie: plain data for the engine.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
 
 from torch import nn
+
+from .architectures import _FUSED_LAYOUTS, ARCHITECTURES, CODEGEN, CONCAT, GROUPED
 
 # Matrix roles.
 OUT_HEADS = "out_heads"  # q, k, v: model dim in, heads out
@@ -39,120 +25,12 @@ EXTRA_OUT = "extra_out"  # own side in, model dim out (e.g. down_proj, fc2)
 EXTRA_FREE = "extra_free"  # neither side is the model dim: own factors on both sides
 EXTRA_ROLES = (EXTRA_IN, EXTRA_OUT, EXTRA_FREE)
 
-# Fused q/k/v output layouts.
-CONCAT = "concat"  # [q heads | k heads | v heads]
-GROUPED = "grouped"  # per KV head j: [q heads j*g .. j*g+g-1 | k_j | v_j]
-CODEGEN = "codegen"  # 4 partitions, each [q | v | k] of a quarter of the heads
-
 _Q_NAMES = {"q_proj", "query", "q_lin", "wq", "q", "query_proj"}
 _K_NAMES = {"k_proj", "key", "k_lin", "wk", "k", "key_proj"}
 _V_NAMES = {"v_proj", "value", "v_lin", "wv", "v", "value_proj"}
 _O_NAMES = {"o_proj", "out_proj", "out_lin", "wo", "o"}
 _O_QUALIFIED = {"attention.output.dense", "attn.c_proj", "attention.dense", "self_attention.dense", "self_attn.dense"}
 _FUSED_NAMES = {"c_attn", "qkv_proj", "wqkv", "w_pack", "query_key_value"}
-
-
-@dataclass(frozen=True)
-class Attention:
-    """The attention module names of a model type, as PEFT target_modules (suffixes of module names).
-
-    `scope` restricts them to one sub-model of a multimodal model (its language model): the targets are then a
-    regular expression, as PEFT's own default for Gemma 4.
-    """
-
-    q: str | None = None
-    k: str | None = None
-    v: str | None = None
-    o: str | None = None
-    qkv: str | None = None  # one module computing q, k and v
-    scope: str | None = None
-
-    def names(self, roles: tuple[str, ...] = ("q", "k", "v", "o")) -> list[str]:
-        """The module names adapting `roles`; a fused q/k/v module is adapted whole when any of q, k, v is asked."""
-        out = []
-        for role in roles:
-            name = self.qkv if (self.qkv and role in "qkv") else getattr(self, role)
-            if name and name not in out:
-                out.append(name)
-        return out
-
-    def targets(self, roles: tuple[str, ...] = ("q", "k", "v", "o")) -> list[str] | str:
-        """PEFT target_modules for `roles`: the names, or within `scope` a regular expression."""
-        names = self.names(roles)
-        if self.scope is None:
-            return names
-        return rf".*{re.escape(self.scope)}\..*\.({'|'.join(re.escape(n) for n in names)})"
-
-
-_LLAMA = Attention("q_proj", "k_proj", "v_proj", "o_proj")
-_BART = Attention("q_proj", "k_proj", "v_proj", "out_proj")
-_BERT = Attention("query", "key", "value", "attention.output.dense")
-_NEOX = Attention(qkv="query_key_value", o="attention.dense")
-
-# Every model type whose attention lorta places, with its module names (tested over a tiny config of each:
-# tests/test_architectures.py). The defaults adapt q, k, v, o, the paper's M = 4 setting.
-ARCHITECTURES: dict[str, Attention] = {
-    **dict.fromkeys(
-        (
-            "llama",
-            "mistral",
-            "mixtral",
-            "qwen2",
-            "qwen2_moe",
-            "qwen3",
-            "qwen3_moe",
-            "gemma",
-            "gemma2",
-            "gemma3",
-            "gemma3_text",
-            "olmo",
-            "olmo2",
-            "starcoder2",
-            "smollm3",
-            "granite",
-            "cohere",
-            "stablelm",
-            "llama4_text",
-            "nemotron_h",
-            "vit",
-        ),
-        _LLAMA,
-    ),
-    **dict.fromkeys(("gemma3", "llama4"), replace(_LLAMA, scope="language_model")),
-    **dict.fromkeys(("opt", "bart", "mbart", "whisper", "m2m_100", "gptj", "gpt_neo"), _BART),
-    **dict.fromkeys(
-        (
-            "bert",
-            "roberta",
-            "xlm-roberta",
-            "esm",
-            "electra",
-            "camembert",
-            "ernie",
-            "mpnet",
-            "data2vec-text",
-            "layoutlm",
-        ),
-        _BERT,
-    ),
-    **dict.fromkeys(("t5", "mt5", "umt5"), Attention("q", "k", "v", "o")),
-    "phi": Attention("q_proj", "k_proj", "v_proj", "self_attn.dense"),
-    "mpnet": Attention("q", "k", "v", "o"),
-    "gpt2": Attention(qkv="c_attn", o="attn.c_proj"),
-    "gpt_bigcode": Attention(qkv="c_attn", o="attn.c_proj"),
-    "distilbert": Attention("q_lin", "k_lin", "v_lin", "out_lin"),
-    "deberta-v2": Attention("query_proj", "key_proj", "value_proj", "attention.output.dense"),
-    "deberta": Attention(qkv="in_proj", o="attention.output.dense"),
-    "phi3": Attention(qkv="qkv_proj", o="o_proj"),
-    "codegen": Attention(qkv="qkv_proj", o="out_proj"),
-    "mpt": Attention(qkv="Wqkv", o="out_proj"),
-    "gpt_neox": _NEOX,
-    "bloom": Attention(qkv="query_key_value", o="self_attention.dense"),
-    "falcon": Attention(qkv="query_key_value", o="self_attention.dense"),
-}
-DEFAULT_TARGETS: dict[str, list[str] | str] = {t: a.targets() for t, a in ARCHITECTURES.items()}
-# How a model type's fused q/k/v projection lays out its output (default: concatenated).
-_FUSED_LAYOUTS = {"gpt_neox": GROUPED, "bloom": GROUPED, "falcon": GROUPED, "deberta": GROUPED, "codegen": CODEGEN}
 
 
 class LayoutError(ValueError):
@@ -174,6 +52,8 @@ class ModelShape:
     head_dim: int = 0
     model_type: str = ""
     fused_qkv: str = CONCAT
+
+    SIZES: ClassVar[tuple[str, ...]] = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim")
 
     @property
     def group_size(self) -> int:
@@ -204,6 +84,23 @@ class ModelShape:
         if heads and heads % kv:
             raise LayoutError(f"num_heads={heads} is not a multiple of num_kv_heads={kv}")
         return cls(**{k: (v if v is not None else 0) for k, v in values.items() if k in cls.__dataclass_fields__})
+
+    @classmethod
+    def of_adapted(cls, model: nn.Module, recorded: dict[str, Any] | None) -> ModelShape:
+        """The base model's shape; when an adapter records one (or the user gives model_shape), the two must agree
+        on every size the model's config knows, and the recorded one fills in the sizes it does not."""
+        actual = cls.from_model(model)
+        if not recorded:
+            return actual
+        diffs = {k: (recorded.get(k), getattr(actual, k)) for k in cls.SIZES if recorded.get(k)}
+        diffs = {k: v for k, v in diffs.items() if v[1] and v[0] != v[1]}
+        if diffs:
+            detail = ", ".join(f"{k}: adapter {a} vs model {b}" for k, (a, b) in diffs.items())
+            raise LayoutError(
+                f"this adapter was made for a base model of another shape ({detail}); load it onto the model "
+                "it was trained on"
+            )
+        return cls.from_model(model, recorded)
 
 
 def _shape_of_config(config: Any) -> dict[str, Any]:
@@ -360,8 +257,9 @@ def _layer_name(stack: str, index: int) -> str:
 
 
 def layer_index(module_name: str) -> int | None:
-    match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", module_name)
-    return int(match.group(1)) if match else None
+    """The index of a module's layer ('model.layers.3.self_attn.q_proj' -> 3), None outside a numbered stack."""
+    index = layer_of(module_name)[1]
+    return index if index >= 0 else None
 
 
 _CANONICAL_ORDER = {"q": 0, "k": 1, "v": 2, "o": 3}

@@ -26,7 +26,8 @@ from peft import LoraConfig, PeftConfig, PeftModel, VeraConfig, get_peft_model
 from torch import nn
 from transformers import PretrainedConfig
 
-from .layout import DEFAULT_TARGETS, LayoutError, ModelShape, matrix_kind
+from .architectures import DEFAULT_TARGETS
+from .layout import LayoutError, ModelShape, matrix_kind
 from .registry import method_specs
 
 __all__ = [

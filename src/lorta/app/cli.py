@@ -6,7 +6,13 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("train", "params", "export", "import_lora")  # modules in lorta.app.commands; each has register(subparsers)
+COMMANDS = (
+    "train",
+    "compare",
+    "params",
+    "export",
+    "import_lora",
+)  # modules in lorta.app.commands; each has register(subparsers)
 EXTRAS = {"tqdm": "cli", "matplotlib": "cli", "trl": "cli", "gguf": "cli", "bitsandbytes": "quant"}  # module: extra
 
 

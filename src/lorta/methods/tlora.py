@@ -23,12 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..architectures import targets_of_kinds
 from ..factorization import Factorization
 from ..layout import Slot, TensorLayout
 from ..lora_fit import ImportLoraError, LoraUpdate, adapted_layers, concatenated_columns
 from ..spec import MethodSpec, Recipe
 from ..tuner.config import MethodType, TensorAdapterConfig
-from ..tuner.model import TensorAdapterModel, targets_of_kinds
+from ..tuner.model import TensorAdapterModel
 
 TLORA_DEFAULT_TARGETS = ("q", "v")  # the paper's GLUE setting
 TLORA = MethodType("TLORA")

@@ -13,6 +13,8 @@ from typing import Any
 from peft import PeftConfig
 from peft.utils import CONFIG_NAME
 
+from ..layout import ModelShape
+
 
 class MethodType(str):
     """A lorta method's `peft_type`: a plain string (saved as such, a key of PEFT's type mappings) that also answers
@@ -150,7 +152,6 @@ def _check_positive_int(name: str, value: Any) -> None:
 
 # ------------------------------------------------------------------------------------------ field type checks
 _SINGLE_NAME_OK = {"modes"}  # LortaConfig turns a single mode name into a one-element list
-_SHAPE_FIELDS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim")
 _FIELD_HINTS: dict[type, dict[str, tuple[Any, str]]] = {}
 
 
@@ -204,7 +205,7 @@ def _check_field_types(config: TensorAdapterConfig) -> None:
 
 
 def _check_model_shape(shape: dict[str, Any] | None) -> None:
-    for key in _SHAPE_FIELDS:
+    for key in ModelShape.SIZES:
         value = (shape or {}).get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise AdapterConfigError(

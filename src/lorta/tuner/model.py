@@ -20,10 +20,9 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from ..architectures import DEFAULT_TARGETS
 from ..factorization import Factorization
 from ..layout import (
-    ARCHITECTURES,
-    DEFAULT_TARGETS,
     OUT_HEADS,
     LayoutError,
     ModelShape,
@@ -46,7 +45,6 @@ from .maps import MapKey, Maps, module_maps
 from .mixed import mixed_batch_hooks
 from .state import TunerState
 
-_SHAPE_KEYS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim")
 _UPCAST = (torch.float16, torch.bfloat16)
 
 
@@ -78,7 +76,7 @@ class TensorAdapterModel(BaseTuner):
         source, config.loaded_from = config.loaded_from, None  # from_pretrained's directory: checked once, here
         config = self._prepare_adapter_config(config, self.get_model_config(model))
         try:
-            shape = _model_shape(model, config.model_shape)
+            shape = ModelShape.of_adapted(model, config.model_shape)
             layout = build_layout(shape, self._find_targets(model, config), config.matrix_names, config.layer_names)
         except LayoutError as exc:
             raise LayoutError(f"{exc} (adapter at {source})" if source else str(exc)) from exc
@@ -465,23 +463,6 @@ def _targets_in(model: nn.Module, layout: TensorLayout) -> list[nn.Module]:
     return [model.get_submodule(name) for name in layout.slots]
 
 
-def _model_shape(model: nn.Module, recorded: dict[str, Any] | None) -> ModelShape:
-    """The base model's shape; when an adapter records one (or the user gives model_shape), the two must agree on
-    every size the model's config knows, and the recorded one fills in the sizes it does not."""
-    actual = ModelShape.from_model(model)
-    if recorded:
-        diffs = {k: (recorded.get(k), getattr(actual, k)) for k in _SHAPE_KEYS if recorded.get(k)}
-        diffs = {k: v for k, v in diffs.items() if v[1] and v[0] != v[1]}
-        if diffs:
-            detail = ", ".join(f"{k}: adapter {a} vs model {b}" for k, (a, b) in diffs.items())
-            raise LayoutError(
-                f"this adapter was made for a base model of another shape ({detail}); load it onto the model "
-                "it was trained on"
-            )
-        return ModelShape.from_model(model, recorded)
-    return actual
-
-
 def _before_forward(tuner: weakref.ref) -> None:
     """Forward pre-hook of the adapted transformers model (holds the tuner weakly)."""
     instance = tuner()
@@ -502,9 +483,3 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     except ImportError:  # pragma: no cover - torch built without distributed
         return False
     return isinstance(tensor, DTensor)
-
-
-def targets_of_kinds(kinds: tuple[str, ...]) -> dict[str, list[str]]:
-    """Default target modules per model type for the matrix kinds `kinds` (e.g. q, v): a method whose default
-    targets are narrower than DEFAULT_TARGETS's q, k, v, o sets its tuner's `target_module_mapping` to this."""
-    return {model_type: arch.targets(tuple(kinds)) for model_type, arch in ARCHITECTURES.items()}

@@ -30,7 +30,7 @@ EPILOG = """examples:
   lorta export runs/smollm2/adapter exported/smollm2-vllm --engine vllm
   lorta export runs/smollm2/adapter exported/smollm2.gguf --format gguf --base smollm2
   lorta export runs/minilm/adapter exported/minilm-merged --format merged --overwrite
-serve an export (see README, "Deploy"):
+serve an export (docs/design.md, "Deploy: the engines' rules"):
   vllm serve BASE --enable-lora --lora-modules mine=exported/smollm2-vllm --max-lora-rank R
   python -m sglang.launch_server --model-path BASE --lora-paths mine=exported/smollm2-sglang --max-lora-rank R
   llama-cli -m base.gguf --lora exported/smollm2.gguf
@@ -40,7 +40,7 @@ FORMATS = ("lora", "gguf", "merged")
 
 
 def register(subparsers: Any) -> None:
-    from ...export import ENGINES
+    from ...engines import ENGINES
     from . import add_file_job_arguments
 
     engines = [e for e in ENGINES if e != "llama.cpp"]

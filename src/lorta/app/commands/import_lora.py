@@ -17,7 +17,7 @@ Fit a tensor adapter to an existing PEFT LoRA adapter's updates and save it as a
   rank, the best rank-R fit per matrix below it);
   TensLoRA by Adam from its initialisation. The relative error ||fit - LoRA|| / ||LoRA|| is printed per module
   and overall, and saved with the adapter (import_report.json). A LoRTA fit is only as good as the structure the
-  LoRA's layers share: a LoRA trained alone needs a high rank (see README, "Import a LoRA").
+  LoRA's layers share: a LoRA trained alone needs a high rank (docs/results.md, "Import a LoRA").
   Trained classifier heads and biases the LoRA saved are carried over unchanged.
 
 The base model (--base) defaults to the LoRA's base_model_name_or_path: a local Hugging Face folder, a .gguf file

@@ -13,8 +13,8 @@ from ..data import (
     TextDataset,
     load_convention_speeches,
     load_rotten_tomatoes,
-    load_table,
 )
+from ..tables import load_table
 from .options import TrainOptions
 
 
