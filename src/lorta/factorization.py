@@ -13,6 +13,7 @@ is the tuner's business (lorta.tuner.maps).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Hashable
 from typing import Any, ClassVar
 
@@ -32,11 +33,17 @@ class Factorization(nn.Module):
     """
 
     batched: ClassVar[bool] = False
+    model_input: ClassVar[str | None] = None  # the factor every model-dim input side reads (LoRTA's A)
 
     def __init__(self, config, layout: TensorLayout) -> None:
         super().__init__()
         self.layout = layout
         self.scale_rank: int = config.r  # the r of scale = alpha / r
+        # Copies of each factor: one where the layers (matrices) mode is a mode of the tensor, else one per adapted
+        # layer (matrix); set by `_group_counts`.
+        self.layer_groups = self.matrix_groups = 1
+        self.extra_names: dict[int, str] = {}  # matrix index -> an extra matrix's own side factor
+        self.free_inputs: dict[int, str] = {}  # matrix index -> a free extra's own input factor
 
     def maps(self, slot: Slot) -> tuple[Tensor, Tensor]:
         """(P, Q) for one adapted matrix, unscaled."""
@@ -55,7 +62,14 @@ class Factorization(nn.Module):
         raise NotImplementedError
 
     def input_key(self, slot: Slot) -> Hashable | None:
-        """Slots with equal keys have the same P, so x @ P can be computed once for them (None: never shared)."""
+        """Slots with equal keys have the same P, so x @ P can be computed once for them (None: never shared): the
+        model input of one (layer group, matrix group) is every q, k, v's P there, a free extra's own input its."""
+        if self.model_input is None:
+            return None
+        if slot.role in (OUT_HEADS, EXTRA_IN):
+            return (self.model_input, *self._groups(slot))
+        if slot.role == EXTRA_FREE:
+            return (self.free_inputs[slot.matrix], self._groups(slot)[0])
         return None
 
     def reset(self, init_weights: bool) -> None:
@@ -96,9 +110,27 @@ class Factorization(nn.Module):
         """`head_side` of a batched forward's group of slots (one call per group)."""
         return self.head_side(role, heads, index)
 
+    def _group_counts(self, layers_in_tensor: bool, matrices_in_tensor: bool) -> tuple[int, int]:
+        """(layer groups, matrix groups): how many copies of each factor the method keeps (see `_groups`)."""
+        self.layer_groups = 1 if layers_in_tensor else self.layout.num_layers
+        self.matrix_groups = 1 if matrices_in_tensor else self.layout.num_matrices
+        return self.layer_groups, self.matrix_groups
+
     def _groups(self, slot: Slot) -> tuple[int, int]:
-        """The (layer group, matrix group) of a slot's factors (0 where that mode is shared)."""
-        raise NotImplementedError
+        """The (layer group, matrix group) of a slot's factors (0 where that mode is a mode of the tensor)."""
+        return (slot.layer if self.layer_groups > 1 else 0, slot.matrix if self.matrix_groups > 1 else 0)
+
+    @torch.no_grad()
+    def _init_inputs(self) -> None:
+        """The input factors as PEFT LoRA's A, U(-1/sqrt(fan_in), 1/sqrt(fan_in)): the model input over d, each
+        free extra's own input over its input size."""
+        model_input = getattr(self, self.model_input) if self.model_input else None
+        inputs = [(model_input, self.layout.model_dim)] if model_input is not None else []
+        for m, name in self.free_inputs.items():
+            inputs.append((getattr(self, name), self.layout.free_sizes[self.layout.matrix_names[m]][0]))
+        for factor, fan_in in inputs:
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(factor, -bound, bound)
 
     # Adapter arithmetic (lorta.arithmetic): attributes that must agree for adapters to combine, the combined
     # adapter's config, and its factors from the parts' (each with the weight folded into one factor per term).

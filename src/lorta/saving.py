@@ -114,6 +114,11 @@ def write_file(out: str | os.PathLike[str], write: Callable[[str], None], overwr
     return Path(target)
 
 
+def write_text(out: str | os.PathLike[str], text: str) -> Path:
+    """Replace the text file `out` whole or not at all (UTF-8): `write_file` with overwrite."""
+    return write_file(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), overwrite=True)
+
+
 def _unique_name(parent: str, base: str, kind: str) -> str:
     return os.path.join(parent, f".{base}.{kind}-{uuid.uuid4().hex[:12]}")
 

@@ -21,7 +21,6 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 
 from ..extras import MissingDependencyError
 from ..params import quiet_transformers as _quiet_transformers
+from ..saving import write_directory
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -174,8 +174,8 @@ def _remove_stale_tmp(parent: Path) -> None:
 def _convert_gguf(gguf: Path) -> Path:
     """Dequantise ``gguf`` into a plain float32 safetensors folder (plus tokenizer) in the cache, once.
 
-    The folder is written under a temporary name in the same directory and moved into place with
-    ``os.replace``, so an interrupted conversion never leaves a half-written cache entry.
+    The folder is written under a temporary name in the same directory and moved into place in one step
+    (lorta.saving.write_directory), so an interrupted conversion never leaves a half-written cache entry.
     """
     target = _gguf_cache_path(gguf)
     if _is_complete(target):
@@ -191,10 +191,9 @@ def _convert_gguf(gguf: Path) -> Path:
     _remove_stale_tmp(target.parent)
     logger.info("Converting %s to a safetensors folder at %s (one-off, ~15 s)", gguf, target)
     start = time.perf_counter()
-    # Not tempfile.mkdtemp: its 0o700 mode would survive the rename and lock others out of a shared cache.
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+
+    def write(folder: str) -> None:
+        tmp = Path(folder)
         kwargs: dict[str, Any] = {"gguf_file": gguf.name, "local_files_only": True}
         with _quiet_transformers():
             quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, **kwargs)
@@ -217,16 +216,10 @@ def _convert_gguf(gguf: Path) -> Path:
             "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / _SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            # A concurrent run (or an old incomplete folder) got there first; keep a complete one.
-            if not _is_complete(target):
-                shutil.rmtree(target, ignore_errors=True)
-                os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    # Written whole or not at all; an incomplete folder (or one a concurrent run finished first) is replaced in one
+    # step with an equivalent complete one.
+    write_directory(target, write, overwrite=True)
     logger.info("Converted %s in %.1f s", gguf.name, time.perf_counter() - start)
     return target
 

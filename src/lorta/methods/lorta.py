@@ -23,8 +23,7 @@ r rank-one terms from the first step, at the same magnitudes (measured in docs/r
 from __future__ import annotations
 
 import argparse
-import math
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..factorization import Factorization, concat_ranks, gather_groups, head_maps
-from ..layout import EXTRA_FREE, EXTRA_IN, OUT_HEADS, Slot, TensorLayout
+from ..layout import Slot, TensorLayout
 from ..lora_fit import cp_start
 from ..spec import CliOption, MethodSpec, Recipe
 from ..tuner.config import MethodType, TensorAdapterConfig
@@ -86,6 +85,7 @@ class LortaFactors(Factorization):
     """
 
     batched = True
+    model_input = "A"
 
     def __init__(self, config: LortaConfig, layout: TensorLayout) -> None:
         super().__init__(config, layout)
@@ -95,8 +95,7 @@ class LortaFactors(Factorization):
         self.share_heads = "heads" in config.modes
         self.share_layers = "layers" in config.modes
         self.share_matrices = "matrices" in config.modes
-        gl = 1 if self.share_layers else layout.num_layers
-        gm = 1 if self.share_matrices else layout.num_matrices
+        gl, gm = self._group_counts(self.share_layers, self.share_matrices)
         heads = layout.has_head_slots
         head_side = shape.head_dim if self.share_heads else shape.num_heads * shape.head_dim
         self.A = nn.Parameter(torch.empty(gl, gm, layout.model_dim, r)) if layout.uses_model_dim else None
@@ -104,8 +103,6 @@ class LortaFactors(Factorization):
         self.C_H = nn.Parameter(torch.empty(gl, gm, shape.num_heads, r)) if heads and self.share_heads else None
         self.C_L = nn.Parameter(torch.empty(gm, layout.num_layers, r)) if self.share_layers else None
         self.C_M = nn.Parameter(torch.empty(gl, layout.num_matrices, r)) if self.share_matrices else None
-        self.extra_names: dict[int, str] = {}  # matrix index -> its own (output or input) side factor
-        self.free_inputs: dict[int, str] = {}  # matrix index -> a free extra's own input factor
         for m, name in enumerate(layout.matrix_names):
             if name in layout.extra_sizes:
                 self.extra_names[m] = f"B_extra{m}"
@@ -121,12 +118,7 @@ class LortaFactors(Factorization):
     def reset(self, init_weights: bool) -> None:
         if next(self.parameters()).is_meta:
             return
-        inputs = [(self.A, self.layout.model_dim)] if self.A is not None else []
-        for m, name in self.free_inputs.items():
-            inputs.append((getattr(self, name), self.layout.free_sizes[self.layout.matrix_names[m]][0]))
-        for factor, fan_in in inputs:
-            bound = 1.0 / math.sqrt(fan_in)
-            nn.init.uniform_(factor, -bound, bound)
+        self._init_inputs()
         for p in (self.C_H, self.C_L, self.C_M):
             if p is None:
                 continue
@@ -140,25 +132,23 @@ class LortaFactors(Factorization):
             if p is not None:
                 nn.init.zeros_(p) if init_weights else nn.init.normal_(p, 0.0, 0.5)
 
-    def _groups(self, slot: Slot) -> tuple[int, int]:
-        return (0 if self.share_layers else slot.layer, 0 if self.share_matrices else slot.matrix)
-
     @staticmethod
     def _in_group(factor: Tensor, gl: int, gm: int) -> Tensor:
         """factor[gl, gm]; a view when both group axes have size 1 (a select's backward zero-fills a copy)."""
         return factor.view(factor.shape[2:]) if factor.shape[0] == factor.shape[1] == 1 else factor[gl, gm]
 
-    def _layer_matrix_weights(self, slot: Slot, gl: int, gm: int) -> Tensor | None:
-        """C_L[l] ∘ C_M[m] (each only if that mode is shared); None if neither is."""
-        c = self.C_L[gm, slot.layer] if self.C_L is not None else None
+    def _layer_matrix_weights(self, l: Any, m: Any, gl: Any, gm: Any) -> Tensor | None:
+        """C_L[l] ∘ C_M[m] (each only if that mode is shared), None if neither is; the layer, matrix and group
+        indices are ints (one slot) or index tensors (G slots: (G, r))."""
+        c = self.C_L[gm, l] if self.C_L is not None else None
         if self.C_M is not None:
-            c = self.C_M[gl, slot.matrix] if c is None else c * self.C_M[gl, slot.matrix]
+            c = self.C_M[gl, m] if c is None else c * self.C_M[gl, m]
         return c
 
     def extra_maps(self, slot: Slot) -> tuple[Tensor, Tensor]:
         """An extra matrix: its own side B_extra, the shared (or its own free) input factor, C_L ∘ C_M as core."""
         gl, gm = self._groups(slot)
-        c = self._layer_matrix_weights(slot, gl, gm)
+        c = self._layer_matrix_weights(slot.layer, slot.matrix, gl, gm)
         basis = getattr(self, self.extra_names[slot.matrix])[gl][None]
         core = c[None] if c is not None else torch.ones_like(basis[:, 0])
         own_input = self.free_inputs.get(slot.matrix)
@@ -172,10 +162,7 @@ class LortaFactors(Factorization):
         """
         shape, r, G = self.layout.shape, self.rank, len(index["l"])
         A = gather_groups(self.A, index)  # (G, d, r)
-        c = self.C_L[index["gm"], index["l"]] if self.C_L is not None else None  # (G, r)
-        if self.C_M is not None:
-            c_m = self.C_M[index["gl"], index["m"]]
-            c = c_m if c is None else c * c_m
+        c = self._layer_matrix_weights(index["l"], index["m"], index["gl"], index["gm"])  # (G, r)
         if self.share_heads:
             core = gather_groups(self.C_H, index)[:, heads]  # (G, n_heads, r)
             core = core * c[:, None] if c is not None else core
@@ -191,13 +178,6 @@ class LortaFactors(Factorization):
     def concatenate(self, parts: list[tuple[Factorization, float]]) -> dict[str, Tensor]:
         """Every term of the CP sum reads B (or an extra's B_extra) once: the weights go there."""
         return concat_ranks(parts, ("B", *self.extra_names.values()))
-
-    def input_key(self, slot: Slot) -> Hashable | None:
-        if slot.role in (OUT_HEADS, EXTRA_IN):
-            return ("A", *self._groups(slot))
-        if slot.role == EXTRA_FREE:
-            return ("A_extra", slot.matrix, self._groups(slot)[0])
-        return None
 
 
 def lorta_num_params(

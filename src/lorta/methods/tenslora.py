@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..architectures import targets_of_kinds
 from ..factorization import Factorization, gather_groups, head_maps
-from ..layout import EXTRA_FREE, EXTRA_IN, OUT_HEADS, Slot, TensorLayout
+from ..layout import Slot, TensorLayout
 from ..spec import CliOption, MethodSpec, Recipe
 from ..tuner.config import AdapterConfigError, MethodType, TensorAdapterConfig, _check_positive_int
 from ..tuner.model import TensorAdapterModel
@@ -126,6 +126,7 @@ class TensLoraFactors(Factorization):
     """
 
     batched = True
+    model_input = "U_in"
 
     def __init__(self, config: TensLoraConfig, layout: TensorLayout) -> None:
         super().__init__(config, layout)
@@ -137,8 +138,7 @@ class TensLoraFactors(Factorization):
         self.stack_heads = "att" in self.modes
         self.stack_matrices = "qkv" in self.modes
         self.stack_layers = "depth" in self.modes
-        gl = 1 if self.stack_layers else layout.num_layers
-        gm = 1 if self.stack_matrices else layout.num_matrices
+        gl, gm = self._group_counts(self.stack_layers, self.stack_matrices)
         sizes = {
             "in": layout.model_dim,
             "out": shape.head_dim if self.stack_heads else shape.num_heads * shape.head_dim,
@@ -155,8 +155,6 @@ class TensLoraFactors(Factorization):
                 setattr(self, f"U_{mode}", None)
         if self.tucker:
             self.core = nn.Parameter(torch.empty(gl, gm, *(self.ranks[m] for m in self.modes)))
-        self.extra_names: dict[int, str] = {}
-        self.free_inputs: dict[int, str] = {}
         for m, name in enumerate(layout.matrix_names):
             own = layout.extra_sizes.get(name) or (layout.free_sizes.get(name) or (0, 0))[1]
             if not own:
@@ -173,12 +171,7 @@ class TensLoraFactors(Factorization):
     def reset(self, init_weights: bool) -> None:
         if next(self.parameters()).is_meta:
             return
-        inputs = [(self.U_in, self.layout.model_dim)] if self.U_in is not None else []
-        for m, name in self.free_inputs.items():
-            inputs.append((getattr(self, name), self.layout.free_sizes[self.layout.matrix_names[m]][0]))
-        for factor, fan_in in inputs:
-            bound = 1.0 / math.sqrt(fan_in)
-            nn.init.uniform_(factor, -bound, bound)
+        self._init_inputs()
         others = [getattr(self, f"U_{mode}") for mode in self.modes[1:]]
         others += [getattr(self, n) for n in self.extra_names.values()]
         for factor in others:
@@ -192,9 +185,6 @@ class TensLoraFactors(Factorization):
             if factor is not None:
                 nn.init.zeros_(factor) if init_weights else nn.init.normal_(factor, 0.0, 0.5)
 
-    def _groups(self, slot: Slot) -> tuple[int, int]:
-        return (0 if self.stack_layers else slot.layer, 0 if self.stack_matrices else slot.matrix)
-
     def _extra_core(self, gl: int, gm: int, slot: Slot) -> Tensor:
         """An extra matrix's core, as one head whose att weights are the unit vector: (1, r_in, r_out) for
         Tucker, (1, r) for CP's diagonal."""
@@ -205,12 +195,18 @@ class TensLoraFactors(Factorization):
             if self.stack_matrices:
                 core = core @ self.U_qkv[gl, gm, slot.matrix]
             return (core.sum(-1) / math.sqrt(core.shape[-1]))[None] if self.stack_heads else core[None]
+        weights = self._cp_weights(slot.layer, slot.matrix, gl, gm)
+        return (weights / math.sqrt(weights.shape[-1]) if self.stack_heads else weights)[None]
+
+    def _cp_weights(self, l: Any, m: Any, gl: Any, gm: Any) -> Tensor:
+        """CP's diagonal core: U_depth[l] ∘ U_qkv[m] (each only where that mode is stacked; ones where neither), for
+        one slot (int indices: (r,)) or G slots (index tensors: (G, r))."""
         weights = next(self.parameters()).new_ones(self.ranks["in"])
         if self.stack_layers:
-            weights = weights * self.U_depth[gl, gm, slot.layer]
+            weights = weights * self.U_depth[gl, gm, l]
         if self.stack_matrices:
-            weights = weights * self.U_qkv[gl, gm, slot.matrix]
-        return (weights / math.sqrt(weights.shape[-1]) if self.stack_heads else weights)[None]
+            weights = weights * self.U_qkv[gl, gm, m]
+        return weights
 
     def extra_maps(self, slot: Slot) -> tuple[Tensor, Tensor]:
         gl, gm = self._groups(slot)
@@ -243,23 +239,12 @@ class TensLoraFactors(Factorization):
                 core = core[:, None].expand(G, n_heads, *core.shape[1:])
             side = torch.einsum("ghij,ghej->ghei", core, basis)
         else:
-            weights = self.U_in.new_ones(G, self.U_in.shape[-1])  # (G, r)
-            if self.stack_layers:
-                weights = weights * self.U_depth[gl, gm, index["l"]]
-            if self.stack_matrices:
-                weights = weights * self.U_qkv[gl, gm, index["m"]]
+            weights = self._cp_weights(index["l"], index["m"], gl, gm).expand(G, self.ranks["in"])  # (G, r)
             core = weights[:, None]  # (G, 1 or n_heads, r)
             if self.stack_heads:
                 core = gather_groups(self.U_att, index)[:, heads] * core
             side = basis * core[:, :, None, :]
         return gather_groups(self.U_in, index), side
-
-    def input_key(self, slot: Slot) -> Hashable | None:
-        if slot.role in (OUT_HEADS, EXTRA_IN):
-            return ("U_in", *self._groups(slot))
-        if slot.role == EXTRA_FREE:
-            return ("U_in_extra", slot.matrix, self._groups(slot)[0])
-        return None
 
 
 def tenslora_num_params(

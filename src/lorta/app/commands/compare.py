@@ -319,8 +319,8 @@ def write_frontier(
     """The frontier so far: frontier.md (table), frontier.json (plan and runs), frontier.png (when matplotlib is)."""
     import dataclasses
 
+    from ...saving import write_text
     from .. import frontier
-    from ..train import write_atomically
 
     root.mkdir(parents=True, exist_ok=True)
     points = frontier.summarise(cells, rows)
@@ -337,7 +337,7 @@ def write_frontier(
         f"--report included).\n\n"
         f"{frontier.table(points, unreachable, budgets, seeds)}\n"
     )
-    write_atomically(root / "frontier.md", text)
+    write_text(root / "frontier.md", text)
     data = {
         "command": command,
         "budgets": list(budgets),
@@ -348,7 +348,7 @@ def write_frontier(
         "unreachable": [dataclasses.asdict(u) for u in unreachable],
         "runs": list(rows),
     }
-    write_atomically(root / "frontier.json", json.dumps(data, indent=2) + "\n")
+    write_text(root / "frontier.json", json.dumps(data, indent=2) + "\n")
     if _has_matplotlib():
         title = f"{first['model']} · {first['task']} · {first['steps']} steps x {first['batch_size']}"
         frontier.plot(points, root / "frontier.png", title, what)

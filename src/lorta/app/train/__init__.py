@@ -23,7 +23,7 @@ order), `adapters` (its PEFT adapter), `trainer` (the Trainer plumbing), `evalua
 
 from .adapters import count_parameters, lora_reference_parameters, prepare_model, save_trained, saved_path
 from .evaluate import PROMPTS, evaluate_classifier, evaluate_prompt, score_answers
-from .jobs import run_job, write_atomically
+from .jobs import run_job
 from .options import (
     ADAPTER_METHODS,
     CLASSIFY_RECIPES,
@@ -84,5 +84,4 @@ __all__ = [
     "saved_path",
     "score_answers",
     "target_modules",
-    "write_atomically",
 ]

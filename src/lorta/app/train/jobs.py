@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...saving import write_text
 from ..data import (
     TextDataset,
     make_preference_pairs,
@@ -196,18 +196,11 @@ def run_job(options: TrainOptions, echo: Echo = print, started: float | None = N
     metrics["loss_plot"] = None if skipped else str(out / "loss.png")
     if trainer.is_world_process_zero():  # the adapter and metrics first; the optional plot last
         save_trained(model, tokenizer, out, o)
-        write_atomically(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         if not skipped:
             title = f"{o.method} r={o.rank} · {o.model} · {o.task} · acc {run['accuracy']:.3f}"
             plot_loss(metrics["loss_curve"], out / "loss.png", title)
     return metrics
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write a file whole or not at all (a temporary file next to it, then one rename)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _metrics(
