@@ -9,11 +9,12 @@ it and the registry can import the method files, with no circle.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CliOption", "MethodSpec", "Recipe"]
+__all__ = ["CliOption", "MethodSpec", "Recipe", "positive_int"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,17 @@ class CliOption:
         if self.choices is not None:
             kwargs["choices"] = self.choices
         return kwargs
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a positive integer; `1_000_000` and `1,000,000` are accepted."""
+    try:
+        value = int(text.replace("_", "").replace(",", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def _no_tags(values: Mapping[str, Any]) -> list[str]:

@@ -34,8 +34,8 @@ from torch import Tensor, nn
 from ..architectures import targets_of_kinds
 from ..factorization import Factorization, gather_groups, head_maps
 from ..layout import Slot, TensorLayout
-from ..spec import CliOption, MethodSpec, Recipe
-from ..tuner.config import AdapterConfigError, MethodType, TensorAdapterConfig, _check_positive_int
+from ..spec import CliOption, MethodSpec, Recipe, positive_int
+from ..tuner.config import AdapterConfigError, MethodType, TensorAdapterConfig, check_positive_int
 from ..tuner.model import TensorAdapterModel
 
 CONSTRUCTIONS = ("att", "qkv", "depth", "att_qkv", "att_depth", "qkv_depth", "att_qkv_depth")
@@ -76,7 +76,7 @@ class TensLoraConfig(TensorAdapterConfig):
         if self.decomposition not in DECOMPOSITIONS:
             raise ValueError(f"unknown decomposition {self.decomposition!r}; expected one of {list(DECOMPOSITIONS)}")
         if self.r is not None:
-            _check_positive_int("r", self.r)
+            check_positive_int("r", self.r)
         if self.ranks is None:
             self.ranks = self.r if self.r is not None else DEFAULT_RANK
         self.ranks = self._normalised_ranks()
@@ -110,7 +110,7 @@ class TensLoraConfig(TensorAdapterConfig):
         else:
             raise TypeError(f"ranks must be an int, a list or a dict of ints, got {ranks!r}")
         for mode, rank in ranks.items():
-            _check_positive_int(f"ranks[{mode!r}]", rank)
+            check_positive_int(f"ranks[{mode!r}]", rank)
         if self.decomposition == "cp" and len(set(ranks.values())) != 1:
             raise ValueError(f"a CP decomposition has one rank for every mode, got {ranks}")
         return ranks
@@ -291,16 +291,6 @@ def _bench_config(r: int, alpha: float, targets: list[str], shape: dict) -> Tens
     )
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text.replace("_", "").replace(",", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
 def parse_ranks(text: str) -> int | list[int] | dict[str, int]:
     """`lorta params --ranks`: '8' (every mode), '8,8,4,3,4' (one per mode, in order) or
     'in=8,out=8,att=4,qkv=3,depth=4'."""
@@ -309,10 +299,10 @@ def parse_ranks(text: str) -> int | list[int] | dict[str, int]:
         raise argparse.ArgumentTypeError("expected a rank, a list of ranks or mode=rank pairs")
     if all("=" in p for p in parts):
         pairs = [p.split("=", 1) for p in parts]
-        return {mode.strip(): _positive_int(rank) for mode, rank in pairs}
+        return {mode.strip(): positive_int(rank) for mode, rank in pairs}
     if any("=" in p for p in parts):
         raise argparse.ArgumentTypeError(f"mix of mode=rank pairs and bare ranks: {text!r}")
-    ranks = [_positive_int(p) for p in parts]
+    ranks = [positive_int(p) for p in parts]
     return ranks[0] if len(ranks) == 1 else ranks
 
 

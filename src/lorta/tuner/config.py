@@ -95,7 +95,7 @@ class TensorAdapterConfig(PeftConfig):
     )
 
     def __post_init__(self) -> None:
-        _check_positive_int("r", self.r)
+        check_positive_int("r", self.r)
         _check_field_types(self)
         super().__post_init__()
         _check_model_shape(self.model_shape)
@@ -143,7 +143,7 @@ class TensorAdapterConfig(PeftConfig):
         return config
 
 
-def _check_positive_int(name: str, value: Any) -> None:
+def check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise AdapterConfigError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})")
     if value <= 0:

@@ -32,8 +32,8 @@ EPILOG = """examples:
 
 def register(subparsers: Any) -> None:
     from ...import_lora import METHODS
+    from ...spec import positive_int
     from . import add_file_job_arguments
-    from .params import positive_int
 
     p = subparsers.add_parser(
         "import-lora",

@@ -11,6 +11,8 @@ import math
 import sys
 from typing import Any
 
+from ...spec import positive_int
+
 EPILOG = """examples:
   lorta params llama-2-7b --rank 4 --targets q_proj,v_proj
   lorta params roberta-base --method tenslora --ranks in=8,out=8,att=4,qkv=3,depth=4
@@ -18,17 +20,6 @@ EPILOG = """examples:
   lorta params ./my-model-folder --method tlora --rank 32
   lorta params model.Q4_K_M.gguf --budget 1000000
 """
-
-
-def positive_int(text: str) -> int:
-    """A positive integer; `1_000_000` and `1,000,000` are accepted."""
-    try:
-        value = int(text.replace("_", "").replace(",", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
 
 
 def name_list(text: str) -> list[str]:
