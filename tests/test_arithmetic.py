@@ -9,7 +9,7 @@ import torch
 from conftest import make_model
 from methods import METHODS
 from peft import PeftModel, get_peft_model
-from reference import reference_lorta, reference_tlora
+from reference import reference_lorta, reference_tenslora, reference_tlora
 from tolerance import FORWARD_TERMS, MAP_TERMS, assert_close
 
 import lorta
@@ -18,24 +18,38 @@ from lorta.tuner import TensorAdapterLayer
 REFERENCES = {
     "lorta": reference_lorta,
     "lorta-heads": reference_lorta,
+    "tenslora-tucker": reference_tenslora,
+    "tenslora-cp-qkv": reference_tenslora,
     "tlora": reference_tlora,
     "tlora-seed-only": reference_tlora,
 }
+# the second adapter's rank: 2 (TensLoRA's Tucker: other ranks per mode than the first's 3, 3, 2, 2, 2)
+OTHER_RANK = {"tenslora-tucker": {"ranks": [2, 2, 1, 3, 1]}, "tenslora-cp-qkv": {"ranks": 2}}
+# q, k, v, o and two MLP matrices: extra matrices, which read TensLoRA's att mode through 1 / sqrt(r_att)
+WITH_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
 IDS = torch.tensor([[5, 17, 3, 44, 8], [60, 2, 91, 33, 12]])
 
 
-def two_adapters(model_name: str, method: str):
+def two_adapters(model_name: str, method: str, **kwargs):
     torch.manual_seed(0)
-    model = get_peft_model(make_model(model_name), METHODS[method](init_weights=False))
+    model = get_peft_model(make_model(model_name), METHODS[method](init_weights=False, **kwargs))
     torch.manual_seed(1)
-    model.add_adapter("other", METHODS[method](init_weights=False, r=2, lora_alpha=5))
+    other = OTHER_RANK.get(method, {"r": 2})
+    model.add_adapter("other", METHODS[method](init_weights=False, lora_alpha=5, **other, **kwargs))
     return model.eval()
 
 
-@pytest.mark.parametrize("model_name", ["llama", "gpt2"])
-@pytest.mark.parametrize("method", list(REFERENCES))
-def test_cat_is_the_weighted_sum_of_the_updates(model_name, method):
-    model = two_adapters(model_name, method)
+CASES = [
+    *((name, method, None) for name in ("llama", "gpt2") for method in REFERENCES),
+    ("llama", "tenslora-tucker", WITH_MLP),
+    ("llama", "tenslora-cp-qkv", WITH_MLP),
+    ("llama", "lorta", WITH_MLP),
+]
+
+
+@pytest.mark.parametrize(("model_name", "method", "targets"), CASES)
+def test_cat_is_the_weighted_sum_of_the_updates(model_name, method, targets):
+    model = two_adapters(model_name, method, **({"target_modules": targets} if targets else {}))
     weights = [0.7, -1.3]  # a negative weight: task-vector negation
     model.add_weighted_adapter(["default", "other"], weights, "sum", combination_type="cat")
     config = model.peft_config["sum"]
@@ -56,7 +70,7 @@ def test_cat_is_the_weighted_sum_of_the_updates(model_name, method):
             assert_close(module.delta_weight("sum"), expected, MAP_TERMS, scale=scale)
 
 
-@pytest.mark.parametrize("method", ["lorta", "tlora"])
+@pytest.mark.parametrize("method", ["lorta", "tenslora-tucker", "tlora"])
 def test_a_combined_adapter_runs_saves_and_reloads(method, tmp_path):
     model = two_adapters("llama", method)
     model.add_weighted_adapter(["default", "other"], [1.0, 1.0], "sum")  # cat is the default
@@ -101,11 +115,11 @@ def test_bad_combinations_refuse_naming_what_differs():
     refuses(model, r"different layouts \(.*share_layers", ["default", "heads"], [1, 1], "x")
 
 
-def test_adapters_of_two_methods_or_without_an_exact_cat_refuse():
+def test_tenslora_adapters_of_two_constructions_or_decompositions_refuse():
     torch.manual_seed(0)
     model = get_peft_model(make_model("llama"), METHODS["tenslora-tucker"](init_weights=False))
-    model.add_adapter("other", METHODS["tenslora-tucker"](init_weights=False))
-    refuses(model, r"TensLoraFactors has no exact concatenation.*export_lora", ["default", "other"], [1, 1], "x")
+    model.add_adapter("qkv", METHODS["tenslora-cp-qkv"](init_weights=False))
+    refuses(model, r"different layouts \(modes, tucker", ["default", "qkv"], [1, 1], "x")
 
 
 def test_an_exported_lorta_adapter_combines_with_a_lora_in_peft(tmp_path):

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from tolerance import FORWARD_TERMS, assert_close
 from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -121,15 +122,22 @@ def test_a_method_declared_outside_lorta_runs_end_to_end(toyrank, tmp_path):
     model.save_pretrained(tmp_path / "adapter")
     loaded = PeftModel.from_pretrained(_base(), tmp_path / "adapter")
     assert type(loaded.base_model) is ToyRankModel
-    torch.testing.assert_close(_out(loaded), adapted, atol=1e-5, rtol=1e-5)
+    assert_close(_out(loaded), adapted, FORWARD_TERMS)
 
     lorta.export_lora(loaded, tmp_path / "lora")
     as_lora = PeftModel.from_pretrained(_base(), tmp_path / "lora")
     assert as_lora.peft_config["default"].peft_type.value == "LORA"
-    torch.testing.assert_close(_out(as_lora), adapted, atol=1e-5, rtol=1e-5)
+    assert_close(_out(as_lora), adapted, FORWARD_TERMS)
+
+    # a factorisation without `concatenate` has no exact add_weighted_adapter: refused, the model untouched
+    loaded.add_adapter("other", ToyRankConfig(r=2, init_weights=False))
+    with pytest.raises(lorta.AdapterCombinationError, match="ToyRankFactors has no exact concatenation"):
+        loaded.add_weighted_adapter(["default", "other"], [1.0, 1.0], "sum")
+    assert set(loaded.peft_config) == {"default", "other"}
+    loaded.set_adapter("default")
 
     merged = loaded.merge_and_unload()
-    torch.testing.assert_close(_out(merged), adapted, atol=1e-5, rtol=1e-5)
+    assert_close(_out(merged), adapted, FORWARD_TERMS)
 
 
 def test_unregister_forgets_the_method(toyrank):

@@ -24,6 +24,7 @@ Scale α / rank_in.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -245,6 +246,53 @@ class TensLoraFactors(Factorization):
                 core = gather_groups(self.U_att, index)[:, heads] * core
             side = basis * core[:, :, None, :]
         return gather_groups(self.U_in, index), side
+
+    # Adapter arithmetic (lorta.arithmetic): a sum of Tucker models is a Tucker model with the factors concatenated
+    # along each mode's rank and the cores on the block diagonal; a sum of CP models is a CP model of the summed
+    # rank. docs/design.md, "Adapter arithmetic".
+    exact_concatenation = True
+    structure_fields = ("modes", "tucker")
+
+    def concatenated_config(self, configs: list[Any], rank: int) -> Any:
+        ranks = {mode: sum(c.ranks[mode] for c in configs) for mode in configs[0].ranks}
+        return dataclasses.replace(
+            configs[0], r=ranks["in"], ranks=ranks, lora_alpha=ranks["in"], use_rslora=False, init_weights=True
+        )
+
+    def concatenate(self, parts: list[tuple[Factorization, float]]) -> dict[str, Tensor]:
+        """Each part's weight goes where every one of its terms reads it once: the core block (Tucker) or the output
+        side, U_out and U_extra<m> (CP). An extra matrix reads the att mode through 1/sqrt(r_att), which the sum's
+        larger r_att would shrink: part i's U_extra<m> columns carry sqrt(R_att / r_att_i) back."""
+        states = [(part.state_dict(), weight, part) for part, weight in parts]
+        extras = set(self.extra_names.values())
+        total_att = sum(part.ranks.get("att", 0) for part, _ in parts)
+        out = {}
+        for key in states[0][0]:
+            if key == "core":
+                out[key] = block_diagonal([state[key] * weight for state, weight, _ in states], lead=2)
+                continue
+            columns = []
+            for state, weight, part in states:
+                factor = state[key]
+                if key in extras and self.stack_heads:
+                    factor = factor * math.sqrt(total_att / part.ranks["att"])
+                if not self.tucker and (key == "U_out" or key in extras):
+                    factor = factor * weight
+                columns.append(factor)
+            out[key] = torch.cat(columns, dim=-1)
+        return out
+
+
+def block_diagonal(blocks: list[Tensor], lead: int) -> Tensor:
+    """The blocks (equal in their first `lead` dims) along the diagonal of the remaining dims, zeros elsewhere."""
+    first = blocks[0]
+    out = first.new_zeros(*first.shape[:lead], *(sum(b.shape[d] for b in blocks) for d in range(lead, first.dim())))
+    offsets = [0] * (first.dim() - lead)
+    for block in blocks:
+        window = tuple(slice(o, o + n) for o, n in zip(offsets, block.shape[lead:], strict=True))
+        out[(slice(None),) * lead + window] = block
+        offsets = [o + n for o, n in zip(offsets, block.shape[lead:], strict=True)]
+    return out
 
 
 def tenslora_num_params(
