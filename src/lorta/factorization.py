@@ -75,6 +75,12 @@ class Factorization(nn.Module):
     def reset(self, init_weights: bool) -> None:
         raise NotImplementedError
 
+    def fit_start(self, tuner: nn.Module, updates: dict, seed: int, iterations: int, adapter: str) -> bool:
+        """Set these factors (float64) to a closed-form least-squares fit of `updates` ({module path: LoraUpdate},
+        lorta.lora_fit) and return True, or return False for a shrunk random start refined by Adam. Used by
+        import-lora and by add_weighted_adapter's compression."""
+        return False
+
     @torch.no_grad()
     def move_off_meta(self, device: torch.device) -> None:
         """low_cpu_mem_usage loading assigns the saved tensors; give any others real storage, then rebuild them."""
@@ -136,9 +142,13 @@ class Factorization(nn.Module):
     # adapter's config, and its factors from the parts' (each with the weight folded into one factor per term).
     structure_fields: ClassVar[tuple[str, ...]] = ()
 
+    def config_at_rank(self, config: Any, rank: int) -> Any:
+        """`config` at rank `rank` with scale 1 (lora_alpha = r, no rsLoRA): a combined or compressed adapter's."""
+        return dataclasses.replace(config, r=rank, lora_alpha=rank, use_rslora=False, init_weights=True)
+
     def concatenated_config(self, configs: list[Any], rank: int) -> Any:
-        """The config of the sum of `configs`' adapters: rank `rank`, scale 1."""
-        return dataclasses.replace(configs[0], r=rank, lora_alpha=rank, use_rslora=False, init_weights=True)
+        """The config of the sum of `configs`' adapters: rank `rank` (the sum of theirs), scale 1."""
+        return self.config_at_rank(configs[0], rank)
 
     exact_concatenation: ClassVar[bool] = False  # True where `concatenate` is implemented
 

@@ -20,7 +20,6 @@ LoRTA ablations start from their random initialisation and are fitted by Adam th
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,10 +28,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .lora_fit import ImportLoraError, LoraUpdate, Slices, adapted_layers, best_cp, cp_als, cp_start, tensor_slices
+from .lora_fit import (
+    ImportLoraError,
+    LoraUpdate,
+    Slices,
+    adapted_layers,
+    best_cp,
+    cp_als,
+    cp_start,
+    fit_updates,
+    relative_errors,
+    tensor_slices,
+)
 from .registry import method_spec, method_specs
 from .saving import write_directory
-from .tuner.maps import module_maps
 
 __all__ = [
     "METHODS",
@@ -137,64 +146,6 @@ def adapter_config(method: str, rank: int, lora_config: Any, targets: list[str],
     return spec.config_cls(r=rank, **common, **kwargs)
 
 
-def squared_errors(model: nn.Module, updates: dict[str, LoraUpdate], adapter: str = "default") -> dict[str, Tensor]:
-    """|| scale P Q - U V ||_F^2 of each module, from r x r products (differentiable in the factors)."""
-    errors = {}
-    for path, layer in adapted_layers(model).items():
-        factors = layer.adapter_factors(adapter)
-        P, Q, _ = module_maps(factors, layer.lorta_slots[adapter], layer.lorta_out_order)
-        target = updates[path]
-        U, V = target.U.to(P.dtype), target.V.to(P.dtype)
-        s = layer.lorta_scaling[adapter]
-        fit2 = s * s * torch.trace((P.t() @ P) @ (Q @ Q.t()))
-        cross = s * torch.trace((U.t() @ P) @ (Q @ V.t()))
-        errors[path] = fit2 - 2 * cross + target.norm2
-    return errors
-
-
-def relative_errors(model: nn.Module, updates: dict[str, LoraUpdate]) -> tuple[dict[str, float], float]:
-    """Per-module and overall ||fit - LoRA|| / ||LoRA||, in float64 with the dense updates (the final report)."""
-    per_module, num, den = {}, 0.0, 0.0
-    with torch.no_grad():
-        for path, layer in adapted_layers(model).items():
-            factors = layer.adapter_factors("default")
-            P, Q, _ = module_maps(factors, layer.lorta_slots["default"], layer.lorta_out_order)
-            fit = (P.double() @ Q.double()) * layer.lorta_scaling["default"]
-            want = updates[path].dense()
-            err, ref = float((fit - want).norm() ** 2), float(want.norm() ** 2)
-            per_module[path] = math.sqrt(err / ref) if ref > 0 else math.sqrt(err)
-            num, den = num + err, den + ref
-    return per_module, math.sqrt(num / den) if den > 0 else math.sqrt(num)
-
-
-def refine(model: nn.Module, updates: dict[str, LoraUpdate], steps: int, lr: float = 1e-2) -> list[float]:
-    """Adam on the total squared error relative to the LoRA's, through the maps; keeps the best factors seen."""
-    factors = model.base_model.lorta_factors["default"]
-    params = [p for p in factors.parameters() if p.requires_grad]
-    total = sum(u.norm2 for u in updates.values())
-    history: list[float] = []
-    if steps <= 0 or not params:
-        return history
-    optimizer = torch.optim.Adam(params, lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    best, best_state = math.inf, None
-    for step in range(steps):
-        optimizer.zero_grad()
-        loss = sum(squared_errors(model, updates).values()) / total
-        value = float(loss.detach())
-        if value < best:
-            best, best_state = value, [p.detach().clone() for p in params]
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % max(1, steps // 20) == 0:
-            history.append(math.sqrt(max(value, 0.0)))
-    with torch.no_grad():
-        for p, saved in zip(params, best_state, strict=True):
-            p.copy_(saved)
-    return history
-
-
 def import_lora(
     lora_model: nn.Module,
     method: str = "lorta",
@@ -218,16 +169,10 @@ def import_lora(
     model = get_peft_model(base, config)
     factors = model.base_model.lorta_factors["default"]
     factors.double()  # the fit runs in float64: its error terms cancel to well below float32's eps
-    missing = set(updates) - set(adapted_layers(model))
+    missing = set(updates) - set(adapted_layers(model.base_model))
     if missing:  # pragma: no cover - the targets are the LoRA's own modules
         raise ImportLoraError(f"the tensor adapter does not reach {sorted(missing)[:3]}")
-    start = method_spec(method).import_start
-    started = start(model, updates, seed, als_iterations) if start is not None else False
-    if not started:
-        _shrink_start(model, updates)
-    if steps is None:  # a closed start (LoRTA's ALS, TLoRA's SVD) already solves the same least squares
-        steps = 0 if started else 3000
-    history = refine(model, updates, steps)
+    steps, history = fit_updates(model.base_model, updates, "default", seed, als_iterations, steps)
     if carried:
         own = get_peft_model_state_dict(model)
         foreign = sorted(set(carried) - set(own))
@@ -235,29 +180,11 @@ def import_lora(
             raise ImportLoraError(f"the LoRA saved {foreign[:3]}, which the tensor adapter does not hold")
         set_peft_model_state_dict(model, {**own, **carried})
     factors.float()
-    per_module, overall = relative_errors(model, updates)
+    per_module, overall = relative_errors(model.base_model, updates)
     tensor_params = sum(p.numel() for p in factors.parameters() if p.requires_grad)
     report = ImportReport(method, rank, per_module, overall, lora_params, tensor_params, steps, history)
     model.eval()
     return model, report
-
-
-def _shrink_start(model: nn.Module, updates: dict[str, LoraUpdate]) -> None:
-    """Scale the random start so that its updates have the LoRA's overall size. The update is a product of the
-    trainable factors, so scaling all of them by c scales it by c^k; k is measured (c = 2), not assumed."""
-    params = [p for p in model.base_model.lorta_factors["default"].parameters() if p.requires_grad]
-    empty = {p: LoraUpdate(u.U[:, :0], u.V[:0]) for p, u in updates.items()}
-    target = sum(u.norm2 for u in updates.values()) ** 0.5
-    with torch.no_grad():
-        size = float(sum(squared_errors(model, empty).values())) ** 0.5
-        if size <= 0 or target <= 0 or not params:
-            return
-        for p in params:
-            p.mul_(2.0)
-        degree = math.log2(float(sum(squared_errors(model, empty).values())) ** 0.5 / size)
-        factor = (target / size) ** (1 / max(degree, 1.0)) / 2.0
-        for p in params:
-            p.mul_(factor)
 
 
 def save_imported(

@@ -1,7 +1,10 @@
-"""The pieces of the LoRA fit that the methods build on (lorta.import_lora runs the fit): a LoRA update in lorta's
-orientation, the adapted layers of a model, and CP-ALS of the stacked updates, LoRTA's closed start.
+"""A tensor adapter fitted to low-rank updates by least squares: what lorta.import_lora (a LoRA's updates) and
+add_weighted_adapter's compression (a weighted sum of adapters, lorta.arithmetic) run. A LoRA update in lorta's
+orientation, the adapted layers of a tuner, the error of a fit, its Adam refinement, and CP-ALS of the stacked
+updates, LoRTA's closed start.
 
-Nothing here knows a method by name: a method's spec names its start (``MethodSpec.import_start``).
+Nothing here knows a method by name: a method's factors offer their closed start (``Factorization.fit_start``).
+Every function takes the tuner (a PeftModel's ``base_model``) and the adapter being fitted.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from torch import Tensor, nn
 
 from .layout import IN_HEADS, OUT_HEADS
 from .tuner.layer import TensorAdapterLayer
+from .tuner.maps import module_maps
 
 
 class ImportLoraError(ValueError):
@@ -35,8 +39,13 @@ class LoraUpdate:
         return self.U @ self.V
 
 
-def adapted_layers(model: nn.Module) -> dict[str, TensorAdapterLayer]:
-    return {p: m for p, m in model.base_model.model.named_modules() if isinstance(m, TensorAdapterLayer)}
+def adapted_layers(tuner: nn.Module, adapter: str | None = None) -> dict[str, TensorAdapterLayer]:
+    """{path: layer} of the tuner's wrapped layers (those adapting `adapter`, where one is named)."""
+    return {
+        p: m
+        for p, m in tuner.model.named_modules()
+        if isinstance(m, TensorAdapterLayer) and (adapter is None or adapter in m.lorta_slots)
+    }
 
 
 @dataclass
@@ -56,15 +65,15 @@ class Slices:
         return float(((self.X.transpose(1, 2) @ self.X) * (self.Y @ self.Y.transpose(1, 2))).sum())
 
 
-def tensor_slices(model: nn.Module, updates: dict[str, LoraUpdate]) -> Slices | None:
+def tensor_slices(tuner: nn.Module, updates: dict[str, LoraUpdate], adapter: str = "default") -> Slices | None:
     """The LoRA's updates as LoRTA's 5-way tensor (Slices); None where the adapter is not LoRTA's full tensor over
     attention matrices. A fused module's update is split back into its matrices (undoing an interleave)."""
-    factors = model.base_model.lorta_factors["default"]
+    factors = tuner.lorta_factors[adapter]
     if not all(getattr(factors, f"share_{mode}", False) for mode in ("heads", "layers", "matrices")):
         return None
-    layers = adapted_layers(model)
+    layers = adapted_layers(tuner, adapter)
     for module in layers.values():
-        slots = module.lorta_slots["default"]
+        slots = module.lorta_slots[adapter]
         if any(s.role not in (OUT_HEADS, IN_HEADS) for s in slots) or (
             len(slots) > 1 and any(s.role != OUT_HEADS for s in slots)
         ):
@@ -77,7 +86,7 @@ def tensor_slices(model: nn.Module, updates: dict[str, LoraUpdate]) -> Slices | 
         U, V = updates[path].U, concatenated_columns(module, updates[path].V)
         pad = r - U.shape[1]
         U, V = nn.functional.pad(U, (0, pad)), nn.functional.pad(V, (0, 0, 0, pad))  # zero rank: same update
-        for slot in module.lorta_slots["default"]:
+        for slot in module.lorta_slots[adapter]:
             for j in range(slot.n_heads):
                 if slot.role == OUT_HEADS:  # the head's output columns: U @ V[:, cols]
                     start = slot.out_offset + j * d_h
@@ -87,6 +96,107 @@ def tensor_slices(model: nn.Module, updates: dict[str, LoraUpdate]) -> Slices | 
                 index.append((j * slot.head_stride, slot.layer, slot.matrix))
     shape = (d, d_h, layout.shape.num_heads, layout.num_layers, layout.num_matrices)
     return Slices(shape, torch.stack(X), torch.stack(Y), torch.tensor(index))
+
+
+# ----------------------------------------------------------------------------------------------- the fit
+def squared_errors(tuner: nn.Module, updates: dict[str, LoraUpdate], adapter: str = "default") -> dict[str, Tensor]:
+    """|| scale P Q - U V ||_F^2 of each module, from r x r products (differentiable in the factors)."""
+    errors = {}
+    for path, layer in adapted_layers(tuner, adapter).items():
+        factors = layer.adapter_factors(adapter)
+        P, Q, _ = module_maps(factors, layer.lorta_slots[adapter], layer.lorta_out_order)
+        target = updates[path]
+        U, V = target.U.to(P.dtype), target.V.to(P.dtype)
+        s = layer.lorta_scaling[adapter]
+        fit2 = s * s * torch.trace((P.t() @ P) @ (Q @ Q.t()))
+        cross = s * torch.trace((U.t() @ P) @ (Q @ V.t()))
+        errors[path] = fit2 - 2 * cross + target.norm2
+    return errors
+
+
+def relative_errors(
+    tuner: nn.Module, updates: dict[str, LoraUpdate], adapter: str = "default"
+) -> tuple[dict[str, float], float]:
+    """Per-module and overall ||fit - LoRA|| / ||LoRA||, in float64 with the dense updates (the final report)."""
+    per_module, num, den = {}, 0.0, 0.0
+    with torch.no_grad():
+        for path, layer in adapted_layers(tuner, adapter).items():
+            factors = layer.adapter_factors(adapter)
+            P, Q, _ = module_maps(factors, layer.lorta_slots[adapter], layer.lorta_out_order)
+            fit = (P.double() @ Q.double()) * layer.lorta_scaling[adapter]
+            want = updates[path].dense()
+            err, ref = float((fit - want).norm() ** 2), float(want.norm() ** 2)
+            per_module[path] = math.sqrt(err / ref) if ref > 0 else math.sqrt(err)
+            num, den = num + err, den + ref
+    return per_module, math.sqrt(num / den) if den > 0 else math.sqrt(num)
+
+
+def refine(
+    tuner: nn.Module, updates: dict[str, LoraUpdate], steps: int, lr: float = 1e-2, adapter: str = "default"
+) -> list[float]:
+    """Adam on the total squared error relative to the updates', through the maps; keeps the best factors seen."""
+    factors = tuner.lorta_factors[adapter]
+    params = [p for p in factors.parameters() if p.requires_grad]
+    total = sum(u.norm2 for u in updates.values())
+    history: list[float] = []
+    if steps <= 0 or not params:
+        return history
+    optimizer = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    best, best_state = math.inf, None
+    for step in range(steps):
+        optimizer.zero_grad()
+        loss = sum(squared_errors(tuner, updates, adapter).values()) / total
+        value = float(loss.detach())
+        if value < best:
+            best, best_state = value, [p.detach().clone() for p in params]
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % max(1, steps // 20) == 0:
+            history.append(math.sqrt(max(value, 0.0)))
+    with torch.no_grad():
+        for p, saved in zip(params, best_state, strict=True):
+            p.copy_(saved)
+    return history
+
+
+def shrink_start(tuner: nn.Module, updates: dict[str, LoraUpdate], adapter: str = "default") -> None:
+    """Scale the random start so that its updates have the LoRA's overall size. The update is a product of the
+    trainable factors, so scaling all of them by c scales it by c^k; k is measured (c = 2), not assumed."""
+    params = [p for p in tuner.lorta_factors[adapter].parameters() if p.requires_grad]
+    empty = {p: LoraUpdate(u.U[:, :0], u.V[:0]) for p, u in updates.items()}
+    target = sum(u.norm2 for u in updates.values()) ** 0.5
+    with torch.no_grad():
+        size = float(sum(squared_errors(tuner, empty, adapter).values())) ** 0.5
+        if size <= 0 or target <= 0 or not params:
+            return
+        for p in params:
+            p.mul_(2.0)
+        degree = math.log2(float(sum(squared_errors(tuner, empty, adapter).values())) ** 0.5 / size)
+        factor = (target / size) ** (1 / max(degree, 1.0)) / 2.0
+        for p in params:
+            p.mul_(factor)
+
+
+def fit_updates(
+    tuner: nn.Module,
+    updates: dict[str, LoraUpdate],
+    adapter: str,
+    seed: int = 0,
+    iterations: int = 500,
+    steps: int | None = None,
+) -> tuple[int, list[float]]:
+    """Fit the tuner's `adapter` (float64 factors) to `updates`: the method's closed start where it has one
+    (`Factorization.fit_start`: LoRTA's CP-ALS, TLoRA's SVD), else a shrunk random start and `steps` of Adam
+    (default 3000; 0 after a closed start, which already solves the same least squares). Returns (steps, the
+    relative error every few steps)."""
+    started = tuner.lorta_factors[adapter].fit_start(tuner, updates, seed, iterations, adapter)
+    if not started:
+        shrink_start(tuner, updates, adapter)
+    if steps is None:
+        steps = 0 if started else 3000
+    return steps, refine(tuner, updates, steps, adapter=adapter)
 
 
 def cp_als(
@@ -161,19 +271,19 @@ def best_cp(
     return factors, history
 
 
-def cp_start(model: nn.Module, updates: dict[str, LoraUpdate], seed: int, iterations: int) -> bool:
+def cp_start(tuner: nn.Module, updates: dict[str, LoraUpdate], seed: int, iterations: int, adapter: str) -> bool:
     """LoRTA's factors from CP-ALS of the stacked updates dW[:, :, h, l, m] (cp_als); False where the adapter is
     not LoRTA's 5-mode tensor over attention matrices (the Adam fit then starts from the random init)."""
-    data = tensor_slices(model, updates)
+    data = tensor_slices(tuner, updates, adapter)
     if data is None:
         return False
-    factors = model.base_model.lorta_factors["default"]
+    factors = tuner.lorta_factors[adapter]
     columns, _ = best_cp(data, factors.rank, iterations, seed)
     # balance: every factor column gets the same norm, the rank-one term's size split five ways
     norms = torch.stack([c.norm(dim=0) for c in columns]).clamp_min(1e-300)
     size = norms.prod(0) ** (1 / 5)
     columns = [c / n * size for c, n in zip(columns, norms, strict=True)]
-    scale = next(iter(adapted_layers(model).values())).lorta_scaling["default"]
+    scale = next(iter(adapted_layers(tuner, adapter).values())).lorta_scaling[adapter]
     with torch.no_grad():
         dtype = factors.A.dtype
         factors.A.copy_((columns[0] / scale).to(dtype).view_as(factors.A))

@@ -2,7 +2,7 @@
 
 Each ``lorta/methods/<name>.py`` ends with one ``SPEC = MethodSpec(...)``; ``lorta.registry.METHODS`` is the
 tuple of them. Everything outside ``methods/`` that treats methods differently (the PEFT registration, parameter
-counts, ``lorta params`` and ``lorta train`` options, import-lora's starting point, run names, benchmarks) reads
+counts, ``lorta params`` and ``lorta train`` options, run names, benchmarks) reads
 a field of the spec and never a method's name. This module imports nothing of lorta, so a method file can import
 it and the registry can import the method files, with no circle.
 """
@@ -105,9 +105,6 @@ class MethodSpec:
     factor_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
     bench_config: Callable[..., Any] | None = None  # (r, alpha, targets, shape) -> config for the benchmarks
     bench_rank: int = 16  # the rank benchmarks/export_bench.py times
-    # import-lora: the fit's starting point, (model, {path: LoraUpdate}, seed, ALS iterations) -> True when it
-    # already solves the least squares (no refinement needed); None: a shrunk random start and Adam refinement.
-    import_start: Callable[[Any, dict, int, int], bool] | None = None
     import_check: Callable[[dict[str, Any]], None] | None = None  # rejects config kwargs import-lora cannot honour
     dpo: Recipe | None = None  # `lorta train --task dpo` (None: the causal_lm recipe)
 

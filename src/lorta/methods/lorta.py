@@ -137,6 +137,10 @@ class LortaFactors(Factorization):
         """factor[gl, gm]; a view when both group axes have size 1 (a select's backward zero-fills a copy)."""
         return factor.view(factor.shape[2:]) if factor.shape[0] == factor.shape[1] == 1 else factor[gl, gm]
 
+    def fit_start(self, tuner: nn.Module, updates: dict, seed: int, iterations: int, adapter: str) -> bool:
+        """CP-ALS of the stacked updates (False, and Adam, where the adapter is not the full 5-mode tensor)."""
+        return cp_start(tuner, updates, seed, iterations, adapter)
+
     def _layer_matrix_weights(self, l: Any, m: Any, gl: Any, gm: Any) -> Tensor | None:
         """C_L[l] ∘ C_M[m] (each only if that mode is shared), None if neither is; the layer, matrix and group
         indices are ints (one slot) or index tensors (G slots: (G, r))."""
@@ -281,6 +285,5 @@ SPEC = MethodSpec(
     train_kwargs=lambda values, o: {"modes": list(values["modes"]), "mode_factor_init": values["mode_init"]},
     run_tags=_run_tags,
     factor_groups={"mode_lr": ("C_H", "C_L", "C_M")},
-    import_start=cp_start,  # CP-ALS of the stacked updates (False, and Adam, for an ablation of the modes)
     bench_config=lambda r, alpha, targets, shape: LortaConfig(r=r, lora_alpha=alpha, target_modules=targets),
 )

@@ -253,11 +253,15 @@ class TensLoraFactors(Factorization):
     exact_concatenation = True
     structure_fields = ("modes", "tucker")
 
-    def concatenated_config(self, configs: list[Any], rank: int) -> Any:
-        ranks = {mode: sum(c.ranks[mode] for c in configs) for mode in configs[0].ranks}
+    def config_at_rank(self, config: Any, rank: int | dict[str, int]) -> Any:
+        """`config` at `rank` in every mode (or a rank per mode), scale 1."""
+        ranks = rank if isinstance(rank, dict) else dict.fromkeys(config.ranks, rank)
         return dataclasses.replace(
-            configs[0], r=ranks["in"], ranks=ranks, lora_alpha=ranks["in"], use_rslora=False, init_weights=True
+            config, r=ranks["in"], ranks=ranks, lora_alpha=ranks["in"], use_rslora=False, init_weights=True
         )
+
+    def concatenated_config(self, configs: list[Any], rank: int) -> Any:
+        return self.config_at_rank(configs[0], {mode: sum(c.ranks[mode] for c in configs) for mode in configs[0].ranks})
 
     def concatenate(self, parts: list[tuple[Factorization, float]]) -> dict[str, Tensor]:
         """Each part's weight goes where every one of its terms reads it once: the core block (Tucker) or the output

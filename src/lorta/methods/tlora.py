@@ -139,9 +139,13 @@ class TLoraFactors(Factorization):
 
     exact_concatenation = True
 
-    def concatenated_config(self, configs: list[Any], rank: int) -> Any:
-        """The combined projections are the parts' side by side, not a draw from a seed: they are saved."""
-        return dataclasses.replace(super().concatenated_config(configs, rank), save_projection=True)
+    def config_at_rank(self, config: Any, rank: int) -> Any:
+        """A combined adapter's projections are the parts' side by side, a compressed one's singular bases: not a
+        draw from a seed, so they are saved."""
+        return dataclasses.replace(super().config_at_rank(config, rank), save_projection=True)
+
+    def fit_start(self, tuner: nn.Module, updates: dict, seed: int, iterations: int, adapter: str) -> bool:
+        return _svd_start(self, tuner, updates, seed, adapter)
 
     def concatenate(self, parts: list[tuple[Factorization, float]]) -> dict[str, Tensor]:
         """P'Q' = [A_1 .. A_n] blockdiag(w_i s_i C_i) [B_1; ..; B_n] = sum_i w_i s_i A_i C_i B_i, with s' = 1."""
@@ -167,21 +171,21 @@ def tlora_num_params(L: int, M: int, r: int, matrices: int | None = None) -> int
     return (M * L if matrices is None else matrices) * (r * r + 1)
 
 
-def _import_start(model: nn.Module, updates: dict[str, LoraUpdate], seed: int, als_iterations: int) -> bool:
+def _svd_start(
+    factors: TLoraFactors, tuner: nn.Module, updates: dict[str, LoraUpdate], seed: int, adapter: str
+) -> bool:
     """TLoRA's factors in closed form: each matrix's frozen A and B become the leading singular bases of its LoRA
     update and C the singular values, the best rank-r fit of every matrix (Eckart-Young), exact at r >= the LoRA's
     rank. The update's SVD comes from QR of its two thin factors (no dense d x d matrix); a basis the update does
-    not fill is completed by random orthonormal columns. The projections are saved with the adapter
-    (import-lora's `MethodSpec.import_start`)."""
-    factors = model.base_model.lorta_factors["default"]
+    not fill is completed by random orthonormal columns. The projections are saved with the adapter."""
     generator = torch.Generator().manual_seed(seed)
     r = factors.rank
     with torch.no_grad():
         factors.s.fill_(1.0)
-        for path, module in adapted_layers(model).items():
+        for path, module in adapted_layers(tuner, adapter).items():
             update = updates[path]
             V = concatenated_columns(module, update.V)
-            for slot in module.lorta_slots["default"]:
+            for slot in module.lorta_slots[adapter]:
                 left, values, right = _thin_svd(update.U, V[:, slot.out_offset : slot.out_offset + slot.out_features])
                 row, j = factors.rows[(slot.layer, slot.matrix)]
                 getattr(factors, f"A{slot.matrix}")[j] = _complete(left[:, :r], r, generator)
@@ -189,7 +193,7 @@ def _import_start(model: nn.Module, updates: dict[str, LoraUpdate], seed: int, a
                 core = torch.zeros(r, r, dtype=torch.float64)
                 k = min(r, values.numel())
                 core[:k, :k] = torch.diag(values[:k])
-                factors.C[row] = core / module.lorta_scaling["default"]
+                factors.C[row] = core / module.lorta_scaling[adapter]
     return True  # the best rank-r fit of every matrix: nothing left to refine
 
 
@@ -241,7 +245,6 @@ SPEC = MethodSpec(
     classify=Recipe(16, 16.0, 1e-2, 2e-3),
     causal_lm=Recipe(16, 16.0, 2e-3, 0.0),
     train_kwargs=lambda values, o: {"projection_seed": o.seed},
-    import_start=_import_start,
     import_check=_import_check,
     bench_config=lambda r, alpha, targets, shape: TLoraConfig(r=r, lora_alpha=alpha, target_modules=targets),
 )
