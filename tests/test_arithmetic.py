@@ -105,7 +105,7 @@ def refuses(model, match: str, *args, **kwargs) -> None:
 
 def test_bad_combinations_refuse_naming_what_differs():
     model = two_adapters("llama", "lorta")
-    refuses(model, r"combination_type='svd' is not available.*'cat'", ["default", "other"], [1, 1], "x", "svd")
+    refuses(model, r"combination_type='ties' is not available.*'cat'.*'als'", ["default", "other"], [1, 1], "x", "ties")
     refuses(model, r"one weight per adapter: got 2 adapters and 1 weights", ["default", "other"], [1], "x")
     refuses(model, r"no lorta adapter named \['nope'\]", ["default", "nope"], [1, 1], "x")
     refuses(model, r"an adapter named 'other' exists already", ["default", "other"], [1, 1], "other")
@@ -145,3 +145,89 @@ def test_an_exported_lorta_adapter_combines_with_a_lora_in_peft(tmp_path):
         expected = tensor_deltas[name] + (module.get_delta_weight("lora") if "lora" in module.lora_A else 0)
         scale = float(expected.abs().max()) + float(tensor_deltas[name].abs().max())
         assert_close(module.get_delta_weight("mix"), expected, MAP_TERMS, scale=scale, msg=name)
+
+
+# ------------------------------------------------------------------------------------ compression to a target rank
+def _dense_sum(model, weights) -> dict[str, torch.Tensor]:
+    """sum_i w_i * delta_i of every adapted module, float64, from the papers' formulas (tests/reference.py)."""
+    method = model.peft_config["default"].peft_type
+    reference = {"LORTA": reference_lorta, "TENSLORA": reference_tenslora, "TLORA": reference_tlora}[str(method)]
+    parts = [reference(model, name) for name in ("default", "other")]
+    return {name: weights[0] * parts[0][name] + weights[1] * parts[1][name] for name in parts[0]}
+
+
+def _error_against(model, name: str, dense: dict[str, torch.Tensor]) -> float:
+    method = model.peft_config["default"].peft_type
+    reference = {"LORTA": reference_lorta, "TENSLORA": reference_tenslora, "TLORA": reference_tlora}[str(method)]
+    fit = reference(model, name)
+    num = sum(float((fit[k] - dense[k]).norm() ** 2) for k in dense)
+    return (num / sum(float(v.norm() ** 2) for v in dense.values())) ** 0.5
+
+
+# A fit that reaches the sum exactly stops at the float32 rounding of its factors' maps.
+EXACT_FIT = MAP_TERMS * torch.finfo(torch.float32).eps
+
+
+@pytest.mark.parametrize("method", ["lorta", "tlora"])
+def test_als_at_the_sums_rank_recovers_the_sum_and_reports_its_error(method):
+    """LoRTA's CP-ALS and TLoRA's closed form reach the rank-5 sum of a rank-3 and a rank-2 adapter; the report
+    is the error against the float64 reference sum."""
+    model = two_adapters("llama", method)
+    weights = [0.7, -1.3]
+    dense = _dense_sum(model, weights)
+    report = model.add_weighted_adapter(["default", "other"], weights, "als5", combination_type="als", svd_rank=5)
+    assert model.peft_config["als5"].r == 5 and report.rank == 5
+    assert report.overall < EXACT_FIT and max(report.per_module.values()) < EXACT_FIT
+    assert abs(_error_against(model, "als5", dense) - report.overall) <= EXACT_FIT
+    cat = model.add_weighted_adapter(["default", "other"], weights, "cat5")  # the exact sum, reported at rounding
+    assert cat.overall < EXACT_FIT and cat.combination_type == "cat"
+
+
+def test_tlora_compression_is_the_best_rank_k_fit_of_every_matrix():
+    """TLoRA's fit is each matrix's truncated SVD: its error is the Eckart-Young tail of the sum's singular values."""
+    model = two_adapters("llama", "tlora")
+    weights = [1.0, 0.5]
+    dense = _dense_sum(model, weights)
+    report = model.add_weighted_adapter(["default", "other"], weights, "svd2", combination_type="svd", svd_rank=2)
+    for name, update in dense.items():
+        values = torch.linalg.svdvals(update)
+        tail = float((values[2:] ** 2).sum() / (values**2).sum()) ** 0.5
+        assert abs(report.per_module[name] - tail) <= EXACT_FIT + 1e-12, name
+    assert 0 < report.overall < 1
+
+
+def test_lorta_compression_below_the_sums_rank_reports_an_honest_error(tmp_path):
+    model = two_adapters("llama", "lorta")
+    weights = [1.0, 1.0]
+    dense = _dense_sum(model, weights)
+    errors = {}
+    for rank in (1, 3):
+        report = model.add_weighted_adapter(["default", "other"], weights, f"r{rank}", "als", svd_rank=rank)
+        assert abs(_error_against(model, f"r{rank}", dense) - report.overall) <= EXACT_FIT
+        errors[rank] = report.overall
+    assert 0 < errors[3] < errors[1] <= 1.0  # no better than exact, never worse than no update at all
+    model.set_adapter("r3")
+    with torch.no_grad():
+        out = model(input_ids=IDS).logits
+    model.save_pretrained(tmp_path, selected_adapters=["r3"])
+    loaded = PeftModel.from_pretrained(make_model("llama"), tmp_path / "r3").eval()
+    with torch.no_grad():
+        assert_close(loaded(input_ids=IDS).logits, out, FORWARD_TERMS)
+
+
+def test_tenslora_compression_is_fitted_by_adam_and_reported():
+    model = two_adapters("llama", "tenslora-tucker")
+    weights = [0.7, -1.3]
+    dense = _dense_sum(model, weights)
+    report = model.add_weighted_adapter(["default", "other"], weights, "fit", "als", svd_rank=3, steps=150)
+    assert model.peft_config["fit"].ranks == dict.fromkeys(model.peft_config["default"].ranks, 3)
+    assert len(report.history) > 1 and report.history[-1] < report.history[0]
+    assert report.overall < 1.0  # better than no update
+    assert abs(_error_against(model, "fit", dense) - report.overall) <= EXACT_FIT
+
+
+def test_compression_requests_refuse_clearly():
+    model = two_adapters("llama", "lorta")
+    refuses(model, r"pass svd_rank=R \(a positive int\), got None", ["default", "other"], [1, 1], "x", "als")
+    refuses(model, r"got 0", ["default", "other"], [1, 1], "x", "als", svd_rank=0)
+    refuses(model, r"svd_rank=2 goes with combination_type='als'", ["default", "other"], [1, 1], "x", svd_rank=2)

@@ -294,12 +294,19 @@ class TensorAdapterModel(BaseTuner):
         super().unmerge_adapter()
 
     def add_weighted_adapter(
-        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "cat"
-    ) -> None:
-        """PEFT's adapter arithmetic: add `adapter_name` = sum_i weights[i] * adapters[i] (lorta.arithmetic)."""
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "cat",
+        svd_rank: int | None = None,
+        **fit_options: Any,
+    ) -> Any:
+        """PEFT's adapter arithmetic: add `adapter_name` = sum_i weights[i] * adapters[i], exactly (cat) or fitted
+        at `svd_rank` (als / svd); returns its lorta.arithmetic.CombinationReport (the error against the sum)."""
         from ..arithmetic import add_weighted_adapter
 
-        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type)
+        return add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, **fit_options)
 
     def _check_mergeable(self, adapter_names: list[str] | None) -> None:
         """Every adapted layer's base can take the merge (a quantised one must be re-quantisable), before any is
