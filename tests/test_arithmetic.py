@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_inputs, make_model
 from methods import METHODS
 from peft import PeftModel, get_peft_model
 from reference import reference_lorta, reference_tenslora, reference_tlora
@@ -231,3 +231,42 @@ def test_compression_requests_refuse_clearly():
     refuses(model, r"pass svd_rank=R \(a positive int\), got None", ["default", "other"], [1, 1], "x", "als")
     refuses(model, r"got 0", ["default", "other"], [1, 1], "x", "als", svd_rank=0)
     refuses(model, r"svd_rank=2 goes with combination_type='als'", ["default", "other"], [1, 1], "x", svd_rank=2)
+
+
+# ------------------------------------------------------ PEFT's weighted-combination test (testing_common), adapted
+# PEFT runs `_test_weighted_combination_of_adapters` for LoRA and IA3 only. The same journey for the lorta methods:
+# three adapters (the third of another rank), one re-weighted alone and two combined, with positive and with
+# negative weights; each new adapter becomes the active one and runs a forward; its update is the weighted sum.
+def _third_rank(method: str) -> dict:
+    return {"tenslora-tucker": {"ranks": [4, 2, 3, 2, 1]}, "tenslora-cp-qkv": {"ranks": 4}}.get(method, {"r": 4})
+
+
+@pytest.mark.parametrize("weights", [[0.5, 1.5, 1.5], [-0.5, -0.8, -1.2]], ids=["positive", "negative"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("method", ["lorta", "tenslora-tucker", "tenslora-cp-qkv", "tlora"])
+def test_peft_weighted_combination_of_adapters(method, arch, weights):
+    names = ["adapter_1", "adapter_2", "adapter_3"]
+    torch.manual_seed(0)
+    model = get_peft_model(make_model(arch), METHODS[method](init_weights=False), names[0])
+    torch.manual_seed(1)
+    model.add_adapter(names[1], METHODS[method](init_weights=False))
+    torch.manual_seed(2)
+    model.add_adapter(names[2], METHODS[method](init_weights=False, **_third_rank(method)))
+    model.add_weighted_adapter([names[0]], [weights[0]], "single_adapter_reweighting")
+    model.add_weighted_adapter(names[1:], weights[1:], "multi_adapter_reweighting")
+    expected = {
+        "single_adapter_reweighting": [(names[0], weights[0])],
+        "multi_adapter_reweighting": list(zip(names[1:], weights[1:], strict=True)),
+    }
+    inputs = make_inputs(arch)
+    model.eval()
+    for new, terms in expected.items():
+        assert new in model.peft_config
+        model.set_adapter(new)
+        assert model.active_adapter == new and model.active_adapters == [new]
+        assert torch.isfinite(model(**inputs).logits).all()
+        for module in model.modules():
+            if isinstance(module, TensorAdapterLayer) and new in module.lorta_slots:
+                want = sum(w * module.delta_weight(n) for n, w in terms)
+                scale = sum(abs(w) * float(module.delta_weight(n).abs().max()) for n, w in terms)
+                assert_close(module.delta_weight(new), want, MAP_TERMS, scale=scale)
