@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from typing import Any
+
+from torch import nn
 
 # Fused q/k/v output layouts.
 CONCAT = "concat"  # [q heads | k heads | v heads]
@@ -121,3 +124,26 @@ def targets_of_kinds(kinds: tuple[str, ...]) -> dict[str, list[str]]:
     """Default target modules per model type for the matrix kinds `kinds` (e.g. q, v): a method whose default
     targets are narrower than DEFAULT_TARGETS's q, k, v, o sets its tuner's `target_module_mapping` to this."""
     return {model_type: arch.targets(tuple(kinds)) for model_type, arch in ARCHITECTURES.items()}
+
+
+def structural_targets(model: Any, kinds: tuple[str, ...], model_type: str = "") -> list[str]:
+    """Default targets read off a model's own structure, for a model type the table does not list: the linear
+    layers whose names say they are attention projections of `kinds` (`lorta.layout.matrix_kind`: q_proj, query,
+    c_attn, attention.output.dense, ...), as PEFT target_modules suffixes. Empty when none is found."""
+    from .layout import matrix_kind
+
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if not (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"):
+            continue
+        kind, _role = matrix_kind(name, model_type)
+        if kind not in kinds and not (kind == "qkv" and set(kinds) & {"q", "k", "v"}):
+            continue
+        parts = name.split(".")
+        # the shortest suffix that names the same kind: q_proj, query, attn.c_proj (not an MLP's c_proj)
+        suffix = next(
+            (x for k in (1, 2, 3) for x in [".".join(parts[-k:])] if matrix_kind(x, model_type)[0] == kind), name
+        )
+        if suffix not in found:
+            found.append(suffix)
+    return found

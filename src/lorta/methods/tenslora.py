@@ -362,7 +362,8 @@ class TensLoraModel(TensorAdapterModel):
     """The PEFT tuner of TensLoRA (`lorta.tuner.model.TensorAdapterModel` with TensLoRA's factors)."""
 
     factorization_cls = TensLoraFactors
-    target_module_mapping = targets_of_kinds(("q", "k", "v"))
+    default_kinds = ("q", "k", "v")
+    target_module_mapping = targets_of_kinds(default_kinds)
 
 
 SPEC = MethodSpec(

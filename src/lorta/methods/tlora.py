@@ -227,7 +227,8 @@ class TLoraModel(TensorAdapterModel):
     """The PEFT tuner of TLoRA (`lorta.tuner.model.TensorAdapterModel` with TLoRA's factors)."""
 
     factorization_cls = TLoraFactors
-    target_module_mapping = targets_of_kinds(TLORA_DEFAULT_TARGETS)
+    default_kinds = TLORA_DEFAULT_TARGETS
+    target_module_mapping = targets_of_kinds(default_kinds)
 
 
 SPEC = MethodSpec(

@@ -20,7 +20,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from ..architectures import DEFAULT_TARGETS
+from ..architectures import DEFAULT_TARGETS, structural_targets
 from ..factorization import Factorization
 from ..layout import (
     OUT_HEADS,
@@ -56,6 +56,7 @@ class TensorAdapterModel(BaseTuner):
     prefix: str = "lorta_"
     tuner_layer_cls = TensorAdapterLayer
     target_module_mapping = DEFAULT_TARGETS
+    default_kinds: tuple[str, ...] = ("q", "k", "v", "o")  # what the default targets adapt (the mapping's kinds)
     uses_shared_state: bool = True
     factorization_cls: type[Factorization] = Factorization
 
@@ -74,6 +75,7 @@ class TensorAdapterModel(BaseTuner):
             object.__setattr__(self, "_lorta_state", TunerState(self.lorta_factors))  # a reference, not a submodule
         config: TensorAdapterConfig = self.peft_config[adapter_name]
         source, config.loaded_from = config.loaded_from, None  # from_pretrained's directory: checked once, here
+        self._derive_default_targets(model, config)
         config = self._prepare_adapter_config(config, self.get_model_config(model))
         try:
             shape = ModelShape.of_adapted(model, config.model_shape)
@@ -450,6 +452,12 @@ class TensorAdapterModel(BaseTuner):
     def lorta_state(self) -> TunerState:
         """What this tuner's wrapped layers share: the factors, the forward's maps, the mixed-batch engine."""
         return self._lorta_state
+
+    def _derive_default_targets(self, model: nn.Module, config: TensorAdapterConfig) -> None:
+        """No targets, a model type the table lacks: its attention projections by name (none: PEFT's error)."""
+        model_type = self.get_model_config(model).get("model_type")
+        if config.target_modules is None and model_type not in (*self.target_module_mapping, "custom"):
+            config.target_modules = set(structural_targets(model, self.default_kinds, model_type or "")) or None
 
     # ------------------------------------------------------------------------------------------- reporting
     def num_adapter_parameters(self, adapter_name: str = "default") -> int:
