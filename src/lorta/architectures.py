@@ -6,6 +6,7 @@ their default targets from it.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -126,12 +127,13 @@ def targets_of_kinds(kinds: tuple[str, ...]) -> dict[str, list[str]]:
     return {model_type: arch.targets(tuple(kinds)) for model_type, arch in ARCHITECTURES.items()}
 
 
-def structural_targets(model: Any, kinds: tuple[str, ...], model_type: str = "") -> list[str]:
+def structural_targets(
+    model: Any, kinds: tuple[str, ...], matrix_kind: Callable[[str, str], tuple[str, str]], model_type: str = ""
+) -> list[str]:
     """Default targets read off a model's own structure, for a model type the table does not list: the linear
     layers whose names say they are attention projections of `kinds` (`lorta.layout.matrix_kind`: q_proj, query,
-    c_attn, attention.output.dense, ...), as PEFT target_modules suffixes. Empty when none is found."""
-    from .layout import matrix_kind
-
+    c_attn, attention.output.dense, ...), as PEFT target_modules suffixes. Empty when none is found. `matrix_kind`
+    is lorta.layout's (passed in: the layout reads this table, so the table does not import the layout)."""
     found: list[str] = []
     for name, module in model.named_modules():
         if not (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"):

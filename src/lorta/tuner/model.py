@@ -22,14 +22,7 @@ from torch import nn
 
 from ..architectures import DEFAULT_TARGETS, structural_targets
 from ..factorization import Factorization
-from ..layout import (
-    OUT_HEADS,
-    LayoutError,
-    ModelShape,
-    Slot,
-    TensorLayout,
-    build_layout,
-)
+from ..layout import OUT_HEADS, LayoutError, ModelShape, Slot, TensorLayout, build_layout, matrix_kind
 from ..quantized import (
     check_mergeable,
     check_restorable,
@@ -457,7 +450,9 @@ class TensorAdapterModel(BaseTuner):
         """No targets, a model type the table lacks: its attention projections by name (none: PEFT's error)."""
         model_type = self.get_model_config(model).get("model_type")
         if config.target_modules is None and model_type not in (*self.target_module_mapping, "custom"):
-            config.target_modules = set(structural_targets(model, self.default_kinds, model_type or "")) or None
+            config.target_modules = (
+                set(structural_targets(model, self.default_kinds, matrix_kind, model_type or "")) or None
+            )
 
     # ------------------------------------------------------------------------------------------- reporting
     def num_adapter_parameters(self, adapter_name: str = "default") -> int:
