@@ -70,18 +70,23 @@ def test_cat_is_the_weighted_sum_of_the_updates(model_name, method, targets):
             assert_close(module.delta_weight("sum"), expected, MAP_TERMS, scale=scale)
 
 
+def assert_reloads(model, name: str, tmp_path) -> None:
+    """Adapter `name` runs, saves alone and reloads onto a fresh base to the same outputs."""
+    model.set_adapter(name)
+    with torch.no_grad():
+        out = model(input_ids=IDS).logits
+    model.save_pretrained(tmp_path, selected_adapters=[name])
+    loaded = PeftModel.from_pretrained(make_model("llama"), tmp_path / name).eval()
+    with torch.no_grad():
+        assert_close(loaded(input_ids=IDS).logits, out, FORWARD_TERMS)
+
+
 @pytest.mark.parametrize("method", ["lorta", "tenslora-tucker", "tlora"])
 def test_a_combined_adapter_runs_saves_and_reloads(method, tmp_path):
     model = two_adapters("llama", method)
     model.add_weighted_adapter(["default", "other"], [1.0, 1.0], "sum")  # cat is the default
     assert not any(p.requires_grad for p in model.base_model.lorta_factors["sum"].parameters())
-    model.set_adapter("sum")
-    with torch.no_grad():
-        out = model(input_ids=IDS).logits
-    model.save_pretrained(tmp_path, selected_adapters=["sum"])
-    loaded = PeftModel.from_pretrained(make_model("llama"), tmp_path / "sum").eval()
-    with torch.no_grad():
-        assert_close(loaded(input_ids=IDS).logits, out, FORWARD_TERMS)
+    assert_reloads(model, "sum", tmp_path)
 
 
 def test_task_vectors_add_and_negate_back_to_the_base():
@@ -148,18 +153,19 @@ def test_an_exported_lorta_adapter_combines_with_a_lora_in_peft(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ compression to a target rank
+def _reference_of(model):
+    method = str(model.peft_config["default"].peft_type)
+    return {"LORTA": reference_lorta, "TENSLORA": reference_tenslora, "TLORA": reference_tlora}[method]
+
+
 def _dense_sum(model, weights) -> dict[str, torch.Tensor]:
     """sum_i w_i * delta_i of every adapted module, float64, from the papers' formulas (tests/reference.py)."""
-    method = model.peft_config["default"].peft_type
-    reference = {"LORTA": reference_lorta, "TENSLORA": reference_tenslora, "TLORA": reference_tlora}[str(method)]
-    parts = [reference(model, name) for name in ("default", "other")]
+    parts = [_reference_of(model)(model, name) for name in ("default", "other")]
     return {name: weights[0] * parts[0][name] + weights[1] * parts[1][name] for name in parts[0]}
 
 
 def _error_against(model, name: str, dense: dict[str, torch.Tensor]) -> float:
-    method = model.peft_config["default"].peft_type
-    reference = {"LORTA": reference_lorta, "TENSLORA": reference_tenslora, "TLORA": reference_tlora}[str(method)]
-    fit = reference(model, name)
+    fit = _reference_of(model)(model, name)
     num = sum(float((fit[k] - dense[k]).norm() ** 2) for k in dense)
     return (num / sum(float(v.norm() ** 2) for v in dense.values())) ** 0.5
 
@@ -206,13 +212,7 @@ def test_lorta_compression_below_the_sums_rank_reports_an_honest_error(tmp_path)
         assert abs(_error_against(model, f"r{rank}", dense) - report.overall) <= EXACT_FIT
         errors[rank] = report.overall
     assert 0 < errors[3] < errors[1] <= 1.0  # no better than exact, never worse than no update at all
-    model.set_adapter("r3")
-    with torch.no_grad():
-        out = model(input_ids=IDS).logits
-    model.save_pretrained(tmp_path, selected_adapters=["r3"])
-    loaded = PeftModel.from_pretrained(make_model("llama"), tmp_path / "r3").eval()
-    with torch.no_grad():
-        assert_close(loaded(input_ids=IDS).logits, out, FORWARD_TERMS)
+    assert_reloads(model, "r3", tmp_path)
 
 
 def test_tenslora_compression_is_fitted_by_adam_and_reported():
