@@ -10,27 +10,28 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
 from torch import nn
 
-from .architectures import _FUSED_LAYOUTS, ARCHITECTURES, CODEGEN, CONCAT, GROUPED
+from .architectures import (
+    _FUSED_LAYOUTS,
+    CONCAT,
+    GROUPED,
+    IN_HEADS,
+    OUT_HEADS,
+    _strip_layer_prefix,
+    fused_order,
+    matrix_kind,
+)
+from .layout_groups import several_shapes_message, short_list, split_nested_layers
 
 # Matrix roles.
-OUT_HEADS = "out_heads"  # q, k, v: model dim in, heads out
-IN_HEADS = "in_heads"  # o: heads in, model dim out
 EXTRA_IN = "extra_in"  # model dim in, own side out (e.g. gate_proj, up_proj, fc1)
 EXTRA_OUT = "extra_out"  # own side in, model dim out (e.g. down_proj, fc2)
 EXTRA_FREE = "extra_free"  # neither side is the model dim: own factors on both sides
 EXTRA_ROLES = (EXTRA_IN, EXTRA_OUT, EXTRA_FREE)
-
-_Q_NAMES = {"q_proj", "query", "q_lin", "wq", "q", "query_proj"}
-_K_NAMES = {"k_proj", "key", "k_lin", "wk", "k", "key_proj"}
-_V_NAMES = {"v_proj", "value", "v_lin", "wv", "v", "value_proj"}
-_O_NAMES = {"o_proj", "out_proj", "out_lin", "wo", "o"}
-_O_QUALIFIED = {"attention.output.dense", "attn.c_proj", "attention.dense", "self_attention.dense", "self_attn.dense"}
-_FUSED_NAMES = {"c_attn", "qkv_proj", "wqkv", "w_pack", "query_key_value"}
 
 
 class LayoutError(ValueError):
@@ -79,7 +80,7 @@ class ModelShape:
         heads, kv = values.get("num_heads") or 0, values.get("num_kv_heads") or 0
         if heads and not kv:
             values["num_kv_heads"] = kv = heads
-        if heads and values.get("hidden_size") and not values.get("head_dim"):
+        if heads and values.get("hidden_size") and values.get("head_dim") is None:
             values["head_dim"] = values["hidden_size"] // heads
         if heads and heads % kv:
             raise LayoutError(f"num_heads={heads} is not a multiple of num_kv_heads={kv}")
@@ -105,14 +106,7 @@ class ModelShape:
 
 def _shape_of_config(config: Any) -> dict[str, Any]:
     model_type = getattr(config, "model_type", "") or ""
-    try:
-        getattr(config, "head_dim", None)
-    except Exception as exc:  # transformers' per-layer (heterogeneous) configs refuse a global head_dim
-        raise LayoutError(
-            f"the {model_type or type(config).__name__} config has per-layer attention sizes ({exc.__class__.__name__})"
-            ": lorta's update tensor has one head dimension for all layers. Adapt the layers of one attention kind "
-            "with head-less extra matrices (model_shape={'num_heads': 0}) or use LoRA for this model"
-        ) from exc
+    head_dim = _per_layer_head_dim(config)
     heads = _first_attr(config, "num_attention_heads", "n_head", "num_heads", "n_heads")
     kv = _first_attr(config, "num_key_value_heads", "num_kv_heads")
     if model_type == "falcon" and heads:
@@ -127,10 +121,24 @@ def _shape_of_config(config: Any) -> dict[str, Any]:
         "hidden_size": _first_attr(config, "hidden_size", "n_embd", "d_model", "dim"),
         "num_heads": heads,
         "num_kv_heads": kv,
-        "head_dim": _first_attr(config, "head_dim", "d_kv", "attention_head_size"),
+        "head_dim": head_dim
+        if head_dim is not None
+        else _first_attr(config, "head_dim", "d_kv", "attention_head_size"),
         "model_type": model_type,
         "fused_qkv": fused,
     }
+
+
+def _per_layer_head_dim(config: Any) -> int | None:
+    """A per-layer config's (Gemma 4's) head dim: the layers' common one, 0 when they differ (then each group of
+    layers is adapted alone: see _check_one_shape), None for a config with one global head_dim."""
+    try:
+        getattr(config, "head_dim", None)
+        return None
+    except Exception:  # transformers' heterogeneous configs refuse a global per-layer attribute
+        layers = config.per_layer_config
+        dims = {getattr(layers[i], "head_dim", 0) for i in range(len(layers))}
+        return dims.pop() if len(dims) == 1 else 0
 
 
 def _first_attr(obj: Any, *names: str) -> Any:
@@ -210,36 +218,6 @@ class TensorLayout:
         return any(r != EXTRA_FREE for r in self.matrix_roles)
 
 
-def matrix_kind(module_name: str, model_type: str = "") -> tuple[str, str]:
-    """(kind, role) of a module by its name: 'q', 'k', 'v', 'o', 'qkv' (a fused q/k/v projection) or, for any
-    other matrix, its name without the layer prefix (role ''). `model_type` adds its own fused name (DeBERTa's
-    in_proj)."""
-    parts = module_name.split(".")
-    leaf = parts[-1].lower()
-    lowered = [p.lower() for p in parts]
-    own = ARCHITECTURES.get(model_type)
-    if leaf in _FUSED_NAMES or (own is not None and own.qkv and leaf == own.qkv.lower()):
-        return "qkv", OUT_HEADS
-    if leaf in _Q_NAMES:
-        return "q", OUT_HEADS
-    if leaf in _K_NAMES:
-        return "k", OUT_HEADS
-    if leaf in _V_NAMES:
-        return "v", OUT_HEADS
-    if leaf in _O_NAMES or ".".join(lowered[-2:]) in _O_QUALIFIED or ".".join(lowered[-3:]) in _O_QUALIFIED:
-        return "o", IN_HEADS
-    return _strip_layer_prefix(module_name), ""
-
-
-def _strip_layer_prefix(module_name: str) -> str:
-    """'model.layers.3.mlp.up_proj' -> 'mlp.up_proj': the name of the matrix kind, the same in every layer."""
-    parts = module_name.split(".")
-    for i, part in enumerate(parts):
-        if part.isdigit():
-            return ".".join(parts[i + 1 :]) or module_name
-    return module_name
-
-
 def layer_of(module_name: str) -> tuple[str, int]:
     """(stack, index) of a module's layer: 'model.decoder.layers.3.fc1' -> ('model.decoder.layers', 3); a module
     outside any numbered stack is in the one layer ('', -1)."""
@@ -282,34 +260,6 @@ def module_features(module: nn.Module) -> tuple[int, int]:
     )
 
 
-def fused_order(layout: str, n_heads: int, n_kv: int, head_dim: int) -> list[int] | None:
-    """For each output feature of a fused q/k/v projection, its index in the concatenation [q | k | v]."""
-    if layout == CONCAT:
-        return None
-    q_size, kv_size = n_heads * head_dim, n_kv * head_dim
-    order: list[int] = []
-    if layout == GROUPED:
-        group = n_heads // n_kv
-        for j in range(n_kv):
-            for t in range(group):
-                start = (j * group + t) * head_dim
-                order += range(start, start + head_dim)
-            order += range(q_size + j * head_dim, q_size + (j + 1) * head_dim)
-            order += range(q_size + kv_size + j * head_dim, q_size + kv_size + (j + 1) * head_dim)
-    elif layout == CODEGEN:
-        parts = 4
-        if n_kv != n_heads or n_heads % parts:
-            raise LayoutError(f"CodeGen's qkv_proj needs H divisible by {parts} and no GQA, got H={n_heads}")
-        local = q_size // parts
-        for p in range(parts):
-            order += range(p * local, (p + 1) * local)  # q
-            order += range(q_size + kv_size + p * local, q_size + kv_size + (p + 1) * local)  # v
-            order += range(q_size + p * local, q_size + (p + 1) * local)  # k
-    else:
-        raise LayoutError(f"unknown fused q/k/v layout {layout!r}")
-    return order if order != list(range(len(order))) else None
-
-
 @dataclass
 class _Target:
     name: str
@@ -344,6 +294,8 @@ def build_layout(
         fin, fout = module_features(module)
         kind, role = matrix_kind(name, shape.model_type) if shape.has_heads else (_strip_layer_prefix(name), "")
         items.append(_Target(name, kind, role, layer_of(name), fin, fout, type(module).__name__))
+    split_nested_layers(items)
+    _check_one_shape(shape, items)
     d = _model_dim(shape, items)
     for item in items:
         if item.role:
@@ -383,8 +335,8 @@ def build_layout(
     layer_names = [_layer_name(stack, index) for stack, index in layers]
     if recorded_layers is not None and list(recorded_layers) != layer_names:
         raise LayoutError(
-            f"the adapter was trained on layers {_short(recorded_layers)} but target_modules match "
-            f"{_short(layer_names)} on this model"
+            f"the adapter was trained on layers {short_list(recorded_layers)} but target_modules match "
+            f"{short_list(layer_names)} on this model"
         )
     layout = TensorLayout(shape, names, [kinds[n] for n in names], layer_names, d, extra_sizes, free_sizes)
     index = {n: i for i, n in enumerate(names)}
@@ -401,7 +353,10 @@ def build_layout(
                     f"{layer_names[slot.layer]!r}; target only one of them or adapt them with separate adapters"
                 )
         if item.kind == "qkv":
-            order = fused_order(shape.fused_qkv, shape.num_heads, shape.num_kv_heads, shape.head_dim)
+            try:
+                order = fused_order(shape.fused_qkv, shape.num_heads, shape.num_kv_heads, shape.head_dim)
+            except ValueError as exc:
+                raise LayoutError(f"{item.where}: {exc}") from None
             if order is not None:
                 layout.out_orders[item.name] = order
     return layout
@@ -419,6 +374,26 @@ def _model_dim(shape: ModelShape, items: list[_Target]) -> int:
         if counts[size] == best:
             return size
     raise AssertionError("unreachable")
+
+
+def _check_one_shape(shape: ModelShape, items: list[_Target]) -> None:
+    """Refuse attention targets of several shapes (Swin's stages, a tower beside a language model)."""
+
+    def hint(members: list[_Target]) -> tuple[dict[str, int] | None, str]:
+        """The model_shape that holds this group alone (None: the config's), and why the config's does not."""
+        try:
+            for item in members:
+                _check_attention_shape(shape, replace(item, kind=matrix_kind(item.name, shape.model_type)[0]))
+            return None, ""
+        except LayoutError as exc:
+            q = next((i.fout for i in members if matrix_kind(i.name, shape.model_type)[0] == "q"), 0)
+            if not shape.head_dim and shape.num_heads and q and q % shape.num_heads == 0:  # per-layer head dims
+                return {"head_dim": q // shape.num_heads}, str(exc)
+            return ({"num_heads": 0} if shape.has_heads else None), str(exc) if shape.has_heads else ""
+
+    message = several_shapes_message(items, lambda name: matrix_kind(name, shape.model_type)[0], hint)
+    if message:
+        raise LayoutError(message)
 
 
 def _check_attention_shape(shape: ModelShape, item: _Target) -> None:
@@ -492,8 +467,3 @@ def _slots_of(item: _Target, layer: int, index: dict[str, int], shape: ModelShap
         kind = _qualified(item.block, item.kind)
         return [Slot(layer, index[kind], kind, role, item.fin, item.fout, *heads)]
     return [Slot(layer, index[item.kind], item.kind, item.role, item.fin, item.fout)]
-
-
-def _short(names: list[str]) -> str:
-    names = list(names)
-    return str(names) if len(names) <= 6 else f"[{', '.join(map(repr, names[:3]))}, ... {len(names)} layers]"

@@ -20,9 +20,9 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from ..architectures import DEFAULT_TARGETS, structural_targets
+from ..architectures import DEFAULT_TARGETS, multihead_message, multihead_projections, structural_targets
 from ..factorization import Factorization
-from ..layout import OUT_HEADS, LayoutError, ModelShape, Slot, TensorLayout, build_layout, matrix_kind
+from ..layout import OUT_HEADS, LayoutError, ModelShape, Slot, TensorLayout, build_layout
 from ..quantized import (
     check_mergeable,
     check_restorable,
@@ -121,6 +121,8 @@ class TensorAdapterModel(BaseTuner):
         for key, module in model.named_modules():
             if key and self._check_target_module_exists(config, key):
                 targets[key] = _base(module)
+        if blind := sorted(set(targets) & set(multihead_projections(model))):
+            raise LayoutError(multihead_message(blind))
         if not targets:
             linear = sorted({k.rsplit(".", 1)[-1] for k, m in model.named_modules() if isinstance(m, nn.Linear)})
             raise LayoutError(
@@ -447,12 +449,12 @@ class TensorAdapterModel(BaseTuner):
         return self._lorta_state
 
     def _derive_default_targets(self, model: nn.Module, config: TensorAdapterConfig) -> None:
-        """No targets, a model type the table lacks: its attention projections by name (none: PEFT's error)."""
+        """No targets, a model type the table lacks: its attention projections by name (none: an error naming a fix)."""
         model_type = self.get_model_config(model).get("model_type")
         if config.target_modules is None and model_type not in (*self.target_module_mapping, "custom"):
-            config.target_modules = (
-                set(structural_targets(model, self.default_kinds, matrix_kind, model_type or "")) or None
-            )
+            targets = structural_targets(model, self.default_kinds, model_type or "")
+            config.target_modules = set(targets) if isinstance(targets, list) else targets
+            config.exclude_modules = config.exclude_modules or multihead_projections(model) or None
 
     # ------------------------------------------------------------------------------------------- reporting
     def num_adapter_parameters(self, adapter_name: str = "default") -> int:
