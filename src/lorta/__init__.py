@@ -10,7 +10,7 @@ from importlib import metadata as _metadata
 
 from . import save_hook as _save_hook
 from .arithmetic import AdapterCombinationError
-from .bank import AdapterBank, load_adapters
+from .bank import AdapterBank, AdapterFileError, load_adapters
 from .export import ExportError, export_gguf, export_lora, export_merged
 from .import_lora import ImportLoraError, import_lora, save_imported
 from .layout import LayoutError, ModelShape
@@ -25,6 +25,8 @@ from .methods import (
     TLoraFactors,
     TLoraModel,
 )
+from .packed import PackedAdapters, PackedFileError, append_packed, write_packed
+from .paging import PagedAdapterBank, pack_adapters
 from .quantized import QuantizedMergeError
 from .registry import METHODS as _METHODS
 from .registry import register as _register
@@ -38,6 +40,7 @@ __version__ = _metadata.version("lorta")  # the one source is pyproject.toml
 __all__ = [
     "AdapterBank",
     "AdapterCombinationError",
+    "AdapterFileError",
     "ExportError",
     "ImportLoraError",
     "LayoutError",
@@ -45,6 +48,9 @@ __all__ = [
     "LortaFactors",
     "LortaModel",
     "ModelShape",
+    "PackedAdapters",
+    "PackedFileError",
+    "PagedAdapterBank",
     "QuantizedMergeError",
     "TLoraConfig",
     "TLoraFactors",
@@ -55,10 +61,13 @@ __all__ = [
     "TensorAdapterConfig",
     "TensorAdapterModel",
     "__version__",
+    "append_packed",
     "export_gguf",
     "export_lora",
     "export_merged",
     "import_lora",
     "load_adapters",
+    "pack_adapters",
     "save_imported",
+    "write_packed",
 ]

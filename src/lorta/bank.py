@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .tuner.layer import TensorAdapterLayer
@@ -49,6 +50,11 @@ _LAYOUT_FIELDS = (
     "target_parameters",
 )
 
+
+class AdapterFileError(ValueError):
+    """A saved adapter that cannot be loaded (missing, cut short, corrupt, or not fitting its config)."""
+
+
 Source = str | os.PathLike | Iterable[str | os.PathLike] | Mapping[str, str | os.PathLike]
 
 
@@ -68,6 +74,9 @@ class AdapterBank:
         self.engine.cache_maps = cache_maps
         self.file_bytes: dict[str, int] = {}
         self.load_stats: dict[str, Any] | None = None
+        self._by_layout: dict[str, dict[str, None]] = {}  # layout key -> adapters of that layout (an ordered set)
+        self._layout_of: dict[str, str] = {}  # adapter -> its layout key
+        self._fast: set[str] = set()  # adapters this bank wired in itself (evicted without PEFT's module walk)
 
     # ------------------------------------------------------------------------------------------ contents
     @property
@@ -93,9 +102,8 @@ class AdapterBank:
             raise ValueError(f"adapter name(s) {clash} are already loaded (or reserved); remove them first")
         start = time.perf_counter()
         fast = 0
-        layers: dict[str, list[TensorAdapterLayer]] = {}
         for name, path in pairs:
-            fast += self._load_one(name, Path(path), layers)
+            fast += self._load_one(name, Path(path))
         loaded = time.perf_counter() - start
         stack = 0.0
         if warm:
@@ -123,58 +131,120 @@ class AdapterBank:
         missing = [n for n in names if n not in self.model.peft_config]
         if missing:
             raise ValueError(f"no adapter named {missing}; loaded: {self.names[:20]}")
+        active = set(self.model.active_adapters)
         for name in names:
-            self.model.delete_adapter(name)
+            if name in self._fast and name not in active:
+                self._evict(name)
+            else:  # an adapter PEFT loaded (or the active one): PEFT's own delete picks the next active adapter
+                self.model.delete_adapter(name)
             self.file_bytes.pop(name, None)
+            self._fast.discard(name)
+            key = self._layout_of.pop(name, None)
+            if key is not None:
+                self._by_layout[key].pop(name, None)
+
+    def _evict(self, name: str) -> None:
+        """What PEFT's delete_adapter does for an inactive, unmerged adapter, on the layers that hold it only."""
+        for layer in self._layers():
+            if name in layer.lorta_slots:
+                if name in layer.merged_adapters:
+                    raise ValueError(f"adapter {name!r} is merged into the weights; call unmerge_adapter() first")
+                for attr in (*layer.adapter_layer_names, *layer.other_param_names):
+                    del getattr(layer, attr)[name]
+        del self.model.peft_config[name]
+        del self.tuner.lorta_factors[name]
 
     def warm(self) -> None:
         """Stack the factors and build every layer's maps now, so the next mixed call starts at full speed."""
         self.engine.warm([m for m in self.tuner.model.modules() if isinstance(m, TensorAdapterLayer)])
 
-    def _load_one(self, name: str, path: Path, layers: dict[str, list[TensorAdapterLayer]]) -> bool:
+    def _load_one(self, name: str, path: Path) -> bool:
         config_file = path / CONFIG_NAME
         if not config_file.is_file():
             raise FileNotFoundError(f"{path} holds no {CONFIG_NAME}: it is not a saved adapter")
         weights = path / WEIGHTS_NAME
-        self.file_bytes[name] = weights.stat().st_size if weights.is_file() else 0
         config = _read_config(config_file)
         template = self._template_for(config)
         if template is None:
             self.model.load_adapter(str(path), adapter_name=name)
-            return False
+            self._remember(name, config)
+        else:
+            try:
+                state = load_file(str(weights))
+            except Exception as err:  # a torn or corrupt file (SafetensorError, OSError)
+                raise AdapterFileError(
+                    f"adapter {name!r}: {weights} cannot be read ({type(err).__name__}: {err}); it is missing, cut "
+                    "short or corrupt: save the adapter again (save_pretrained writes it whole or not at all)"
+                ) from None
+            self._insert(name, config, {_factor_key(k, name): v for k, v in state.items()}, template, str(path))
+        self.file_bytes[name] = weights.stat().st_size if weights.is_file() else 0
+        return template is not None
+
+    def add_state(self, name: str, config: Any, state: dict[str, torch.Tensor]) -> str:
+        """Add adapter `name` from its config (a lorta config, or its adapter_config.json as a dict) and its factor
+        tensors ({"A": ..., "B": ...}, as `lorta.packed` stores them), without touching the disk when an adapter of
+        the same layout is loaded already (else through PEFT's loader, from a temporary folder)."""
+        if name in self.model.peft_config or name == BASE:
+            raise ValueError(f"adapter name {name!r} is already loaded (or reserved); remove it first")
+        if isinstance(config, dict):
+            config = _config_from_dict(config, f"adapter {name!r}")
+        template = self._template_for(config)
+        if template is not None:
+            self._insert(name, config, state, template, "its state")
+            return name
+        with tempfile.TemporaryDirectory() as tmp:  # the first adapter of a layout: PEFT checks it against the model
+            config.save_pretrained(tmp)
+            weights = {f"base_model.lorta_factors.{k}": v.contiguous() for k, v in state.items()}
+            save_file(weights, str(Path(tmp) / WEIGHTS_NAME))
+            self.model.load_adapter(tmp, adapter_name=name)
+        self._remember(name, config)
+        return name
+
+    def _insert(self, name: str, config: Any, state: dict[str, torch.Tensor], template: str, where: str) -> None:
+        """Wire an adapter of `template`'s layout in: nothing is registered unless its tensors fit its config."""
         tuner = self.tuner
         reference = tuner.lorta_factors[template]
+        device, dtype = next(reference.parameters()).device, next(reference.parameters()).dtype
         with torch.device("meta"):
             factors = tuner.factorization_cls(config, reference.layout)
-        state = load_file(str(weights), device=str(next(reference.parameters()).device))
-        state = {_factor_key(k, name): v for k, v in state.items()}
         try:
-            factors.load_state_dict(state, strict=True, assign=True)
-        except RuntimeError as err:
-            raise ValueError(f"adapter {name!r} at {path} does not fit its config: {err}") from None
-        factors.move_off_meta(next(reference.parameters()).device)
-        factors.to(dtype=next(reference.parameters()).dtype).requires_grad_(False)
+            factors.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
+            factors.move_off_meta(device)
+        except (RuntimeError, ValueError) as err:
+            raise AdapterFileError(f"adapter {name!r} ({where}) does not fit its config: {err}") from None
+        factors.to(dtype=dtype).requires_grad_(False)
         config.inference_mode = True
         self.model.peft_config[name] = config
         tuner.lorta_factors[name] = factors
         scaling = config.scale_for(factors.scale_rank)
-        if template not in layers:
-            layers[template] = [
-                m for m in tuner.model.modules() if isinstance(m, TensorAdapterLayer) and template in m.lorta_slots
-            ]
-        for layer in layers[template]:  # the same wiring PEFT's injection does (TensorAdapterLayer.update_layer)
-            layer.update_layer(name, layer.lorta_slots[template], scaling, config.lora_dropout)
-        return True
+        for layer in self._layers():  # the wiring PEFT's injection does (TensorAdapterLayer.update_layer)
+            if template in layer.lorta_slots:
+                layer.update_layer(name, layer.lorta_slots[template], scaling, config.lora_dropout, reactivate=False)
+        self._fast.add(name)
+        self._remember(name, config)
+
+    def _layers(self) -> list[TensorAdapterLayer]:
+        return self.tuner.lorta_state.book.layers
+
+    def _remember(self, name: str, config: Any) -> None:
+        key = _layout_key(config)
+        if key is not None:
+            self._by_layout.setdefault(key, {})[name] = None
+            self._layout_of[name] = key
 
     def _template_for(self, config: Any) -> str | None:
+        """A loaded adapter with the layout of `config` (its slots are the new adapter's), or None."""
         key = _layout_key(config)
         if key is None:
             return None
-        for name in self.tuner.lorta_factors:
-            existing = self.model.peft_config.get(name)
-            if existing is not None and _layout_key(existing) == key:
-                return name
-        return None
+        members = self._by_layout.get(key)
+        if not members:  # the first of this layout through this bank: look once through the model's adapters
+            for name in self.tuner.lorta_factors:
+                existing = self.model.peft_config.get(name)
+                if existing is not None and _layout_key(existing) == key:
+                    self._remember(name, existing)
+            members = self._by_layout.get(key)
+        return next(iter(members)) if members else None
 
     # ------------------------------------------------------------------------------------------ reporting
     def memory(self) -> dict[str, Any]:
@@ -230,10 +300,18 @@ def _sources(source: Source) -> list[tuple[str, Path]]:
 
 
 def _read_config(path: Path) -> Any:
-    data = json.loads(path.read_text())
-    cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(data.get("peft_type"))
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterFileError(f"{path} cannot be read as JSON ({err}); save the adapter again") from None
+    return _config_from_dict(data, str(path))
+
+
+def _config_from_dict(data: dict[str, Any], where: str) -> Any:
+    cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(data.get("peft_type")) if isinstance(data, dict) else None
     if cls is None:
-        raise ValueError(f"{path}: peft_type {data.get('peft_type')!r} is not a registered PEFT method")
+        peft_type = data.get("peft_type") if isinstance(data, dict) else data
+        raise AdapterFileError(f"{where}: peft_type {peft_type!r} is not a registered PEFT method (import lorta first)")
     known = set(cls.__dataclass_fields__)
     return cls(**{k: v for k, v in data.items() if k in known})
 

@@ -72,6 +72,23 @@ class Factorization(nn.Module):
             return (self.free_inputs[slot.matrix], self._groups(slot)[0])
         return None
 
+    def output_key(self, slot: Slot) -> Hashable | None:
+        """Slots with equal keys have Q = diag(output_weights) @ output_basis with ONE basis (None: no such split).
+        A mixed batch then builds the basis once per call and weighs it per slot (docs/design.md, "Mixed batches")."""
+        return None
+
+    def input_map(self, slot: Slot) -> Tensor:
+        """P of a slot (d_in, r'), unscaled; the mixed batch's per-row input map."""
+        return self.maps(slot)[0]
+
+    def output_basis(self, slot: Slot) -> Tensor:
+        """Q0 of the slots sharing `output_key(slot)`: (r', d_out)."""
+        raise NotImplementedError
+
+    def output_weights(self, slot: Slot) -> Tensor:
+        """w of one slot, (r',): its Q is w[:, None] * output_basis(slot)."""
+        raise NotImplementedError
+
     def reset(self, init_weights: bool) -> None:
         raise NotImplementedError
 

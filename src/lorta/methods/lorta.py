@@ -23,7 +23,7 @@ r rank-one terms from the first step, at the same magnitudes (measured in docs/r
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..factorization import Factorization, concat_ranks, gather_groups, head_maps
-from ..layout import Slot, TensorLayout
+from ..layout import EXTRA_ROLES, OUT_HEADS, Slot, TensorLayout
 from ..lora_fit import cp_start
 from ..spec import CliOption, MethodSpec, Recipe
 from ..tuner.config import MethodType, TensorAdapterConfig
@@ -175,6 +175,29 @@ class LortaFactors(Factorization):
             side = gather_groups(self.B, index).view(G, shape.num_heads, shape.head_dim, r)[:, heads]
             side = side * c[:, None, None] if c is not None else side
         return A, side
+
+    def output_key(self, slot: Slot) -> Hashable | None:
+        """q, k, v: Q = diag(C_L[l] ∘ C_M[m]) @ (B ∘ C_H over the slot's heads), one basis per heads and group."""
+        return ("B", slot.n_heads, slot.head_stride, *self._groups(slot)) if slot.role == OUT_HEADS else None
+
+    def input_map(self, slot: Slot) -> Tensor:
+        if slot.role in EXTRA_ROLES:
+            return self.extra_maps(slot)[0]
+        return self._in_group(self.A, *self._groups(slot))
+
+    def output_basis(self, slot: Slot) -> Tensor:
+        gl, gm = self._groups(slot)
+        shape, heads = self.layout.shape, slot.head_slice
+        if self.share_heads:
+            side = self._in_group(self.B, gl, gm)[None] * self._in_group(self.C_H, gl, gm)[heads][:, None]
+        else:
+            side = self._in_group(self.B, gl, gm).view(shape.num_heads, shape.head_dim, self.rank)[heads]
+        return side.permute(2, 0, 1).reshape(self.rank, -1)  # (r, n_heads * d_h)
+
+    def output_weights(self, slot: Slot) -> Tensor:
+        gl, gm = self._groups(slot)
+        c = self._layer_matrix_weights(slot.layer, slot.matrix, gl, gm)
+        return c if c is not None else self._in_group(self.A, gl, gm).new_ones(self.rank)
 
     exact_concatenation = True
     structure_fields = ("share_heads", "share_layers", "share_matrices")

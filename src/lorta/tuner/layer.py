@@ -74,15 +74,25 @@ class TensorAdapterLayer(BaseTunerLayer):
         return self._lorta_state.factors[adapter_name]
 
     def update_layer(
-        self, adapter_name: str, slots: list[Slot], scaling: float, dropout: float, out_order: list[int] | None = None
+        self,
+        adapter_name: str,
+        slots: list[Slot],
+        scaling: float,
+        dropout: float,
+        out_order: list[int] | None = None,
+        reactivate: bool = True,
     ) -> None:
+        """Wire adapter `adapter_name` into this layer. `reactivate=False` (an inference-only adapter added by a bank
+        of thousands) skips PEFT's set_adapter, whose walk over every adapter of the layer costs O(adapters)."""
         if out_order is not None and self.lorta_out_order is None:
             device = quantized.compute_dtype_and_device(self.get_base_layer())[1]
             self.lorta_out_order = torch.tensor(out_order, device=device)
         self.lorta_slots[adapter_name] = slots
         self.lorta_scaling[adapter_name] = scaling
-        self.lorta_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.set_adapter(self.active_adapters)
+        # in the layer's train/eval mode: an adapter added to a model in eval mode drops nothing out
+        self.lorta_dropout[adapter_name] = (nn.Dropout(dropout) if dropout > 0 else nn.Identity()).train(self.training)
+        if reactivate:
+            self.set_adapter(self.active_adapters)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         super()._move_adapter_to_device_of_base_layer(adapter_name, device)

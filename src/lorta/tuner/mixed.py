@@ -2,26 +2,31 @@
 
 `model(**inputs, adapter_names=[...])` and `model.generate(..., adapter_names=[...])` give every row its own
 adapter ("__base__": the bare model), as PEFT's LoRA does; PEFT's LoRA loops over the distinct adapters of the
-batch in every layer, so it slows down as their number grows. Here the hot path is the same for 1 or 256 adapters:
+batch in every layer, so it slows down as their number grows. Here the hot path is the same for 1 or 4,096
+adapters:
 
-    u = bmm(x, P_all[idx])          x: (B, T, d_in), P_all: (n + 1, d_in, r'), idx: (B,) the row's adapter
-    y += bmm(u, Q_all[idx])         Q_all: (n + 1, r', d_out), the adapter's scale folded in
+    u = bmm(x, P_rows)              x: (B, T, d_in), P_rows: (B, d_in, r') the row's adapter's input map
+    y += bmm(u, Q_rows)             Q_rows: (B, r', d_out), the adapter's scale folded in
 
-How the stacks are built. Adapters of one method with the same layout have factor tensors of identical shapes:
-they form a *group*, whose factors are stacked once into tensors with a leading adapter axis (n, ...). For each
-wrapped layer the group's maps come from ONE `torch.func.vmap` over `functional_call(factors, stacked,
-_build_maps(slots))`, i.e. the very code the single-adapter forward runs, vectorised over the adapters; a zero
-adapter is appended for "__base__" rows and for rows whose adapter belongs to another group. Slots whose
-factorisation gives equal `input_key`s share P (LoRTA's A: one P for every q, k, v of every layer when layers is
-a mode), and within one attention call x @ P is gathered and computed once for q, k and v.
+How the stacks are built (tuner/stacks.py). Adapters of one method with the same layout have factor tensors of
+identical shapes: they form a *group*, whose factors live in stacks with a leading slot axis, one slot per adapter
+(adding or removing one adapter writes one slot). Maps come from ONE `torch.func.vmap` over `functional_call` of the
+factorisation's own code, vectorised over the adapters. Two ways to get Q_rows:
 
-Caching (docs/design.md, "Caches"). The engine (one per tuner, on its TunerState's caches) keeps the stacked factors
-and the per-layer maps from call to call, and checks them once per forward or generate call against the current
-VALUES of the adapters the call uses (flattened and compared bit for bit with the stacked copy, in one comparison):
-an optimizer step, a `p.data.copy_`, an adapter added or removed all rebuild the maps of the groups they touch, so a
-mixed batch never answers with maps of factors that are not the current ones. `cache_maps=False` keeps only the
-stacked factors and builds the maps of the batch's distinct adapters in each layer call (vectorised too): less
-memory, more work per call.
+  * factored (a factorisation whose `output_key` splits Q = diag(w) @ Q0, LoRTA's q, k, v): per model call, P and Q0
+    of the rows' adapters are built once (one per input key and output key: for LoRTA one A and one B ∘ C_H for
+    every layer), and each layer weighs u by its w (B, r'): no per-layer gather, nothing resident but the factors;
+  * cached maps (every other layer): per layer (P_all, Q_all) of all slots, a zero adapter appended for "__base__"
+    rows and for rows of other groups, gathered per row; `cache_maps=False` keeps only the stacked factors and
+    builds the maps of the batch's distinct adapters in each layer call instead (less memory, more work per call).
+
+Slots whose factorisation gives equal `input_key`s share P, and within one attention call x @ P is computed once for
+q, k and v.
+
+Caching (docs/design.md, "Caches"). The engine (one per tuner, on its TunerState's caches) checks its stacks once per
+forward or generate call against the current VALUES of the adapters the call uses (compared bit for bit with the
+stacked copy, a few batched comparisons): an optimizer step, a `p.data.copy_`, an adapter added, removed or moved all
+reach the slots and maps they touch, so a mixed batch never answers with factors that are not the current ones.
 
 Rows are resolved once per model call (names -> per-group indices); beam search and num_return_sequences
 expand each name to its row's copies (as PEFT does), and encoder rows keep the unexpanded names.
@@ -30,153 +35,18 @@ expand each name to its row's copies (as PEFT does), and encoder rows keep the u
 from __future__ import annotations
 
 import copy
-import weakref
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
 
-from .maps import module_maps
 from .shared_input import adapter_input, add_product
+from .stacks import Group, materialise, stack_signature, structure_token
 
 BASE = "__base__"
-
-
-# ------------------------------------------------------------------------------------------ stacked factors
-def _tensors(factors: nn.Module) -> list[tuple[str, Tensor]]:
-    return [*factors.named_parameters(), *factors.named_buffers()]
-
-
-def _token(factors: nn.Module) -> tuple:
-    """Changes whenever a factor tensor is replaced or moved: the STRUCTURE key of an adapter (its values are
-    compared separately, see Group.refresh)."""
-    out: list[Any] = [id(factors)]
-    for module in factors.modules() if factors._modules else (factors,):  # factorisations are flat: no walk
-        for t in (*module._parameters.values(), *module._buffers.values()):
-            if t is not None:
-                out.append((id(t), t.data_ptr(), tuple(t.shape), t.dtype, t.device))
-    return tuple(out)
-
-
-def _signature(factors: nn.Module) -> tuple:
-    """Adapters with equal signatures can be stacked and share one maps computation."""
-    tensors = tuple((k, tuple(t.shape), t.dtype, t.device) for k, t in _tensors(factors))
-    slots = tuple((k, tuple(v)) for k, v in factors.layout.slots.items())
-    scalars = tuple(
-        sorted(
-            (k, repr(v))
-            for k, v in vars(factors).items()
-            if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, tuple, dict))
-        )
-    )
-    return (type(factors), tensors, slots, scalars)
-
-
-class _Maps(nn.Module):
-    """Lets functional_call run `module_maps` of a factorisation with swapped-in (stacked) tensors."""
-
-    def __init__(self, factors: nn.Module) -> None:
-        super().__init__()
-        self.f = factors
-
-    def forward(self, slots: list, order: Tensor | None, keys: list) -> tuple[Tensor, Tensor]:
-        # The stacked tensors do not require grad, so no graph is recorded.
-        with torch.enable_grad():
-            P, Q, key = module_maps(self.f, slots, order)
-        keys.append(key)
-        return P, Q
-
-
-class Group:
-    """Adapters whose factors stack: their stacked state, and the per-layer maps built from it (lazily)."""
-
-    def __init__(self, names: list[str], factors: list[nn.Module], tokens: list[tuple]) -> None:
-        self.names = names
-        self.tokens = tokens
-        self.template = factors[0]
-        self.local = {n: i for i, n in enumerate(names)}
-        self.zero = len(names)  # the index of the zero adapter ("__base__" and other groups' rows)
-        self.state = self._stack(factors)
-        t = next(iter(self.state.values()))
-        self.device, self.dtype = t.device, t.dtype
-        self.maps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (P_all, Q_all, key) | None
-        self.shared_P: dict[Hashable, Tensor] = {}
-
-    @property
-    def key(self) -> tuple:
-        return (tuple(self.names), tuple(self.tokens))
-
-    def _stack(self, factors: list[nn.Module]) -> dict[str, Tensor]:
-        with torch.no_grad():
-            return {
-                k: torch.stack([dict(_tensors(f))[k].detach() for f in factors]) for k, _ in _tensors(self.template)
-            }
-
-    def refresh(self, factors: dict[str, nn.Module], used: Sequence[str] | None = None) -> None:
-        """Compare the current values of the adapters of this call (`used`; default all) with the stacked ones, a
-        few batched ops per factor name (none per adapter); copy in the rows that differ and drop the maps."""
-        names = [n for n in self.names if used is None or n in used]
-        if not names:
-            return
-        rows = torch.tensor([self.local[n] for n in names], device=self.device)
-        members = [dict(_tensors(factors[n])) for n in names]
-        with torch.no_grad():
-            current = {k: torch.stack([m[k] for m in members]) for k in self.state}  # (no_grad: no graph)
-            changed = None
-            for key, stacked in self.state.items():
-                differs = (current[key] != stacked.index_select(0, rows)).flatten(1).any(1)
-                changed = differs if changed is None else changed | differs
-            if not bool(changed.any()):
-                return
-            for key, stacked in self.state.items():
-                stacked[rows[changed]] = current[key][changed]
-        self.maps = weakref.WeakKeyDictionary()
-        self.shared_P = {}
-
-    def compute_maps(self, layer: nn.Module, index: Tensor | None = None) -> tuple[Tensor, Tensor, Hashable | None]:
-        """(P, Q, key) of `layer` for the group's adapters (or those at `index`), scale folded into Q, unpadded."""
-        slots = layer.lorta_slots[self.names[0]]
-        wrapper, keys, order = _Maps(self.template), [], layer.lorta_out_order
-        state = {f"f.{k}": (v if index is None else v.index_select(0, index)) for k, v in self.state.items()}
-        with torch.no_grad():
-            P, Q = vmap(lambda s: functional_call(wrapper, s, (slots, order, keys)))(state)
-            names = self.names if index is None else [self.names[i] for i in index.tolist()]
-            scale = torch.tensor([layer.lorta_scaling[n] for n in names], dtype=Q.dtype, device=Q.device)
-            Q = Q * scale[:, None, None]
-        return P, Q, keys[0]
-
-    def layer_maps(self, layer: nn.Module) -> tuple[Tensor, Tensor, Hashable | None] | None:
-        """Cached (P_all, Q_all, key) with the zero adapter last; None when the group does not adapt `layer`."""
-        try:
-            return self.maps[layer]
-        except KeyError:
-            pass
-        slots = layer.lorta_slots.get(self.names[0])
-        if slots is None:
-            self.maps[layer] = None
-            return None
-        if any(layer.lorta_slots.get(n) != slots for n in self.names):
-            raise ValueError(f"adapters {self.names} share factor shapes but not their slots in {layer!r}")
-        P, Q, key = self.compute_maps(layer)
-        P = torch.cat([P, P.new_zeros(1, *P.shape[1:])])
-        Q = torch.cat([Q, Q.new_zeros(1, *Q.shape[1:])])
-        if key is not None:  # equal input keys mean equal P (Factorization.input_key): store it once
-            P = self.shared_P.setdefault(key, P)
-        self.maps[layer] = (P, Q, key)
-        return self.maps[layer]
-
-    def nbytes(self) -> dict[str, int]:
-        seen: dict[int, int] = {}
-        for entry in list(self.maps.values()):
-            if entry is not None:
-                for t in entry[:2]:
-                    seen[t.data_ptr()] = t.numel() * t.element_size()
-        factors = sum(t.numel() * t.element_size() for t in self.state.values())
-        return {"factor_bytes": factors, "map_bytes": sum(seen.values())}
 
 
 class MixedBatchEngine:
@@ -185,10 +55,9 @@ class MixedBatchEngine:
     def __init__(self, factors: nn.ModuleDict, cache_maps: bool = True) -> None:
         self.factors = factors
         self.cache_maps = cache_maps
-        self.groups: list[Group] = []
-        self.index: dict[str, tuple[int, int]] = {}  # adapter name -> (group, row in the group's stack)
-        self._state: tuple | None = None
-        self._sigs: dict[str, tuple[tuple, tuple]] = {}  # name -> (token, signature)
+        self.groups: dict[tuple, Group] = {}  # stack signature -> group
+        self.index: dict[str, Group] = {}  # adapter name -> its group
+        self._members: dict[str, nn.Module] = {}  # the ModuleDict's contents at the last sync
 
     def __deepcopy__(self, memo: dict) -> MixedBatchEngine:  # a copied model gets a fresh, empty engine
         return MixedBatchEngine(copy.deepcopy(self.factors, memo), self.cache_maps)
@@ -199,73 +68,85 @@ class MixedBatchEngine:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["factors"], state["cache_maps"])
 
-    def sync(self, used: Sequence[str] | None = None) -> None:
-        """Regroup when adapters were added, removed or replaced; refresh the stacked values of the adapters `used`
-        by this call (default: all) that changed."""
-        items = list(self.factors.items())
-        state = tuple((n, _token(f)) for n, f in items)
-        if state == self._state:
-            for group in self.groups:
-                group.refresh(self.factors, used)
-            return
-        entries: dict[tuple, list[tuple[str, nn.Module, tuple]]] = {}
-        for name, f in items:
-            token = _token(f)
-            cached = self._sigs.get(name)
-            if cached is None or cached[0] != token:
-                _materialise(f)  # lazily built buffers (TLoRA's seed-only projections) exist before stacking
-                token = _token(f)
-                cached = (token, _signature(f))
-                self._sigs[name] = cached
-            entries.setdefault(cached[1], []).append((name, f, token))
-        self._sigs = {n: v for n, v in self._sigs.items() if n in self.factors}
-        old = {g.key: g for g in self.groups}
-        groups = []
-        for members in entries.values():
-            names, mods, tokens = [m[0] for m in members], [m[1] for m in members], [m[2] for m in members]
-            kept = old.get((tuple(names), tuple(tokens)))
-            if kept is not None:
-                kept.refresh(self.factors, used)
-            groups.append(kept or Group(names, mods, tokens))
-        self.groups = groups
-        self.index = {n: (gi, i) for gi, g in enumerate(groups) for i, n in enumerate(g.names)}
-        self._state = tuple((n, _token(f)) for n, f in self.factors.items())
+    def sync(self, used: Sequence[str] | set[str] | None = None) -> None:
+        """Slot the adapters added since the last call, free the removed ones, re-slot those of `used` (default:
+        all) whose tensors were replaced or moved, and refresh the stacked values of `used`. The cost grows with
+        the adapters added, removed or used, not with the adapters resident."""
+        current = self.factors._modules
+        if current != self._members:  # same names and the very same modules (Module equality is identity)
+            removed = [n for n, m in self._members.items() if current.get(n) is not m]
+            added = [n for n, m in current.items() if self._members.get(n) is not m]
+            self._unslot(removed)
+            self._slot(added)
+            self._members = dict(current)
+        names = list(self.index) if used is None else [n for n in used if n in self.index]
+        moved = [n for n in names if structure_token(self.factors[n]) != self.index[n].tokens[n]]
+        if moved:
+            self._unslot(moved)
+            self._slot(moved)
+        by_group: dict[int, tuple[Group, list[str]]] = {}
+        for name in names:
+            group = self.index[name]
+            by_group.setdefault(id(group), (group, []))[1].append(name)
+        for group, members in by_group.values():
+            group.refresh(self.factors, members)
+
+    def _unslot(self, names: list[str]) -> None:
+        by_group: dict[int, tuple[Group, list[str]]] = {}
+        for name in names:
+            group = self.index.pop(name)
+            by_group.setdefault(id(group), (group, []))[1].append(name)
+        for group, members in by_group.values():
+            group.remove(members)
+            if not len(group):
+                del self.groups[group.signature]
+
+    def _slot(self, names: list[str]) -> None:
+        by_group: dict[tuple, list[tuple[str, nn.Module, tuple]]] = {}
+        for name in names:
+            factors = self.factors[name]
+            materialise(factors)
+            by_group.setdefault(stack_signature(factors), []).append((name, factors, structure_token(factors)))
+        for signature, members in by_group.items():
+            group = self.groups.get(signature)
+            if group is None:
+                group = self.groups[signature] = Group(signature, members[0][1])
+            group.add(members)
+            for name, _, _ in members:
+                self.index[name] = group
 
     def rows(self, adapter_names: Sequence[str], expand: int = 1) -> MixedRows:
         names = adapter_names if isinstance(adapter_names, Sequence) and not isinstance(adapter_names, str) else []
-        self.sync(set(names))
+        self.sync(set(names) - {BASE})
         return MixedRows(self, adapter_names, expand)
 
     def warm(self, layers: list[nn.Module]) -> None:
-        """Build every layer's maps now, so the first mixed call does not pay for it."""
+        """Build every layer's cached maps now (the layers the factored path does not serve), so the first mixed
+        call does not pay for it."""
         self.sync()
         if self.cache_maps:
-            for group in self.groups:
+            for group in self.groups.values():
                 for layer in layers:
-                    group.layer_maps(layer)
+                    slots = group.layer_slots(layer)
+                    if slots is not None and factored_keys(group, layer, slots) is None:
+                        group.layer_maps(layer)
 
     def memory(self) -> dict[str, Any]:
         """Resident bytes of the stacked factors and cached maps, in total and per adapter."""
         self.sync()
-        factor = sum(g.nbytes()["factor_bytes"] for g in self.groups)
-        maps = sum(g.nbytes()["map_bytes"] for g in self.groups)
+        factor = sum(g.nbytes()["factor_bytes"] for g in self.groups.values())
+        maps = sum(g.nbytes()["map_bytes"] for g in self.groups.values())
         n = max(1, len(self.index))
         return {
             "adapters": len(self.index),
             "groups": len(self.groups),
+            "slots": sum(g.capacity for g in self.groups.values()),
             "factor_bytes": factor,
             "map_bytes": maps,
             "factor_bytes_per_adapter": factor / n,
             "map_bytes_per_adapter": maps / n,
             "bytes_per_adapter": (factor + maps) / n,
         }
-
-
-def _materialise(factors: nn.Module) -> None:
-    slots = next(iter(factors.layout.slots.values()), None)
-    if slots is not None:
-        with torch.no_grad():
-            module_maps(factors, slots)
 
 
 def engine_for(state: Any) -> MixedBatchEngine:
@@ -275,7 +156,39 @@ def engine_for(state: Any) -> MixedBatchEngine:
     return state.caches.mixed
 
 
+def factored_keys(group: Group, layer: nn.Module, slots: list) -> tuple[Hashable, Hashable] | None:
+    """(input key, output key) when the group's Q in `layer` splits as diag(w) @ Q0 (one matrix, no reordered
+    fused output); None: the layer takes the cached-maps path."""
+    if len(slots) != 1 or layer.lorta_out_order is not None:
+        return None
+    out_key = group.template.output_key(slots[0])
+    if out_key is None:
+        return None
+    in_key = group.template.input_key(slots[0])
+    return (in_key if in_key is not None else ("layer", id(layer))), out_key
+
+
 # ------------------------------------------------------------------------------------------------- rows
+class RowIndex:
+    """One group's slot per row of a batch: `idx` (B,) with the zero adapter for rows outside the group, and
+    the distinct slots used (`used`, sorted) with each row's position among them (`inverse`)."""
+
+    def __init__(self, group: Group, local: list[int]) -> None:
+        self.idx = torch.tensor(local, dtype=torch.long, device=group.device)
+        inside = self.idx != group.zero
+        self.used, inverse = torch.unique(self.idx[inside], return_inverse=True)
+        self.single = len(self.used) == 1 and bool(inside.all())
+        full = torch.zeros_like(self.idx)
+        full[inside] = inverse
+        in_order = bool(inside.all()) and len(self.used) == len(local) and bool((self.used == self.idx).all())
+        self.inverse = None if in_order else full  # None: the rows are the used slots in order (no gather)
+        self.mask = None if bool(inside.all()) else inside.to(group.dtype)[:, None]
+
+    def rows(self, per_used: Tensor) -> Tensor:
+        """Per-used-slot values -> per-row values (a view when the rows are the used slots in order)."""
+        return per_used if self.inverse is None else per_used.index_select(0, self.inverse)
+
+
 class MixedRows:
     """The adapter of every row of one model call, resolved once into per-group index tensors."""
 
@@ -293,29 +206,33 @@ class MixedRows:
         self.engine = engine
         self.names = names
         self.expand = max(1, int(expand))
-        per_group: dict[int, list[int]] = {}
+        per_group: dict[int, tuple[Group, list[int]]] = {}
         for row, name in enumerate(names):
             if name == BASE:
                 continue
-            gi, local = engine.index[name]
-            if gi not in per_group:
-                per_group[gi] = [engine.groups[gi].zero] * len(names)
-            per_group[gi][row] = local
-        # group, local indices, the one adapter when every row uses it (plain matmuls, no gather)
+            group = engine.index[name]
+            if id(group) not in per_group:
+                per_group[id(group)] = (group, [group.zero] * len(names))
+            per_group[id(group)][1][row] = group.local[name]
+        # group, its slot per row, the one slot when every row uses it (plain matmuls, no gather)
         self._plan: list[tuple[Group, list[int], int | None]] = []
-        for gi, local in per_group.items():
-            used = set(local)
-            group = engine.groups[gi]
-            uniform = local[0] if len(used) == 1 else None
-            self._plan.append((group, local, uniform))
-        self._by_batch: dict[int, list[tuple[Group, Tensor, int | None]]] = {}
-        self.gathered: dict[tuple[int, int], Tensor] = {}  # per-call gathers of shared P (id(P_all), batch)
+        for group, local in per_group.values():
+            self._plan.append((group, local, local[0] if len(set(local)) == 1 else None))
+        self._by_batch: dict[int, list[tuple[Group, Tensor, int | None, RowIndex]]] = {}
+        self.per_call: dict[tuple, Any] = {}  # values built once per model call (gathered P, factored P and Q0)
 
     def names_for(self, batch: int) -> list[str]:
         """The row names for a batch of `batch` rows (expanded for beams), for PEFT's modules_to_save wrappers."""
         return self.names if batch == len(self.names) else [n for n in self.names for _ in range(self.expand)]
 
-    def resolve(self, batch: int) -> list[tuple[Group, Tensor, int | None]]:
+    def once(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """build(), once per model call and key."""
+        value = self.per_call.get(key)
+        if value is None:
+            value = self.per_call[key] = build()
+        return value
+
+    def resolve(self, batch: int) -> list[tuple[Group, Tensor, int | None, RowIndex]]:
         plan = self._by_batch.get(batch)
         if plan is not None:
             return plan
@@ -332,8 +249,9 @@ class MixedRows:
             )
         plan = []
         for group, local, uniform in self._plan:
-            idx = torch.tensor(local, dtype=torch.long, device=group.device)
-            plan.append((group, idx.repeat_interleave(repeat) if repeat > 1 else idx, uniform))
+            local = [i for i in local for _ in range(repeat)]
+            index = RowIndex(group, local)
+            plan.append((group, index.idx, uniform, index))
         self._by_batch[batch] = plan
         return plan
 
@@ -368,15 +286,18 @@ def mixed_forward(layer: nn.Module, x: Tensor, adapter_names: Any, *args: Any, *
         return result
     batch, d_in = x.shape[0], x.shape[-1]
     x3 = x.reshape(batch, -1, d_in)
-    for group, idx, uniform in plan:
+    for group, idx, uniform, index in plan:
+        slots = group.layer_slots(layer)
+        if slots is None:
+            continue
+        keys = factored_keys(group, layer, slots)
+        if keys is not None:
+            res3 = _factored(rows, group, index, layer, slots[0], keys, x, result.reshape(batch, -1, result.shape[-1]))
+            result = res3.view(result.shape)
+            continue
         if rows.engine.cache_maps:
-            maps = group.layer_maps(layer)
-            if maps is None:
-                continue
-            P_all, Q_all, key = maps
+            P_all, Q_all, key = group.layer_maps(layer)
         else:
-            if layer.lorta_slots.get(group.names[0]) is None:
-                continue
             P_all, Q_all, key, idx, uniform = _batch_maps(group, layer, idx, uniform)
 
         def project(
@@ -385,7 +306,12 @@ def mixed_forward(layer: nn.Module, x: Tensor, adapter_names: Any, *args: Any, *
             xc = adapter_input(x3, P_all.dtype)
             if uniform is not None:  # every row uses one adapter: plain matmuls on its maps, no gather
                 return xc @ P_all[uniform]
-            return torch.bmm(xc, _gather_P(rows, P_all, idx, key, batch))
+            P_rows = (
+                P_all.index_select(0, idx)
+                if key is None
+                else rows.once(("P", id(P_all), batch), lambda: P_all.index_select(0, idx))
+            )
+            return torch.bmm(xc, P_rows)
 
         # q, k, v of one attention call with equal input keys: x @ P once (the scope clears it after the call)
         shared_key = ("mixed", key) if key is not None else None
@@ -396,14 +322,40 @@ def mixed_forward(layer: nn.Module, x: Tensor, adapter_names: Any, *args: Any, *
     return result
 
 
-def _gather_P(rows: MixedRows, P_all: Tensor, idx: Tensor, key: Hashable | None, batch: int) -> Tensor:
-    """P_all[idx]; a shared P (equal input keys) is gathered once per model call and batch size."""
-    if key is None:
-        return P_all.index_select(0, idx)
-    gathered = rows.gathered.get((id(P_all), batch))
-    if gathered is None:
-        gathered = rows.gathered[(id(P_all), batch)] = P_all.index_select(0, idx)
-    return gathered
+def _factored(
+    rows: MixedRows,
+    group: Group,
+    index: RowIndex,
+    layer: nn.Module,
+    slot: Any,
+    keys: tuple[Hashable, Hashable],
+    x: Tensor,
+    result: Tensor,
+) -> Tensor:
+    """result + (x @ P_row) diag(w_row) Q0_row: P and Q0 of the rows' adapters built once per call and key (shared by
+    every layer with that key), w per layer; `index.single`: one adapter for every row, plain matmuls."""
+    in_key, out_key = keys
+    batch = result.shape[0]
+
+    def per_row(method: str) -> Callable[[], Tensor]:
+        return lambda: (lambda v: v[0] if index.single else index.rows(v))(group.call(method, index.used, slot))
+
+    P = rows.once(("in", id(group), in_key, batch), per_row("input_map"))
+    Q0 = rows.once(("out", id(group), out_key, batch), per_row("output_basis"))
+    w = group.call("output_weights", index.used, slot) * group.scales(layer, index.used)[:, None]  # (used, r)
+
+    def project() -> Tensor:
+        xc = adapter_input(x.reshape(batch, -1, x.shape[-1]), P.dtype)
+        return xc @ P if index.single else torch.bmm(xc, P)
+
+    # q, k, v of one attention call read the same x: x @ P once (the scope clears it after the call)
+    u = layer.lorta_state.caches.inputs.shared(x, ("factored", id(group), in_key), project, held=(rows, P))
+    if index.single:
+        return add_product(result, u * w[0].to(u.dtype), Q0)
+    w_rows = index.rows(w)
+    if index.mask is not None:  # rows outside the group (or "__base__") get a zero weight
+        w_rows = w_rows * index.mask
+    return add_product(result, u * w_rows[:, None, :].to(u.dtype), Q0)
 
 
 def _batch_maps(
