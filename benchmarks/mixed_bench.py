@@ -15,6 +15,8 @@ distinct adapters are spread evenly over the rows (row i uses adapter i mod k). 
   * a correctness guard: some rows of the widest mixed batch against the same row run alone with its adapter.
 
 Usage: ``python benchmarks/mixed_bench.py`` (default CPU run, a few minutes on 2 cores), ``--smoke`` (seconds),
+``--distinct 1,64,256,1024,4096`` or ``--bases minilm,smollm2``: thousands of adapters on real bases
+(benchmarks/mixed_scale.py),
 ``--methods lorta,tenslora,tlora,lora``, ``--device cuda``. Writes ``mixed_results.md`` and
 ``mixed_results.json`` to ``--out`` (default benchmarks/results/).
 """
@@ -406,7 +408,21 @@ def ids_for(args: argparse.Namespace, seq: int) -> torch.Tensor:
     return ids.to(args.device)
 
 
+def scale_mode(argv: list[str] | None) -> bool:
+    """Real bases and thousands of adapters (benchmarks/mixed_scale.py): --bases, or more than 256 distinct."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--smoke" in argv:
+        return "--bases" in argv
+    given = [a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv) if a.startswith("--distinct")]
+    return "--bases" in argv or any(int(k) > 256 for v in given for k in v.split(","))
+
+
 def main(argv: list[str] | None = None) -> int:
+    if scale_mode(argv):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import mixed_scale
+
+        return mixed_scale.main(argv)
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,6 +1,7 @@
 """The engine behind thousands of resident adapters (tuner/stacks.py, tuner/mixed.py, lorta.bank).
 
-* LoRTA's factored output (Q = diag(w) @ Q0, built once per call) is the very Q of its maps, to float64 rounding;
+* LoRTA's factored maps ((x @ P0) * w) @ Q0, P0 and Q0 built once per call) are its maps' product P @ Q, to
+  float64 rounding;
 * rows in any order (the used slots in order: no gather; any permutation; rows of the base and of other groups)
   equal each row run alone;
 * adding or evicting one adapter writes one slot: its cost (torch calls) does not grow with the adapters resident,
@@ -18,6 +19,7 @@ from test_mixed import mixed, rows_alone
 from tolerance import FORWARD_TERMS, MAP_TERMS, assert_close
 
 import lorta
+from lorta.architectures import OUT_HEADS
 from lorta.tuner.mixed import engine_for
 
 
@@ -30,14 +32,26 @@ def test_factored_output_is_the_maps_q(modes):
     checked = 0
     for slots in factors.layout.slots.values():
         for slot in slots:
-            if factors.output_key(slot) is None:
+            if factors.factored_keys(slot) is None:
                 continue
             P, Q = factors.maps(slot)
-            split = factors.output_weights(slot)[:, None] * factors.output_basis(slot)
-            assert_close(split, Q, MAP_TERMS, msg=slot.name)
-            assert torch.equal(factors.input_map(slot), P)
+            P0, w, Q0 = factors.input_basis(slot), factors.slot_weights(slot), factors.output_basis(slot).T
+            if slot.role == OUT_HEADS:  # q, k, v: P = A, Q = diag(w) Q0
+                assert torch.equal(P0, P) and assert_close(w[:, None] * Q0, Q, MAP_TERMS, msg=slot.name) is None
+            else:  # o: P = P0 diag(w), Q = A^T
+                assert torch.equal(Q0, Q) and assert_close(P0 * w, P, MAP_TERMS, msg=slot.name) is None
+            assert_close((P0 * w) @ Q0, P @ Q, MAP_TERMS, msg=slot.name)
             checked += 1
-    assert checked == 3 * 3  # q, k, v of each of the 3 layers
+    assert checked == 4 * 3  # q, k, v and o of each of the 3 layers
+    keys = {}  # equal keys, on either side, are equal bases
+    for slots in factors.layout.slots.values():
+        for slot in slots:
+            (k_in, k_out), (b_in, b_out) = (
+                factors.factored_keys(slot),
+                (factors.input_basis(slot), factors.output_basis(slot)),
+            )
+            for key, basis in ((k_in, b_in), (k_out, b_out)):
+                assert torch.equal(keys.setdefault(key, basis), basis), key
 
 
 def bank_of(n: int, arch: str = "llama", method: str = "lorta"):

@@ -156,7 +156,7 @@ class AdapterBank:
 
     def warm(self) -> None:
         """Stack the factors and build every layer's maps now, so the next mixed call starts at full speed."""
-        self.engine.warm([m for m in self.tuner.model.modules() if isinstance(m, TensorAdapterLayer)])
+        self.engine.warm(self._layers())
 
     def _load_one(self, name: str, path: Path) -> bool:
         config_file = path / CONFIG_NAME

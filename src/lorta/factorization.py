@@ -72,21 +72,23 @@ class Factorization(nn.Module):
             return (self.free_inputs[slot.matrix], self._groups(slot)[0])
         return None
 
-    def output_key(self, slot: Slot) -> Hashable | None:
-        """Slots with equal keys have Q = diag(output_weights) @ output_basis with ONE basis (None: no such split).
-        A mixed batch then builds the basis once per call and weighs it per slot (docs/design.md, "Mixed batches")."""
+    def factored_keys(self, slot: Slot) -> tuple[Hashable, Hashable] | None:
+        """(input key, output key) when the slot's maps split as P = P0 diag(w), Q = Q0 (or P = P0, Q = diag(w) Q0)
+        with P0 = input_basis and Q0^T = output_basis, bases shared by every slot whose key (on either side) is
+        equal; None: no such split. A mixed batch then builds each basis once per call and weighs x @ P0 by w per
+        slot (docs/design.md, "Mixed batches")."""
         return None
 
-    def input_map(self, slot: Slot) -> Tensor:
-        """P of a slot (d_in, r'), unscaled; the mixed batch's per-row input map."""
-        return self.maps(slot)[0]
-
-    def output_basis(self, slot: Slot) -> Tensor:
-        """Q0 of the slots sharing `output_key(slot)`: (r', d_out)."""
+    def input_basis(self, slot: Slot) -> Tensor:
+        """P0 (d_in, r') of the slots sharing the input key."""
         raise NotImplementedError
 
-    def output_weights(self, slot: Slot) -> Tensor:
-        """w of one slot, (r',): its Q is w[:, None] * output_basis(slot)."""
+    def output_basis(self, slot: Slot) -> Tensor:
+        """Q0^T (d_out, r'), a basis of the output side (as input_basis is of the input side)."""
+        raise NotImplementedError
+
+    def slot_weights(self, slot: Slot) -> Tensor:
+        """w (r',) of one slot: (x @ P) @ Q = ((x @ P0) * w) @ Q0."""
         raise NotImplementedError
 
     def reset(self, init_weights: bool) -> None:

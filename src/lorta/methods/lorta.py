@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..factorization import Factorization, concat_ranks, gather_groups, head_maps
-from ..layout import EXTRA_ROLES, OUT_HEADS, Slot, TensorLayout
+from ..layout import IN_HEADS, OUT_HEADS, Slot, TensorLayout
 from ..lora_fit import cp_start
 from ..spec import CliOption, MethodSpec, Recipe
 from ..tuner.config import MethodType, TensorAdapterConfig
@@ -176,25 +176,36 @@ class LortaFactors(Factorization):
             side = side * c[:, None, None] if c is not None else side
         return A, side
 
-    def output_key(self, slot: Slot) -> Hashable | None:
-        """q, k, v: Q = diag(C_L[l] ∘ C_M[m]) @ (B ∘ C_H over the slot's heads), one basis per heads and group."""
-        return ("B", slot.n_heads, slot.head_stride, *self._groups(slot)) if slot.role == OUT_HEADS else None
+    def factored_keys(self, slot: Slot) -> tuple[Hashable, Hashable] | None:
+        """q, k, v: P = A, Q = diag(C_L[l] ∘ C_M[m]) (B ∘ C_H over the slot's heads); o: the transpose. One A and
+        one head basis per heads and group serve every layer and matrix."""
+        groups = self._groups(slot)
+        heads = ("B", slot.n_heads, slot.head_stride, *groups)
+        if slot.role == OUT_HEADS:
+            return ("A", *groups), heads
+        if slot.role == IN_HEADS:
+            return heads, ("A", *groups)
+        return None
 
-    def input_map(self, slot: Slot) -> Tensor:
-        if slot.role in EXTRA_ROLES:
-            return self.extra_maps(slot)[0]
-        return self._in_group(self.A, *self._groups(slot))
-
-    def output_basis(self, slot: Slot) -> Tensor:
+    def _head_basis(self, slot: Slot) -> Tensor:
+        """B ∘ C_H over the slot's heads (or B's own heads): (n_heads, d_h, r)."""
         gl, gm = self._groups(slot)
         shape, heads = self.layout.shape, slot.head_slice
         if self.share_heads:
-            side = self._in_group(self.B, gl, gm)[None] * self._in_group(self.C_H, gl, gm)[heads][:, None]
-        else:
-            side = self._in_group(self.B, gl, gm).view(shape.num_heads, shape.head_dim, self.rank)[heads]
-        return side.permute(2, 0, 1).reshape(self.rank, -1)  # (r, n_heads * d_h)
+            return self._in_group(self.B, gl, gm)[None] * self._in_group(self.C_H, gl, gm)[heads][:, None]
+        return self._in_group(self.B, gl, gm).view(shape.num_heads, shape.head_dim, self.rank)[heads]
 
-    def output_weights(self, slot: Slot) -> Tensor:
+    def input_basis(self, slot: Slot) -> Tensor:
+        if slot.role == OUT_HEADS:
+            return self._in_group(self.A, *self._groups(slot))
+        return self._head_basis(slot).reshape(-1, self.rank)  # (n_heads * d_h, r)
+
+    def output_basis(self, slot: Slot) -> Tensor:
+        if slot.role == OUT_HEADS:
+            return self._head_basis(slot).reshape(-1, self.rank)  # Q0^T: (n_heads * d_h, r), o's input basis
+        return self._in_group(self.A, *self._groups(slot))  # Q0^T = A: q, k, v's input basis
+
+    def slot_weights(self, slot: Slot) -> Tensor:
         gl, gm = self._groups(slot)
         c = self._layer_matrix_weights(slot.layer, slot.matrix, gl, gm)
         return c if c is not None else self._in_group(self.A, gl, gm).new_ones(self.rank)

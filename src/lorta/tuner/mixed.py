@@ -157,36 +157,28 @@ def engine_for(state: Any) -> MixedBatchEngine:
 
 
 def factored_keys(group: Group, layer: nn.Module, slots: list) -> tuple[Hashable, Hashable] | None:
-    """(input key, output key) when the group's Q in `layer` splits as diag(w) @ Q0 (one matrix, no reordered
-    fused output); None: the layer takes the cached-maps path."""
+    """(input key, output key) when the group's maps in `layer` split as ((x @ P0) * w) @ Q0 (one matrix, no
+    reordered fused output: Factorization.factored_keys); None: the layer takes the cached-maps path."""
     if len(slots) != 1 or layer.lorta_out_order is not None:
         return None
-    out_key = group.template.output_key(slots[0])
-    if out_key is None:
-        return None
-    in_key = group.template.input_key(slots[0])
-    return (in_key if in_key is not None else ("layer", id(layer))), out_key
+    return group.template.factored_keys(slots[0])
 
 
 # ------------------------------------------------------------------------------------------------- rows
 class RowIndex:
-    """One group's slot per row of a batch: `idx` (B,) with the zero adapter for rows outside the group, and
-    the distinct slots used (`used`, sorted) with each row's position among them (`inverse`)."""
+    """One group's slot per row of a batch: `idx` (B,) with the zero adapter for rows outside the group; `slots`
+    the same with those rows pointed at a real slot (their weight is masked to zero), `single` the one slot when
+    every row uses it."""
 
     def __init__(self, group: Group, local: list[int]) -> None:
         self.idx = torch.tensor(local, dtype=torch.long, device=group.device)
         inside = self.idx != group.zero
-        self.used, inverse = torch.unique(self.idx[inside], return_inverse=True)
-        self.single = len(self.used) == 1 and bool(inside.all())
-        full = torch.zeros_like(self.idx)
-        full[inside] = inverse
-        in_order = bool(inside.all()) and len(self.used) == len(local) and bool((self.used == self.idx).all())
-        self.inverse = None if in_order else full  # None: the rows are the used slots in order (no gather)
-        self.mask = None if bool(inside.all()) else inside.to(group.dtype)[:, None]
-
-    def rows(self, per_used: Tensor) -> Tensor:
-        """Per-used-slot values -> per-row values (a view when the rows are the used slots in order)."""
-        return per_used if self.inverse is None else per_used.index_select(0, self.inverse)
+        everywhere = bool(inside.all())
+        self.mask = None if everywhere else inside.to(group.dtype)[:, None]
+        self.single = everywhere and len(set(local)) == 1
+        self.slots = self.idx if everywhere else torch.where(inside, self.idx, self.idx[inside][:1])
+        if self.single:
+            self.slots = self.slots[:1]
 
 
 class MixedRows:
@@ -332,17 +324,19 @@ def _factored(
     x: Tensor,
     result: Tensor,
 ) -> Tensor:
-    """result + (x @ P_row) diag(w_row) Q0_row: P and Q0 of the rows' adapters built once per call and key (shared by
-    every layer with that key), w per layer; `index.single`: one adapter for every row, plain matmuls."""
+    """result + ((x @ P0_row) * w_row) @ Q0_row: P0 and Q0 of the rows' adapters built once per call and key (shared
+    by every layer with that key), w per layer; `index.single`: one adapter for every row, plain matmuls."""
     in_key, out_key = keys
     batch = result.shape[0]
+    # the rows' factors, gathered once per call; P0 and Q0 by key (equal keys: equal bases, whichever side asks)
+    state = rows.once(("state", id(group), batch), lambda: group.gather(index.slots))
 
-    def per_row(method: str) -> Callable[[], Tensor]:
-        return lambda: (lambda v: v[0] if index.single else index.rows(v))(group.call(method, index.used, slot))
+    def basis(method: str, key: Hashable) -> Tensor:
+        value = rows.once(("basis", id(group), key, batch), lambda: group.call(method, index.slots, slot, state=state))
+        return value[0] if index.single else value
 
-    P = rows.once(("in", id(group), in_key, batch), per_row("input_map"))
-    Q0 = rows.once(("out", id(group), out_key, batch), per_row("output_basis"))
-    w = group.call("output_weights", index.used, slot) * group.scales(layer, index.used)[:, None]  # (used, r)
+    P, Q0 = basis("input_basis", in_key), basis("output_basis", out_key).transpose(-1, -2)
+    w = group.call("slot_weights", index.slots, slot, state=state) * group.scales(layer, index.slots)[:, None]
 
     def project() -> Tensor:
         xc = adapter_input(x.reshape(batch, -1, x.shape[-1]), P.dtype)
@@ -351,11 +345,10 @@ def _factored(
     # q, k, v of one attention call read the same x: x @ P once (the scope clears it after the call)
     u = layer.lorta_state.caches.inputs.shared(x, ("factored", id(group), in_key), project, held=(rows, P))
     if index.single:
-        return add_product(result, u * w[0].to(u.dtype), Q0)
-    w_rows = index.rows(w)
+        return add_product(result, u * w[0].to(u.dtype), Q0, inplace=not torch.is_grad_enabled())
     if index.mask is not None:  # rows outside the group (or "__base__") get a zero weight
-        w_rows = w_rows * index.mask
-    return add_product(result, u * w_rows[:, None, :].to(u.dtype), Q0)
+        w = w * index.mask
+    return add_product(result, u * w[:, None, :].to(u.dtype), Q0, inplace=not torch.is_grad_enabled())
 
 
 def _batch_maps(
@@ -378,11 +371,10 @@ def mixed_batch_hooks(
     model: nn.Module,
     training: bool,
     layers: Sequence[nn.Module],
-    wrappers: Sequence[nn.Module],
     kwargs: dict[str, Any],
 ) -> Iterator[None]:
     """PEFT's `_enable_peft_forward_hooks` for the lorta tuner: hand the resolved rows to every wrapped layer
-    (`layers`) and the row names to every modules_to_save wrapper (`wrappers`, PEFT's own per-name loop).
+    (`layers`) and the row names to every modules_to_save wrapper of `model` (PEFT's own per-name loop).
 
     Names are checked and resolved once here (not per layer); the pre-hooks live only for this call.
     """
@@ -394,6 +386,7 @@ def mixed_batch_hooks(
     if state is None:
         raise ValueError("Cannot pass `adapter_names`: this model holds no lorta adapter")
     rows = engine_for(state).rows(adapter_names, expand_size(kwargs, model))
+    wrappers = _auxiliary_wrappers(model)
     handles = []
     state.caches.mixed_call = True  # no single-adapter map frames in this call
     try:
@@ -405,6 +398,20 @@ def mixed_batch_hooks(
         state.caches.mixed_call = False
         for handle in handles:
             handle.remove()
+
+
+def _auxiliary_wrappers(model: nn.Module) -> list[nn.Module]:
+    """PEFT's modules_to_save / trainable-token wrappers in `model`; the walk skips the wrapped layers' per-adapter
+    `lorta_dropout` containers, which hold one module per adapter (thousands, in a bank)."""
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    found, stack = [], [model]
+    while stack:
+        module = stack.pop()
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            found.append(module)
+        stack += [m for name, m in module._modules.items() if m is not None and name != "lorta_dropout"]
+    return found
 
 
 def _inject_rows(module: nn.Module, args: tuple, kwargs: dict[str, Any], rows: MixedRows) -> tuple[tuple, dict]:

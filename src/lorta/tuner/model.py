@@ -422,21 +422,17 @@ class TensorAdapterModel(BaseTuner):
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         """PeftModel's forward/generate context: one call scope (its no-grad forwards share their maps) and, with
         per-row `adapter_names`, the mixed-batch routing (tuner/mixed.py)."""
-        from peft.utils.other import AuxiliaryTrainingWrapper
-
         state = self.__dict__.get("_lorta_state")
         if state is None:
             yield
             return
         state.caches.frames.begin_call()
         try:
-            wrappers = [m for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
             with mixed_batch_hooks(
                 state if "lorta_factors" in self._modules else None,
                 self.model,
                 self.training,
                 state.book.layers,
-                wrappers,
                 kwargs,
             ):
                 yield

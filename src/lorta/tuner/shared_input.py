@@ -71,13 +71,19 @@ def _project(x: Tensor, P: Tensor, dropout: nn.Module) -> Tensor:
     return dropout(adapter_input(x, P.dtype)) @ P
 
 
-def add_product(result: Tensor, u: Tensor, Q: Tensor, scale: float = 1.0) -> Tensor:
+def add_product(result: Tensor, u: Tensor, Q: Tensor, scale: float = 1.0, inplace: bool = False) -> Tensor:
     """result + scale * u @ Q, the add fused into the product (addmm; baddbmm for a batch of Q, one per row)
-    when the dtypes agree; float32 adapters over a half-precision base add a cast copy instead.
+    when the dtypes agree; float32 adapters over a half-precision base add a cast copy instead. `inplace`: add
+    into `result` (a base layer's fresh output, outside autograd), saving a copy of it.
 
     result: (..., d_out) and u: (..., r) with Q: (r, d_out); or result: (B, T, d_out), u: (B, T, r), Q: (B, r, d_out).
     """
     fused = u.dtype == result.dtype == Q.dtype
+    if inplace and fused and result.is_contiguous():
+        if Q.dim() == 3:
+            return result.baddbmm_(u, Q, alpha=scale)
+        result.view(-1, result.shape[-1]).addmm_(u.reshape(-1, u.shape[-1]), Q, alpha=scale)
+        return result
     if Q.dim() == 3:
         if fused:
             return torch.baddbmm(result, u, Q, alpha=scale)

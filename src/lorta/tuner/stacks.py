@@ -21,6 +21,9 @@ from .maps import module_maps
 
 
 def factor_tensors(factors: nn.Module) -> list[tuple[str, Tensor]]:
+    if not factors._modules:  # factorisations are flat: read their own dicts (the per-call check reads thousands)
+        held = (*factors._parameters.items(), *factors._buffers.items())
+        return [(k, t) for k, t in held if t is not None]
     return [*factors.named_parameters(), *factors.named_buffers()]
 
 
@@ -164,9 +167,16 @@ class Group:
         self.shared_P: dict[Hashable, Tensor] = {}
 
     # ------------------------------------------------------------------------------------------- maps
-    def call(self, method: str, index: Tensor, *args: Any) -> Any:
-        """`template.method(*args)` for the adapters in slots `index`, vectorised over them (one vmap)."""
-        state = {f"f.{k}": v.index_select(0, index) for k, v in self.state.items()}
+    def gather(self, index: Tensor) -> dict[str, Tensor]:
+        """The stacked tensors of the slots `index` (the stacks themselves when `index` is every slot in order)."""
+        if len(index) == self.capacity and bool((index == torch.arange(self.capacity, device=index.device)).all()):
+            return self.state
+        return {k: v.index_select(0, index) for k, v in self.state.items()}
+
+    def call(self, method: str, index: Tensor, *args: Any, state: dict[str, Tensor] | None = None) -> Any:
+        """`template.method(*args)` for the adapters in slots `index` (whose tensors `state` holds, when the caller
+        gathered them already), vectorised over them (one vmap)."""
+        state = {f"f.{k}": v for k, v in (state if state is not None else self.gather(index)).items()}
         wrapper = _Call(self.template)
         with torch.no_grad():
             return vmap(lambda s: functional_call(wrapper, s, (method, *args)))(state)
