@@ -43,6 +43,16 @@ def test_factored_output_is_the_maps_q(modes):
             assert_close((P0 * w) @ Q0, P @ Q, MAP_TERMS, msg=slot.name)
             checked += 1
     assert checked == 4 * 3  # q, k, v and o of each of the 3 layers
+    every = [slot for slots in factors.layout.slots.values() for slot in slots]
+    expected = torch.stack([factors.maps(s)[0].new_ones(3) if not modes else factors.slot_weights(s) for s in every])
+    assert torch.equal(factors.slots_weights(every), expected)  # all layers' weights at once (one vmap per call)
+    for s in every:  # and each is C_L[l] * C_M[m] of the modes shared, from the factors themselves
+        want, (gl, gm) = torch.ones(3, dtype=torch.float64), factors._groups(s)
+        if "layers" in modes:
+            want = want * factors.C_L[gm, s.layer]
+        if "matrices" in modes:
+            want = want * factors.C_M[gl, s.matrix]
+        assert_close(factors.slot_weights(s), want, MAP_TERMS, msg=s.name)
     keys = {}  # equal keys, on either side, are equal bases
     for slots in factors.layout.slots.values():
         for slot in slots:

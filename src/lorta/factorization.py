@@ -91,6 +91,10 @@ class Factorization(nn.Module):
         """w (r',) of one slot: (x @ P) @ Q = ((x @ P0) * w) @ Q0."""
         raise NotImplementedError
 
+    def slots_weights(self, slots: list[Slot]) -> Tensor:
+        """`slot_weights` of many slots, (len(slots), r'): a mixed call builds every layer's weights at once."""
+        return torch.stack([self.slot_weights(s) for s in slots])
+
     def reset(self, init_weights: bool) -> None:
         raise NotImplementedError
 

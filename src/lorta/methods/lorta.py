@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..factorization import Factorization, concat_ranks, gather_groups, head_maps
+from ..factorization import Factorization, concat_ranks, gather_groups, head_maps, slot_index
 from ..layout import IN_HEADS, OUT_HEADS, Slot, TensorLayout
 from ..lora_fit import cp_start
 from ..spec import CliOption, MethodSpec, Recipe
@@ -206,9 +206,12 @@ class LortaFactors(Factorization):
         return self._in_group(self.A, *self._groups(slot))  # Q0^T = A: q, k, v's input basis
 
     def slot_weights(self, slot: Slot) -> Tensor:
-        gl, gm = self._groups(slot)
-        c = self._layer_matrix_weights(slot.layer, slot.matrix, gl, gm)
-        return c if c is not None else self._in_group(self.A, gl, gm).new_ones(self.rank)
+        return self.slots_weights([slot])[0]
+
+    def slots_weights(self, slots: list[Slot]) -> Tensor:
+        index = slot_index(self, slots)
+        c = self._layer_matrix_weights(index["l"], index["m"], index["gl"], index["gm"])  # (G, r)
+        return c if c is not None else self.B.new_ones(len(slots), self.rank)
 
     exact_concatenation = True
     structure_fields = ("share_heads", "share_layers", "share_matrices")

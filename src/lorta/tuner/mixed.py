@@ -336,7 +336,11 @@ def _factored(
         return value[0] if index.single else value
 
     P, Q0 = basis("input_basis", in_key), basis("output_basis", out_key).transpose(-1, -2)
-    w = group.call("slot_weights", index.slots, slot, state=state) * group.scales(layer, index.slots)[:, None]
+    columns = group.factored_slots()  # every layer's weights in one vmapped call: (rows, slots, r)
+    weights = rows.once(
+        ("w", id(group), batch), lambda: group.call("slots_weights", index.slots, list(columns), state=state)
+    )
+    w = weights[:, columns[slot]] * group.scales(layer, index.slots)[:, None]
 
     def project() -> Tensor:
         xc = adapter_input(x.reshape(batch, -1, x.shape[-1]), P.dtype)

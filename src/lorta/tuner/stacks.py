@@ -87,6 +87,7 @@ class Group:
         self.tokens: dict[str, tuple] = {}
         self._free: list[int] = []  # a heap: the lowest free slot is taken first, so slots stay dense
         self.state: dict[str, Tensor] = {}
+        self._factored: dict | None = None
         t = factor_tensors(template)[0][1]
         self.device, self.dtype = t.device, t.dtype
         self.drop_maps()
@@ -180,6 +181,13 @@ class Group:
         wrapper = _Call(self.template)
         with torch.no_grad():
             return vmap(lambda s: functional_call(wrapper, s, (method, *args)))(state)
+
+    def factored_slots(self) -> dict:
+        """Every slot of the layout whose maps split (Factorization.factored_keys), by slot -> its column."""
+        if self._factored is None:
+            slots = [s for v in self.template.layout.slots.values() for s in v if self.template.factored_keys(s)]
+            self._factored = {s: j for j, s in enumerate(dict.fromkeys(slots))}
+        return self._factored
 
     def scales(self, layer: nn.Module, index: Tensor) -> Tensor:
         """Each slot's scale in `layer` (0 for a free slot)."""
