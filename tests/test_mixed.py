@@ -419,3 +419,21 @@ def test_scale_bench_smoke(tmp_path):
     assert load["write_ms_per_adapter"] > 0 and load["load_ms_per_adapter"] > 0
     assert result["profile"] and all(0 <= p["share"] <= 1 for p in result["profile"])
     assert mixed_bench.scale_mode(["--distinct", "1,4096"]) and not mixed_bench.scale_mode(["--distinct", "1,64"])
+
+
+def test_scale_bench_halves_a_batch_that_does_not_fit():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from mixed_scale import widest_batch
+
+    def run(rows: int) -> None:
+        if rows > 100:
+            raise RuntimeError(f"DefaultCPUAllocator: not enough memory: you tried to allocate {rows} GB")
+
+    assert widest_batch(run, 1000) == 62  # 1000 -> 500 -> 250 -> 125 -> 62
+    assert widest_batch(run, 80) == 80
+
+    def broken(rows: int) -> None:
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        widest_batch(broken, 1000)

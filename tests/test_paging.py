@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import make_inputs, make_model
 from peft import get_peft_model
-from tolerance import FORWARD_TERMS, assert_close
+from tolerance import FORWARD_TERMS, assert_close, assert_differs
 
 import lorta
 from lorta.paging import base_record
@@ -30,10 +30,12 @@ def served_model(method: str = "lorta"):
 
 
 def random_state(model, seed: int) -> dict[str, torch.Tensor]:
-    """Factors of the same shapes as the model's "default" adapter, random (a non-zero update)."""
+    """Factors of the same shapes as the model's "default" adapter, random: an update smaller than the base weights
+    (so the forward's values keep the outputs' scale, as FORWARD_TERMS assumes), yet another adapter's rows differ
+    by ~1000 times the tolerance (test_ten_thousand_adapters_on_disk_512_resident checks it)."""
     generator = torch.Generator().manual_seed(seed)
     reference = model.base_model.lorta_factors["default"].state_dict()
-    return {k: torch.randn(v.shape, generator=generator) * 0.5 for k, v in reference.items()}
+    return {k: torch.randn(v.shape, generator=generator) * 0.3 for k, v in reference.items()}
 
 
 def config_dict(model, tmp_path) -> dict:
@@ -87,8 +89,14 @@ def test_ten_thousand_adapters_on_disk_512_resident(tmp_path):
         rows[step % 48] = "__base__"
         inputs = make_inputs(ARCH, batch=len(rows), seed=step)
         got = bank(rows, **inputs).logits
-        assert_close(got, alone(inputs, rows, states), FORWARD_TERMS, msg=f"call {step}")
+        want = alone(inputs, rows, states)
+        assert_close(got, want, FORWARD_TERMS, msg=f"call {step}")
         assert len(bank.resident) <= 512
+        if step == 0:  # a row served by any other adapter would fail the comparison above, by far
+            shifted = alone(inputs, rows[1:] + rows[:1], states)
+            for i in range(len(rows)):
+                if rows[i] != rows[(i + 1) % len(rows)]:
+                    assert_differs(shifted[i], want[i], 100 * FORWARD_TERMS, scale=float(want.abs().max()))
     assert bank.stats["evictions"] > 0 and bank.stats["hits"] > 0  # the cap was reached and adapters came back
     assert len(bank.bank.engine.index) == len(bank.resident) + 1  # the engine holds the resident ones and "default"
     memory = bank.memory()
@@ -205,3 +213,19 @@ def test_refusals_name_the_fix(tmp_path):
         lorta.PagedAdapterBank(other, path)
     with pytest.raises(FileNotFoundError, match="no packed adapter file"):
         lorta.PagedAdapterBank(model, tmp_path / "missing.safetensors")
+
+
+def test_generate_pages_its_adapters_in(tmp_path):
+    """Greedy generate through the paged bank equals each row generated alone with its adapter."""
+    model = served_model()
+    path, adapters = packed_file(model, tmp_path, 3)
+    bank = lorta.PagedAdapterBank(model, path, resident_limit=2)
+    ids = make_inputs(ARCH, batch=2)["input_ids"]
+    rows = ["t00002", "t00000"]
+    out = bank.generate(rows, input_ids=ids, max_new_tokens=4, do_sample=False)
+    alone = Alone()
+    for i, name in enumerate(rows):
+        alone.factors.load_state_dict(adapters[name][1])
+        want = alone.model.generate(input_ids=ids[i : i + 1], max_new_tokens=4, do_sample=False)
+        assert torch.equal(out[i : i + 1], want), name
+    assert list(bank.resident) == ["t00002", "t00000"]
