@@ -28,7 +28,6 @@ import copy
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -43,6 +42,10 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, when loaded by path
+import mixed_scale  # noqa: E402
+from mixed_scale import environment  # noqa: E402
 
 from lorta.registry import method_specs  # noqa: E402
 
@@ -419,22 +422,13 @@ def scale_mode(argv: list[str] | None) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     if scale_mode(argv):
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import mixed_scale
-
         return mixed_scale.main(argv)
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     import lorta  # noqa: F401  (registers the methods)
 
-    env = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "command": " ".join(["python", *sys.argv]) if argv is None else str(argv),
-    }
+    env = environment(argv)
     start = time.perf_counter()
     base = base_model(args)
     models: dict[str, nn.Module] = {}

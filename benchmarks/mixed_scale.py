@@ -354,19 +354,30 @@ def report(args: argparse.Namespace, results: list[dict], env: dict) -> str:
     return "\n".join(lines)
 
 
+def environment(argv: list[str] | None) -> dict[str, Any]:
+    """What a result depends on besides the code: versions, threads, the CPU and the command (both benchmarks)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+        cpu = f"{names[0]}, {len(names)} logical CPUs" if names else cpu
+    except OSError:
+        pass
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "machine": cpu,
+        "command": " ".join(["python", *sys.argv]) if argv is None else str(argv),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     import lorta  # noqa: F401  (registers the methods)
 
-    env = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "command": " ".join(["python", *sys.argv]) if argv is None else str(argv),
-    }
+    env = environment(argv)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         results = [run_base(name, args, Path(tmp) / name) for name in args.bases]
