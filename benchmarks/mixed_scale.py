@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-bytes", type=float, default=4.0, help="GiB of LoRA weights at most (larger k: not run)")
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--page-limit", type=int, default=512, help="PagedAdapterBank's resident_limit (paging rows)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--profile", action="store_true", help="profile the widest mixed batch of the first base")
     p.add_argument("--threads", type=int, default=None)
@@ -65,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args, _ = p.parse_known_args(argv)
     if args.smoke:
         args.bases, args.distinct, args.tokens, args.reps, args.warmup = "tiny", "1,4,16", 4, 1, 0
-        args.resident = args.resident or 24
+        args.resident, args.page_limit = args.resident or 24, 8
     args.bases = [b for b in args.bases.split(",") if b]
     args.distinct = [int(k) for k in str(args.distinct).split(",")]
     args.resident = args.resident or max(args.distinct)
@@ -146,7 +147,33 @@ def lorta_bank(base: nn.Module, args: argparse.Namespace, tmp: Path) -> tuple[nn
         "load_ms_per_adapter": 1e3 * load_s / len(names),
         "stack_s": stack_s,
     }
+    stats["packed_file"] = str(path)
     return model, names, stats
+
+
+def measure_paging(base: nn.Module, path: str, names: list[str], args: argparse.Namespace, tokens: int) -> dict:
+    """A PagedAdapterBank over the packed file on a fresh model: the cost of a miss (read, check, insert and the
+    eviction it forces) and a batch of hits through the bank against the same rows on the model directly."""
+    from peft import get_peft_model
+
+    import lorta
+
+    model = get_peft_model(copy.deepcopy(base), lorta.LortaConfig(r=args.rank, init_weights=False)).eval()
+    bank = lorta.PagedAdapterBank(model, path, resident_limit=args.page_limit)
+    rows = min(args.page_limit, 64)
+    order = random.Random(args.seed + 7).sample(names, min(len(names), 2 * args.page_limit))
+    for i in range(0, len(order), rows):
+        bank.ensure(order[i : i + rows])
+    hot = list(bank.resident)[-rows:]
+    ids = torch.randint(0, base.config.vocab_size, (rows, tokens), generator=torch.Generator().manual_seed(7))
+    variants = {
+        "paged": lambda: bank(hot, input_ids=ids),
+        "resident": lambda: model(input_ids=ids, adapter_names=hot),
+    }
+    samples = time_variants(variants, args)
+    out = {"resident_limit": args.page_limit, "rows": rows, "miss_ms": bank.miss_ms(), **bank.stats}
+    out.update({f"{k}_rows_per_s": rows / statistics.median(v["wall"]) for k, v in samples.items()})
+    return out
 
 
 def lora_model(base: nn.Module, targets: list[str], n: int, args: argparse.Namespace) -> tuple[nn.Module, list[str]]:
@@ -279,6 +306,7 @@ def run_base(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             if args.profile and name == args.bases[0]:
                 results["profile"] = profile(variants["lorta mixed"])
     model.set_adapter("default")
+    results["paging"] = measure_paging(base, load["packed_file"], names, args, tokens)
     del lora
     gc.collect()
     return results
@@ -341,6 +369,13 @@ def report(args: argparse.Namespace, results: list[dict], env: dict) -> str:
             f"ms per adapter, read + insert {load['load_ms_per_adapter']:.2f} ms, first stacking of all "
             f"{load['stack_s']:.2f} s.",
         ]
+        pg = res["paging"]
+        lines.append(
+            f"Paging: a PagedAdapterBank (resident_limit {pg['resident_limit']}) over the packed file: a miss costs "
+            f"{pg['miss_ms']:.2f} ms ({pg['misses']} misses, {pg['evictions']} evictions); a batch of "
+            f"{pg['rows']} rows of resident adapters: {pg['paged_rows_per_s']:.1f} rows/s through the bank vs "
+            f"{pg['resident_rows_per_s']:.1f} on the model directly."
+        )
         g = res.get("guard")
         if g:
             lines.append(

@@ -418,6 +418,9 @@ def test_scale_bench_smoke(tmp_path):
     assert load["adapters"] == 24 and load["bytes_ratio"] == 1.0  # LoRTA: nothing resident but the factors
     assert load["write_ms_per_adapter"] > 0 and load["load_ms_per_adapter"] > 0
     assert result["profile"] and all(0 <= p["share"] <= 1 for p in result["profile"])
+    paging = result["paging"]  # 16 distinct adapters over a cap of 8: every one a miss, half of them evicting
+    assert paging["misses"] == 16 and paging["evictions"] == 8 and paging["miss_ms"] > 0
+    assert paging["paged_rows_per_s"] > 0 and paging["resident_rows_per_s"] > 0 and "Paging:" in md
     assert mixed_bench.scale_mode(["--distinct", "1,4096"]) and not mixed_bench.scale_mode(["--distinct", "1,64"])
 
 
