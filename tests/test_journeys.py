@@ -226,7 +226,7 @@ def test_transformers_add_adapter_and_load_adapter(base_dir, tmp_path):
     """transformers' own PEFT integration (`model.add_adapter` / `model.load_adapter`). transformers 5.25 refuses
     peft 0.21 in add_adapter ("use a version >= 0.22.0"), so this skips, naming the refusal; the day the versions line
     up it runs. (Its load_adapter goes through PEFT's `inject_adapter_in_model`, which refuses every method whose
-    factors live on the tuner, VeRA's included; README, "Troubleshooting".)"""
+    factors live on the tuner, VeRA's included; docs/troubleshooting.md.)"""
     from peft import get_peft_model
 
     torch.manual_seed(0)

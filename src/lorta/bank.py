@@ -169,14 +169,8 @@ class AdapterBank:
             self.model.load_adapter(str(path), adapter_name=name)
             self._remember(name, config)
         else:
-            try:
-                state = load_file(str(weights))
-            except Exception as err:  # a torn or corrupt file (SafetensorError, OSError)
-                raise AdapterFileError(
-                    f"adapter {name!r}: {weights} cannot be read ({type(err).__name__}: {err}); it is missing, cut "
-                    "short or corrupt: save the adapter again (save_pretrained writes it whole or not at all)"
-                ) from None
-            self._insert(name, config, {_factor_key(k, name): v for k, v in state.items()}, template, str(path))
+            state = read_weights(path, name)
+            self._insert(name, config, state, template, str(path))
         self.file_bytes[name] = weights.stat().st_size if weights.is_file() else 0
         return template is not None
 
@@ -299,12 +293,29 @@ def _sources(source: Source) -> list[tuple[str, Path]]:
     return pairs
 
 
-def _read_config(path: Path) -> Any:
+def read_weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    """A saved adapter's factor tensors by short key ({"A": ...}); AdapterFileError when missing, torn or corrupt."""
+    weights = folder / WEIGHTS_NAME
     try:
-        data = json.loads(path.read_text())
+        state = load_file(str(weights))
+    except Exception as err:  # a torn or corrupt file (SafetensorError, OSError)
+        raise AdapterFileError(
+            f"adapter {name!r}: {weights} cannot be read ({type(err).__name__}: {err}); it is missing, cut short or "
+            "corrupt: save the adapter again (save_pretrained writes it whole or not at all)"
+        ) from None
+    return {_factor_key(k, name): v for k, v in state.items()}
+
+
+def read_config_dict(path: Path) -> dict[str, Any]:
+    """An adapter_config.json as a dict; AdapterFileError when it is not JSON."""
+    try:
+        return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise AdapterFileError(f"{path} cannot be read as JSON ({err}); save the adapter again") from None
-    return _config_from_dict(data, str(path))
+
+
+def _read_config(path: Path) -> Any:
+    return _config_from_dict(read_config_dict(path), str(path))
 
 
 def _config_from_dict(data: dict[str, Any], where: str) -> Any:

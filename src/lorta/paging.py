@@ -14,7 +14,6 @@ the reason; the others keep serving. docs/design.md, "Mixed batches", states the
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import OrderedDict
@@ -23,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from .bank import CONFIG_NAME, WEIGHTS_NAME, AdapterBank, AdapterFileError, _factor_key, _sources
+from .bank import CONFIG_NAME, AdapterBank, _sources, read_config_dict, read_weights
 from .layout import ModelShape
 from .packed import PackedAdapters, PackedFileError, append_packed, write_packed
 from .tuner.mixed import BASE
@@ -58,15 +56,7 @@ class FolderAdapters:
 
     def read(self, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         folder = self.root / name
-        try:
-            config = json.loads((folder / CONFIG_NAME).read_text())
-            state = load_file(str(folder / WEIGHTS_NAME))
-        except Exception as err:  # a torn or corrupt file (JSONDecodeError, SafetensorError, OSError)
-            raise AdapterFileError(
-                f"adapter {name!r}: {folder} cannot be read ({type(err).__name__}: {err}); it is missing, cut short "
-                "or corrupt: save the adapter again (save_pretrained writes it whole or not at all)"
-            ) from None
-        return config, {_factor_key(k, name): v for k, v in state.items()}
+        return read_config_dict(folder / CONFIG_NAME), read_weights(folder, name)
 
 
 class _PackedSource:

@@ -88,6 +88,9 @@ class Group:
         self._free: list[int] = []  # a heap: the lowest free slot is taken first, so slots stay dense
         self.state: dict[str, Tensor] = {}
         self._factored: dict | None = None
+        self._added: list[str] = []  # every adapter ever slotted here, in order (layer_slots checks the new ones)
+        # layer -> (the members' slots | None, how many of `_added` were checked against them)
+        self.checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         t = factor_tensors(template)[0][1]
         self.device, self.dtype = t.device, t.dtype
         self.drop_maps()
@@ -115,6 +118,7 @@ class Group:
             for name, factors, token in members:
                 slot = heapq.heappop(self._free)
                 self.slot_names[slot], self.local[name], self.tokens[name] = name, slot, token
+                self._added.append(name)
                 for key, value in factor_tensors(factors):
                     self.state[key][slot] = value.detach()
         self.drop_maps()
@@ -163,7 +167,6 @@ class Group:
         self.drop_maps()
 
     def drop_maps(self) -> None:
-        self.checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> the members' slots | None
         self.maps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (P_all, Q_all, key) | None
         self.shared_P: dict[Hashable, Tensor] = {}
 
@@ -205,14 +208,15 @@ class Group:
 
     def layer_slots(self, layer: nn.Module) -> list | None:
         """The slots of this group's adapters in `layer` (None: the group does not adapt it)."""
-        try:
-            return self.checked[layer]
-        except KeyError:
-            pass
-        slots = layer.lorta_slots.get(next(iter(self.local)))
-        if slots is not None and any(layer.lorta_slots.get(n) != slots for n in self.local):
+        slots, seen = self.checked.get(layer, (None, 0))
+        if seen == len(self._added):
+            return slots
+        if seen == 0:
+            slots = layer.lorta_slots.get(next(iter(self.local)))
+        # only the adapters added since this layer was last checked (a bank's miss must not re-check thousands)
+        if any(layer.lorta_slots.get(n) != slots for n in self._added[seen:] if n in self.local):
             raise ValueError(f"adapters {sorted(self.local)[:8]} share factor shapes but not their slots in {layer!r}")
-        self.checked[layer] = slots
+        self.checked[layer] = (slots, len(self._added))
         return slots
 
     def layer_maps(self, layer: nn.Module) -> tuple[Tensor, Tensor, Hashable | None] | None:
